@@ -1,0 +1,27 @@
+"""Starting or joining Ray with the settings every run shares."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(ray_cfg=None, **kwargs) -> None:
+    """Join ``ray_cfg.address`` (or ``RAY_ADDRESS``), else start a local instance; set Data options.
+
+    A stall longer than ``no_progress_timeout_s`` becomes an error instead of a silent hang.
+    """
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 ignore_reinit_error=True, **kwargs)
+    ctx = DataContext.get_current()
+    if ray_cfg is not None:
+        ctx.execution_no_progress_timeout_s = ray_cfg.no_progress_timeout_s
+        ctx.enable_progress_bars = ray_cfg.show_progress
+    ctx.execution_options.preserve_order = False

@@ -1,0 +1,91 @@
+"""The dataset contract: column names, the Parquet schema, ids and seeds.
+
+Every stage names columns through this module so a rename happens in one place.
+Between stages, pixel data travels as raw little-endian bytes plus ``height``/``width``
+(flat, cheap to move through the object store); the final encode stage turns them into
+PNG/JPEG and drops the raw columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+IGNORE_INDEX = 255
+
+# --- columns of the written dataset -------------------------------------------------------
+SAMPLE_ID = "sample_id"
+SOURCE_ID = "source_id"
+METHOD = "method"
+CAPTION = "caption"
+PROMPT = "prompt"
+IMAGE = "image"
+MASK = "mask"
+HEIGHT = "height"
+WIDTH = "width"
+SEED = "seed"
+GENERATOR = "generator"
+DROP_REASON = "drop_reason"
+SCORE_PREFIX = "score_"
+
+# --- working columns (never written to shards) --------------------------------------------
+IMAGE_RAW = "image_raw"  # bytes, uint8 H*W*3
+MASK_RAW = "mask_raw"  # bytes, H*W of mask_dtype()
+COLOR_RAW = "color_raw"  # bytes, uint8 H*W*3 colour map
+SOURCE_PATH = "source_path"  # where a source row came from, for error messages / rejected rows
+SOURCE_MASK_PATH = "source_mask_path"
+SHARD = "shard"  # index of the deterministic shard a row belongs to
+COPY = "copy"  # k of the K copies made of one source row
+
+METHODS = ("imgsyn", "masksyn", "factory", "aligndiff", "attn2mask")
+
+DATASET_SCHEMA = pa.schema(
+    [
+        (SAMPLE_ID, pa.string()),
+        (SOURCE_ID, pa.string()),
+        (METHOD, pa.string()),
+        (CAPTION, pa.string()),
+        (PROMPT, pa.string()),
+        (IMAGE, pa.binary()),
+        (MASK, pa.binary()),
+        (HEIGHT, pa.int32()),
+        (WIDTH, pa.int32()),
+        (SEED, pa.int64()),
+        (GENERATOR, pa.string()),
+        (DROP_REASON, pa.string()),
+    ]
+)
+
+# Rejected rows keep where they came from so a user can find the bad file.
+REJECTED_EXTRA = [(SOURCE_PATH, pa.string())]
+
+
+def mask_dtype(num_classes: int) -> np.dtype:
+    """uint8 masks while class ids and the ignore index fit, uint16 past that."""
+    return np.dtype(np.uint8) if num_classes <= IGNORE_INDEX else np.dtype("<u2")
+
+
+def make_sample_id(source_id: str, method: str, copy: int) -> str:
+    """Deterministic id, e.g. ``2007_000032/imgsyn/3``."""
+    return f"{source_id}/{method}/{copy}"
+
+
+def derive_seed(global_seed: int, key: str) -> int:
+    """A stable 63-bit seed from the run seed and a string key (never Python's ``hash()``)."""
+    digest = hashlib.sha256(f"{global_seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def raw_to_array(data: bytes, height: int, width: int, dtype=np.uint8, channels: int = 0) -> np.ndarray:
+    """Decode a raw pixel column value back into an array (read-only view, no copy)."""
+    shape = (height, width, channels) if channels else (height, width)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def require_columns(batch: dict, needed: tuple[str, ...] | list[str], who: str) -> None:
+    """Fail early with the list of missing columns (checked by actors on their batches)."""
+    missing = [c for c in needed if c not in batch]
+    if missing:
+        raise KeyError(f"{who}: batch lacks column(s) {missing}; has {sorted(batch)}")

@@ -1,0 +1,247 @@
+"""CPU work between the model pools, and the gate that runs a model only on rows that need it.
+
+Each function takes and returns a numpy-dict batch (Ray Data ``batch_format="numpy"``) and is
+Ray-free, so tests call them directly. Rows are never removed: a row that fails gets a
+``drop_reason`` and rides along to the writer, which sends it to ``rejected/``. That keeps
+the per-source row count fixed, which is how the writer knows a shard is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines import schema as S
+
+log = logging.getLogger(__name__)
+
+SIBLINGS = "siblings"  # rows one source row produces; the writer counts them per source
+IDENTITY = {S.SAMPLE_ID, S.SOURCE_ID, S.SHARD, SIBLINGS}  # columns no stage may rewrite
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _is_numeric(arr: np.ndarray) -> bool:
+    return arr.dtype.kind in "biuf"
+
+
+def set_rows(batch: dict[str, np.ndarray], rows: np.ndarray, updates: dict[str, np.ndarray], fill: Any = b"") -> None:
+    """Write ``updates`` (arrays over the selected rows) into ``batch`` in place.
+
+    Non-numeric columns become object arrays, so a longer string never gets truncated
+    into a fixed-width numpy unicode dtype.
+    """
+    n = len(rows)
+    for col, values in updates.items():
+        values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+        if col in batch and _is_numeric(batch[col]) and _is_numeric(values):
+            base = batch[col].astype(np.result_type(batch[col], values), copy=True)
+        elif col in batch:
+            base = batch[col].astype(object, copy=True)
+        elif _is_numeric(values):
+            base = np.zeros(n, dtype=values.dtype)
+        else:
+            base = _objects([fill] * n)
+        base[rows] = values if _is_numeric(base) else _objects(list(values))
+        batch[col] = base
+
+
+def kept(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean array: rows not dropped so far."""
+    return np.array([not r for r in batch[S.DROP_REASON]], dtype=bool)
+
+
+def _select(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+class Gated:
+    """Hosts one actor and calls it on the kept rows that ``needs`` selects.
+
+    The others pass through untouched. If the model call on a batch raises, each row is
+    retried alone and a row that still raises is dropped with the error as its reason —
+    one poisoned row never fails the job.
+    """
+
+    def __init__(self, actor_cls: type, actor_kwargs: dict[str, Any], stage: str, needs: str | None = None):
+        self.stage = stage
+        self.needs = needs  # a column that must be empty (b"") for the row to need this stage
+        self.actor = actor_cls(**actor_kwargs)
+        self.busy_s = 0.0
+
+    def _todo(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        todo = kept(batch)
+        if self.needs is not None and self.needs in batch:
+            todo &= np.array([len(v) == 0 for v in batch[self.needs]], dtype=bool)
+        return todo
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = dict(batch)
+        todo = np.flatnonzero(self._todo(batch))
+        if len(todo) == 0:
+            return batch
+        start = time.perf_counter()
+        try:
+            results = [(todo, self.actor(_select(batch, todo)))]
+        except Exception as exc:  # noqa: BLE001 - isolate the bad row, keep the rest
+            log.warning("%s: batch of %d failed (%s); retrying row by row", self.stage, len(todo), exc)
+            results = []
+            for i in todo:
+                row = np.array([i])
+                try:
+                    results.append((row, self.actor(_select(batch, row))))
+                except Exception as row_exc:  # noqa: BLE001
+                    reason = f"{self.stage}_error: {type(row_exc).__name__}: {row_exc}"[:500]
+                    set_rows(batch, row, {S.DROP_REASON: _objects([reason])})
+        for rows, out in results:
+            set_rows(batch, rows, {k: v for k, v in out.items() if k not in IDENTITY})
+        self.busy_s += time.perf_counter() - start
+        return batch
+
+
+# --- encoding helpers ---------------------------------------------------------------------
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def encode_image(array: np.ndarray, fmt: str, quality: int) -> bytes:
+    if fmt == "png":
+        return encode_png(array)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Single-channel PNG of class ids: 8-bit while it fits, else 16-bit."""
+    if mask.dtype != np.uint8:
+        return encode_png(mask.astype(np.uint16))
+    return encode_png(mask)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img)
+
+
+# --- CPU stages ---------------------------------------------------------------------------
+
+
+def colorize(batch: dict[str, np.ndarray], palette: np.ndarray, mask_dtype: str,
+             background: int | None, min_foreground_fraction: float) -> dict[str, np.ndarray]:
+    """Mask → colour map for Mask2Img; MaskSyn masks with no object are dropped here."""
+    from actors.colormap import mask_to_color
+
+    batch = dict(batch)
+    rows = np.flatnonzero(kept(batch))
+    colors, reasons = [], []
+    for i in rows:
+        mask = S.raw_to_array(batch[S.MASK_RAW][i], int(batch[S.HEIGHT][i]), int(batch[S.WIDTH][i]), mask_dtype)
+        valid = mask != S.IGNORE_INDEX
+        fg = valid & (mask != background) if background is not None else valid
+        frac = float(fg.mean())
+        reason = ""
+        if batch[S.METHOD][i] == "masksyn" and (frac == 0 or frac < min_foreground_fraction):
+            reason = "masksyn_no_object"
+        reasons.append(reason)
+        colors.append(b"" if reason else mask_to_color(mask, palette).tobytes())
+    set_rows(batch, rows, {S.COLOR_RAW: _objects(colors), S.DROP_REASON: _objects(reasons)})
+    return batch
+
+
+def finalize(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int, mask_dtype: str,
+             min_image_std: float) -> dict[str, np.ndarray]:
+    """Validity checks on generated images, then encode to the dataset contract's columns."""
+    n = len(batch[S.SAMPLE_ID])
+    reasons = list(batch[S.DROP_REASON])
+    images, masks = [b""] * n, [b""] * n
+    for i in range(n):
+        if reasons[i]:
+            continue
+        h, w = int(batch[S.HEIGHT][i]), int(batch[S.WIDTH][i])
+        raw = batch[S.IMAGE_RAW][i]
+        if len(raw) != h * w * 3:
+            reasons[i] = "image_nonfinite" if len(raw) == 0 else "image_wrong_size"
+            continue
+        image = S.raw_to_array(raw, h, w, np.uint8, 3)
+        if float(image.std()) < min_image_std:
+            reasons[i] = "image_constant"
+            continue
+        images[i] = encode_image(image, image_format, jpeg_quality)
+        masks[i] = encode_mask(S.raw_to_array(batch[S.MASK_RAW][i], h, w, mask_dtype))
+    out = {col: batch[col] for col in S.DATASET_SCHEMA.names if col in batch}
+    out[S.IMAGE] = _objects(images)
+    out[S.MASK] = _objects(masks)
+    out[S.DROP_REASON] = _objects(reasons)
+    for col in (S.SHARD, SIBLINGS, S.SOURCE_PATH):
+        out[col] = batch[col]
+    if S.GENERATOR not in out:
+        out[S.GENERATOR] = _objects([""] * n)
+    return out
+
+
+def expand_sources(batch: dict[str, np.ndarray], *, copies: dict[str, int], seed: int, source_format: str,
+                   classes: list[str], background: int | None, mask_dtype: str) -> dict[str, np.ndarray]:
+    """Decode each source row and fan it out to ``copies[method]`` sample rows.
+
+    ImgSyn copies carry the source mask; MaskSyn copies carry only the caption (Text2Mask
+    draws their mask). A source row that cannot be read becomes one rejected row that
+    names the file, so nothing is lost silently.
+    """
+    from pipelines.sources import SourceError, caption_from_mask, load_pixels
+
+    out: dict[str, list] = {c: [] for c in _EXPANDED_COLUMNS}
+
+    def emit(**row: Any) -> None:
+        for col in _EXPANDED_COLUMNS:
+            out[col].append(row.get(col, _EXPANDED_COLUMNS[col]))
+
+    for i in range(len(batch[S.SOURCE_ID])):
+        row = {k: v[i] for k, v in batch.items()}
+        sid, shard = str(row[S.SOURCE_ID]), int(row[S.SHARD])
+        common = {S.SOURCE_ID: sid, S.SHARD: shard, S.SOURCE_PATH: str(row.get(S.SOURCE_PATH) or "")}
+        mask, caption = None, str(row.get(S.CAPTION) or "")
+        try:
+            if source_format != "captions":
+                _, mask = load_pixels(row, source_format, len(classes))
+            if not caption:
+                if mask is None:
+                    raise SourceError(f"{sid}: no caption and no mask to build one from")
+                caption = caption_from_mask(mask, classes, background)
+        except SourceError as exc:
+            emit(**common, **{S.SAMPLE_ID: f"{sid}/source", S.METHOD: "source", SIBLINGS: 1,
+                              S.DROP_REASON: f"{getattr(exc, 'reason', 'bad_source')}: {exc}"[:500]})
+            continue
+        plan = [(m, k) for m in ("imgsyn", "masksyn") for k in range(copies.get(m, 0))
+                if not (m == "imgsyn" and mask is None)]
+        h, w = mask.shape if mask is not None else (0, 0)
+        mask_bytes = mask.astype(mask_dtype).tobytes() if mask is not None else b""
+        for method, k in plan:
+            sample_id = S.make_sample_id(sid, method, k)
+            emit(**common, **{
+                S.SAMPLE_ID: sample_id, S.METHOD: method, S.CAPTION: caption, S.PROMPT: caption,
+                S.SEED: S.derive_seed(seed, sample_id), S.HEIGHT: h, S.WIDTH: w, SIBLINGS: len(plan),
+                S.MASK_RAW: mask_bytes if method == "imgsyn" else b"",
+            })
+    return {col: (np.array(v, dtype=np.int64) if col in _INT_COLUMNS else _objects(v)) for col, v in out.items()}
+
+
+_EXPANDED_COLUMNS: dict[str, Any] = {
+    S.SAMPLE_ID: "", S.SOURCE_ID: "", S.METHOD: "", S.CAPTION: "", S.PROMPT: "", S.SEED: 0,
+    S.HEIGHT: 0, S.WIDTH: 0, S.MASK_RAW: b"", S.IMAGE_RAW: b"", S.COLOR_RAW: b"", S.GENERATOR: "",
+    S.DROP_REASON: "", S.SHARD: 0, SIBLINGS: 0, S.SOURCE_PATH: "",
+}
+_INT_COLUMNS = {S.SEED, S.HEIGHT, S.WIDTH, S.SHARD, SIBLINGS}
