@@ -40,7 +40,7 @@ def set_rows(batch: dict[str, np.ndarray], rows: np.ndarray, updates: dict[str, 
     Non-numeric columns become object arrays, so a longer string never gets truncated
     into a fixed-width numpy unicode dtype.
     """
-    n = len(rows)
+    n = len(next(iter(batch.values())))
     for col, values in updates.items():
         values = np.asarray(values) if not isinstance(values, np.ndarray) else values
         if col in batch and _is_numeric(batch[col]) and _is_numeric(values):
