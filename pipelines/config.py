@@ -126,7 +126,9 @@ class GenerateConfig(Strict):
     pipeline: Literal["imgsyn", "masksyn", "seggen"] = Field("seggen", description="graph to run; seggen = imgsyn + masksyn")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
-    palette: Literal["auto", "voc", "ade20k"] | None = Field(None, description="colour-map palette; None = the source's own, else auto")
+    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct"] | None = Field(
+        None, description="colour-map palette; None = the source's own, else auto. The standard ADE20K "
+        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding")
     source: SourceConfig = Field(default_factory=SourceConfig, description="where real samples/captions come from")
     output: OutputConfig = Field(default_factory=OutputConfig, description="where the dataset goes")
     imgsyn: ImgSynConfig = Field(default_factory=ImgSynConfig, description="ImgSyn settings")
