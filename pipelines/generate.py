@@ -16,8 +16,14 @@ from pipelines.config import GenerateConfig
 from pipelines.graph import RunContext, build_dataset, stage_plan
 from pipelines.runtime import init_ray
 from pipelines.stages import SIBLINGS
-from pipelines.writer import (REJECTED_SCHEMA, ShardWriter, _atomic_write, prepare_output,
-                              summarize_output, write_manifest)
+from pipelines.writer import (
+    REJECTED_SCHEMA,
+    ShardWriter,
+    _atomic_write,
+    prepare_output,
+    summarize_output,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +122,18 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
 
 def _stage_seconds(ds) -> dict[str, float]:
     """Summed busy time per operator, from Ray Data's own stats (best effort)."""
+    seconds: dict[str, float] = {}
     try:
-        summary = ds._get_stats_summary()
-        return {op.operator_name: round(op.wall_time.sum, 3) for op in summary.operators_stats if op.wall_time}
+        pending = [ds._get_stats_summary()]
+        while pending:
+            summary = pending.pop()
+            for op in summary.operators_stats:
+                if op.wall_time:
+                    seconds[op.operator_name] = round(op.wall_time.sum, 3)
+            pending += summary.parents
     except Exception:  # noqa: BLE001 - stats are informative only
-        return {}
+        log.debug("no Ray Data stats", exc_info=True)
+    return dict(sorted(seconds.items()))
 
 
 def _versions() -> dict[str, str]:

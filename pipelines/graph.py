@@ -69,7 +69,7 @@ def _model_actors(cfg: GenerateConfig, ctx: RunContext) -> tuple[tuple[type, dic
 
     t2m, m2i = cfg.text2mask, cfg.mask2img
     return (
-        (Text2Mask, {"preset": cfg.preset, "palette": palette, "steps": t2m.steps,
+        (Text2Mask, {"preset": cfg.preset, "family": t2m.model.family, "palette": palette, "steps": t2m.steps,
                      "guidance_scale": t2m.guidance_scale, "resolution": t2m.resolution,
                      **_model_kwargs(t2m.model)}),
         (Mask2Img, {"preset": cfg.preset, "family": m2i.model.family, "steps": m2i.steps,
@@ -98,14 +98,14 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
                       "classes": ctx.classes, "background": ctx.background,
                       "mask_dtype": ctx.mask_dtype}})]
     if copies["masksyn"]:
-        plan.append(Stage("text2mask", stages.Gated, {
+        plan.append(Stage("text2mask", stages.Text2MaskPool, {
             **pool_args(cfg.text2mask.resources),
             "fn_constructor_kwargs": {"actor_cls": t2m_cls, "actor_kwargs": t2m_kwargs,
                                       "stage": "text2mask", "needs": S.MASK_RAW}}))
     plan.append(Stage("colorize", stages.colorize, {**cpu, "fn_kwargs": {
         "palette": ctx.palette, "mask_dtype": ctx.mask_dtype, "background": ctx.background,
         "min_foreground_fraction": cfg.validation.min_foreground_fraction}}))
-    plan.append(Stage("mask2img", stages.Gated, {
+    plan.append(Stage("mask2img", stages.Mask2ImgPool, {
         **pool_args(cfg.mask2img.resources),
         "fn_constructor_kwargs": {"actor_cls": m2i_cls, "actor_kwargs": m2i_kwargs,
                                   "stage": "mask2img", "needs": S.IMAGE_RAW}}))

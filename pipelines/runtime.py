@@ -17,7 +17,9 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+        # "local" starts a private instance instead of silently joining whatever cluster this
+        # machine last started; jobs submitted to a cluster get RAY_ADDRESS from Ray.
+        address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  ignore_reinit_error=True, **kwargs)
     ctx = DataContext.get_current()

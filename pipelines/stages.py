@@ -108,6 +108,14 @@ class Gated:
         return batch
 
 
+class Text2MaskPool(Gated):
+    """The Text2Mask stage (its own class so Ray's progress and stats name it)."""
+
+
+class Mask2ImgPool(Gated):
+    """The Mask2Img stage."""
+
+
 # --- encoding helpers ---------------------------------------------------------------------
 
 
