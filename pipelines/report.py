@@ -90,11 +90,11 @@ def inspect_dataset(dataset: Path, n_samples: int = 16, sheet: str | None = None
     for reason, count in m["drops_per_reason"].items():
         print(f"  dropped {reason:<20} {count}")
     print("class pixel frequencies:")
-    for name, share in sorted(zip(classes, freq), key=lambda t: -t[1]):
+    for name, share in sorted(zip(classes, freq, strict=True), key=lambda t: -t[1]):
         if share > 0:
             print(f"  {name:<20} {share:.3f}")
     sheet_path = Path(sheet) if sheet else dataset / "contact_sheet.png"
     contact_sheet(dataset, palette, n_samples).save(sheet_path)
     print(f"contact sheet: {sheet_path}")
-    return {"class_frequencies": dict(zip(classes, freq.tolist())), "sheet": str(sheet_path),
+    return {"class_frequencies": dict(zip(classes, freq.tolist(), strict=True)), "sheet": str(sheet_path),
             "counts": Counter(m["rows_per_method"])}
