@@ -135,3 +135,19 @@ def test_another_config_on_the_same_output_is_refused(toy_run, toy_source, tmp_p
         run_generate(toy_cfg(toy_source, out, "seed=5"))
     result = run_generate(toy_cfg(toy_source, out, "seed=5", "output.overwrite=true"))
     assert result.manifest["rows"] == 48 and len(list((out / "shards").glob("*.parquet"))) == 3
+
+
+def test_inspect_counts_frequencies_and_contact_sheet(toy_run, tmp_path, capsys):
+    from pipelines.cli import main
+
+    sheet = tmp_path / "sheet.png"
+    assert main(["inspect", str(toy_run[1]), "--samples", "6", "--sheet", str(sheet)]) == 0
+    printed = capsys.readouterr().out
+    assert "rows: 48" in printed and "imgsyn     24" in printed
+    shares = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines()
+              if line.startswith("  ") and line.split()[0] in ("background", "circle", "square")}
+    assert shares["background"] > 0.3
+    image = Image.open(sheet)
+    assert image.format == "PNG" and image.size == (4 * 160, 3 * 160)  # 6 samples: 3 rows of 2 pairs
+    pixels = np.array(image)
+    assert pixels.std() > 10  # real content, not a blank canvas
