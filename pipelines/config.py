@@ -82,7 +82,7 @@ class CpuStage(Strict):
 class SourceConfig(Strict):
     path: str = Field("", description="source dataset directory (or a captions.jsonl for format=captions)")
     format: Literal["voc", "ade20k", "folder", "parquet", "captions"] = Field("voc", description="source layout")
-    split: str = Field("train", description="which split of the source to read")
+    split: str | None = Field(None, description="which split to read; None = the format's default (voc/ade20k: train, folder: all)")
     classes: list[str] | None = Field(None, description="class names (index = class id) when the source has none")
     limit: int | None = Field(None, ge=1, description="read only the first N source rows (quick runs)")
 
@@ -107,6 +107,14 @@ class ValidationConfig(Strict):
     max_rejected_fraction: float = Field(0.05, ge=0, le=1, description="exit 3 when more rows than this are rejected")
     min_image_std: float = Field(1.0, ge=0, description="an image whose pixel std is below this is 'constant'")
     min_foreground_fraction: float = Field(0.0, ge=0, le=1, description="MaskSyn: least share of non-background pixels")
+
+
+class FaultConfig(Strict):
+    """Fault injection, for tests of crash recovery; off by default."""
+
+    stage: Literal["text2mask", "mask2img"] = Field("mask2img", description="which model stage misbehaves")
+    die_after_batches: int | None = Field(None, ge=0, description="the actor process exits mid-batch after N batches (once per run)")
+    raise_on_sample: str | None = Field(None, description="the model raises on the batch holding this sample_id")
 
 
 class ToyConfig(Strict):
@@ -139,6 +147,7 @@ class GenerateConfig(Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="checks on generated rows")
     toy: ToyConfig = Field(default_factory=ToyConfig, description="toy preset settings")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime settings")
+    faults: FaultConfig = Field(default_factory=FaultConfig, description="fault injection (tests only)")
 
     def config_hash(self) -> str:
         """Hash of everything that changes the output bytes (paths and runtime knobs excluded)."""
@@ -146,6 +155,7 @@ class GenerateConfig(Strict):
         data["output"].pop("path")
         data["output"].pop("overwrite")
         data.pop("ray")
+        data.pop("faults")
         data["source"].pop("path")
         for stage in ("text2mask", "mask2img"):
             data[stage].pop("resources")

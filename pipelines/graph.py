@@ -9,6 +9,8 @@ methods: rows that already have a mask (ImgSyn) pass through the Text2Mask pool 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,6 +94,12 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
               "masksyn": cfg.masksyn.samples_per_caption if cfg.pipeline in ("masksyn", "seggen") else 0}
     cpu = {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}
     (t2m_cls, t2m_kwargs), (m2i_cls, m2i_kwargs) = _model_actors(cfg, ctx)
+
+    def fault_for(stage: str) -> dict[str, Any] | None:
+        if cfg.faults.stage != stage:
+            return None
+        return {**cfg.faults.model_dump(), "marker_dir": str(Path(cfg.output.path) / ".faults")}
+
     plan = [Stage("expand", stages.expand_sources, {
         **cpu, "batch_size": max(1, cfg.cpu.batch_size // max(1, sum(copies.values()))),
         "fn_kwargs": {"copies": copies, "seed": cfg.seed, "source_format": source_format,
@@ -100,15 +108,17 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
     if copies["masksyn"]:
         plan.append(Stage("text2mask", stages.Text2MaskPool, {
             **pool_args(cfg.text2mask.resources),
-            "fn_constructor_kwargs": {"actor_cls": t2m_cls, "actor_kwargs": t2m_kwargs,
-                                      "stage": "text2mask", "needs": S.MASK_RAW}}))
+            "fn_constructor_kwargs": {"actor_cls": t2m_cls, "actor_kwargs": t2m_kwargs, "stage": "text2mask",
+                                      "needs": S.MASK_RAW, "fault": fault_for("text2mask")}}))
     plan.append(Stage("colorize", stages.colorize, {**cpu, "fn_kwargs": {
         "palette": ctx.palette, "mask_dtype": ctx.mask_dtype, "background": ctx.background,
         "min_foreground_fraction": cfg.validation.min_foreground_fraction}}))
     plan.append(Stage("mask2img", stages.Mask2ImgPool, {
         **pool_args(cfg.mask2img.resources),
-        "fn_constructor_kwargs": {"actor_cls": m2i_cls, "actor_kwargs": m2i_kwargs,
-                                  "stage": "mask2img", "needs": S.IMAGE_RAW}}))
+        "fn_constructor_kwargs": {
+            "actor_cls": m2i_cls, "actor_kwargs": m2i_kwargs, "stage": "mask2img", "needs": S.IMAGE_RAW,
+            "redo_if": partial(stages.image_needs_redo, min_image_std=cfg.validation.min_image_std),
+            "fault": fault_for("mask2img")}}))
     plan.append(Stage("finalize", stages.finalize, {**cpu, "fn_kwargs": {
         "image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality,
         "mask_dtype": ctx.mask_dtype, "min_image_std": cfg.validation.min_image_std}}))

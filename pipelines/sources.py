@@ -75,7 +75,15 @@ Problem = tuple[str, str, str]  # (source_id, path, reason)
 
 
 class SourceError(ValueError):
-    """A source file (or the source as a whole) cannot be read; the message names the file."""
+    """A source file (or the source as a whole) cannot be read; the message names the file.
+
+    ``reason`` is a short code (``corrupt_image``, ``mask_size_mismatch``, ...) that the
+    manifest counts rejected rows by.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_source"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -152,11 +160,11 @@ def _pair(
     for sid, img in images:
         mask = masks.get(sid)
         if sid in seen:
-            problems.append((sid, str(img or mask or ""), "duplicate source_id (kept the first)"))
+            problems.append((sid, str(img or mask or ""), "duplicate_id: kept the first"))
         elif img is None:
-            problems.append((sid, str(mask or ""), "image file missing"))
+            problems.append((sid, str(mask or ""), "missing_image: listed but not on disk"))
         elif mask is None and require_masks:
-            problems.append((sid, str(img), "no mask file for this image"))
+            problems.append((sid, str(img), "missing_mask: no mask file for this image"))
         else:
             rows.append(_row(sid, img, mask))
         seen.add(sid)
@@ -209,12 +217,12 @@ def _index_parquet(files: list[Path]) -> tuple[list[dict], list[Problem]]:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
             if schema.SAMPLE_ID not in names or schema.IMAGE not in names:
-                problems.append(("", str(f), f"no {schema.SAMPLE_ID}/{schema.IMAGE} column"))
+                problems.append(("", str(f), f"bad_parquet: no {schema.SAMPLE_ID}/{schema.IMAGE} column"))
                 continue
             cols = [c for c in (schema.SAMPLE_ID, schema.CAPTION) if c in names]
             table = pf.read(columns=cols)
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
-            problems.append(("", str(f), f"unreadable parquet file ({e})"))
+            problems.append(("", str(f), f"corrupt_parquet: unreadable parquet file ({e})"))
             continue
         ids = table.column(schema.SAMPLE_ID).to_pylist()
         caps = table.column(schema.CAPTION).to_pylist() if len(cols) == 2 else [""] * len(ids)
@@ -222,7 +230,7 @@ def _index_parquet(files: list[Path]) -> tuple[list[dict], list[Problem]]:
         for i, (raw, cap) in enumerate(zip(ids, caps, strict=True)):
             sid = "" if raw is None else str(raw)
             if not sid or sid in seen:
-                why = "duplicate source_id (kept the first)" if sid else "empty sample_id"
+                why = "duplicate_id: kept the first" if sid else "missing_id: empty sample_id"
                 problems.append((sid or f"row {i}", str(f), why))
                 continue
             seen.add(sid)
@@ -230,20 +238,37 @@ def _index_parquet(files: list[Path]) -> tuple[list[dict], list[Problem]]:
     return rows, problems
 
 
+MAX_CAPTION_CHARS = 2000  # longer is a broken file, not a caption; prompts are cut to the tokenizer
+
+
 def _read_captions(path: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
-    """``(id, caption)`` pairs from a ``captions.jsonl``; malformed lines become problems."""
+    """``(id, caption)`` pairs from a ``captions.jsonl``, read line by line in bytes so one
+    bad line never hides the others. Empty, non-UTF-8 and over-long captions become
+    problems under their id (the row is rejected); unparseable lines under ``line N``."""
     pairs: list[tuple[str, str]] = []
     problems: list[Problem] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
+        why = ""
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line, why = raw.decode("utf-8", errors="replace"), "caption_not_utf8: line {n}"
         try:
             d = json.loads(line)
             sid, cap = d.get("id", d.get("source_id")), d.get("caption")
         except (json.JSONDecodeError, AttributeError):
             sid, cap = None, None
         if sid is None or not isinstance(cap, str):
-            problems.append((f"line {n}", str(path), "not a JSON object with id and caption"))
+            problems.append((f"line {n}", str(path), "bad_caption_line: not a JSON object with id and caption"))
+            continue
+        if not why and not cap.strip():
+            why = "empty_caption: line {n}"
+        elif not why and len(cap) > MAX_CAPTION_CHARS:
+            why = f"caption_too_long: line {{n}} has {len(cap)} characters (> {MAX_CAPTION_CHARS})"
+        if why:
+            problems.append((str(sid), str(path), why.format(n=n)))
         else:
             pairs.append((str(sid), cap))
     return pairs, problems
@@ -257,9 +282,8 @@ def _index_captions(root: Path) -> tuple[list[dict], list[Problem]]:
     rows: list[dict] = []
     seen: set[str] = set()
     for sid, cap in pairs:
-        if sid in seen or not cap.strip():
-            why = "duplicate source_id (kept the first)" if sid in seen else "empty caption"
-            problems.append((sid, str(path), why))
+        if sid in seen:
+            problems.append((sid, str(path), "duplicate_id: kept the first"))
             continue
         seen.add(sid)
         rows.append(_row(sid, "", None, cap))
@@ -323,10 +347,9 @@ def index_source(
     names = _resolve_classes(format, classes, base, manifest)
     if format != "captions" and (base / "captions.jsonl").is_file():
         pairs, bad = _read_captions(base / "captions.jsonl")
-        if bad:
-            log.warning(
-                "%s: %d malformed caption line(s) ignored", base / "captions.jsonl", len(bad)
-            )
+        bad_ids = {sid for sid, _, _ in bad}
+        problems += [p for p in bad if p[0] in {r[schema.SOURCE_ID] for r in rows}]
+        rows = [r for r in rows if r[schema.SOURCE_ID] not in bad_ids]  # rejected, not re-captioned
         caps = dict(reversed(pairs))  # first occurrence wins
         for r in rows:
             if not r[schema.CAPTION]:
@@ -402,18 +425,22 @@ def _parquet_bytes(path: str, i: int) -> tuple[bytes | None, bytes | None]:
 def _open(data: bytes | str | None, where: str, what: str) -> Image.Image:
     try:
         if data is None:
-            raise SourceError(f"{where}: no {what} data")
+            raise SourceError(f"{where}: no {what} data", f"missing_{what}")
         if isinstance(data, str):
             data = Path(data).read_bytes()
+        if not data:
+            raise SourceError(f"{where}: empty {what} file (0 bytes)", f"empty_{what}")
         im = Image.open(io.BytesIO(data))
         im.load()
         return im
     except SourceError:
         raise
     except FileNotFoundError:
-        raise SourceError(f"{where}: {what} file not found") from None
+        raise SourceError(f"{where}: {what} file not found", f"missing_{what}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
-        raise SourceError(f"{where}: corrupt or unreadable {what} ({type(e).__name__}: {e})") from e
+        raise SourceError(
+            f"{where}: corrupt or unreadable {what} ({type(e).__name__}: {e})", f"corrupt_{what}"
+        ) from e
 
 
 def _to_rgb(im: Image.Image, where: str) -> np.ndarray:
@@ -424,14 +451,17 @@ def _to_rgb(im: Image.Image, where: str) -> np.ndarray:
     try:
         return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
     except (ValueError, OSError) as e:
-        raise SourceError(f"{where}: cannot convert image mode {im.mode} to RGB ({e})") from e
+        raise SourceError(
+            f"{where}: cannot convert image mode {im.mode} to RGB ({e})", "bad_image_mode"
+        ) from e
 
 
 def _mask_ids(im: Image.Image, where: str, reduce_zero: bool, n: int | None) -> np.ndarray:
     """Class ids from a palette (indices, never colours), grayscale or 16-bit PNG."""
     if im.mode not in ("P", "L", "1") and not im.mode.startswith("I"):
         raise SourceError(
-            f"{where}: mask has mode {im.mode}; expected a single-channel PNG of class ids"
+            f"{where}: mask has mode {im.mode}; expected a single-channel PNG of class ids",
+            "mask_not_class_ids",
         )
     a = np.array(im)
     if reduce_zero or a.dtype.kind != "u":
@@ -444,7 +474,8 @@ def _mask_ids(im: Image.Image, where: str, reduce_zero: bool, n: int | None) -> 
     if bad.size:
         raise SourceError(
             f"{where}: class ids {bad[:10].tolist()} out of range (num_classes={n}, "
-            f"ignore={schema.IGNORE_INDEX})"
+            f"ignore={schema.IGNORE_INDEX})",
+            "class_out_of_range",
         )
     big = present.size and int(present.max()) > 255
     dtype = schema.mask_dtype(n) if n else np.dtype("<u2" if big else np.uint8)
@@ -464,7 +495,7 @@ def load_pixels(
     sid = row.get(schema.SOURCE_ID, "")
     path = str(row.get(schema.SOURCE_PATH) or "")
     if not path:
-        raise SourceError(f"source {sid!r}: row has no image ({format} source)")
+        raise SourceError(f"source {sid!r}: row has no image ({format} source)", "missing_image")
     if format == "parquet":
         i = int(row["source_row"])
         where = f"{path} row {i} ({sid})"
@@ -481,7 +512,8 @@ def load_pixels(
     if (mask_im.height, mask_im.width) != image.shape[:2]:
         raise SourceError(
             f"{mwhere}: mask size {mask_im.width}x{mask_im.height} != image size "
-            f"{image.shape[1]}x{image.shape[0]} ({path})"
+            f"{image.shape[1]}x{image.shape[0]} ({path})",
+            "mask_size_mismatch",
         )
     return image, _mask_ids(mask_im, mwhere, format == "ade20k", num_classes)
 

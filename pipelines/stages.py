@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
-import time
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,14 +71,20 @@ class Gated:
 
     The others pass through untouched. If the model call on a batch raises, each row is
     retried alone and a row that still raises is dropped with the error as its reason —
-    one poisoned row never fails the job.
+    one poisoned row never fails the job. Rows that ``redo_if`` flags (e.g. a NaN image from
+    an fp16 VAE) are generated once more with a derived seed; the checks downstream drop
+    them if they are still bad. ``fault`` injects failures for tests (off by default).
     """
 
-    def __init__(self, actor_cls: type, actor_kwargs: dict[str, Any], stage: str, needs: str | None = None):
+    def __init__(self, actor_cls: type, actor_kwargs: dict[str, Any], stage: str, needs: str | None = None,
+                 redo_if: Callable[[dict[str, np.ndarray], int], bool] | None = None,
+                 fault: dict[str, Any] | None = None):
         self.stage = stage
         self.needs = needs  # a column that must be empty (b"") for the row to need this stage
+        self.redo_if = redo_if
+        self.fault = fault or {}
+        self.batches = 0
         self.actor = actor_cls(**actor_kwargs)
-        self.busy_s = 0.0
 
     def _todo(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         todo = kept(batch)
@@ -84,28 +92,69 @@ class Gated:
             todo &= np.array([len(v) == 0 for v in batch[self.needs]], dtype=bool)
         return todo
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = dict(batch)
-        todo = np.flatnonzero(self._todo(batch))
-        if len(todo) == 0:
-            return batch
-        start = time.perf_counter()
+    def _model(self, sub: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.fault.get("raise_on_sample") in set(sub[S.SAMPLE_ID]):
+            raise RuntimeError(f"injected fault on {self.fault['raise_on_sample']}")
+        return self.actor(sub)
+
+    def _run(self, batch: dict[str, np.ndarray], todo: np.ndarray) -> None:
+        """Model call on rows ``todo``, falling back to one row at a time."""
         try:
-            results = [(todo, self.actor(_select(batch, todo)))]
+            results = [(todo, self._model(_select(batch, todo)))]
         except Exception as exc:  # noqa: BLE001 - isolate the bad row, keep the rest
             log.warning("%s: batch of %d failed (%s); retrying row by row", self.stage, len(todo), exc)
             results = []
             for i in todo:
                 row = np.array([i])
                 try:
-                    results.append((row, self.actor(_select(batch, row))))
+                    results.append((row, self._model(_select(batch, row))))
                 except Exception as row_exc:  # noqa: BLE001
                     reason = f"{self.stage}_error: {type(row_exc).__name__}: {row_exc}"[:500]
                     set_rows(batch, row, {S.DROP_REASON: _objects([reason])})
         for rows, out in results:
             set_rows(batch, rows, {k: v for k, v in out.items() if k not in IDENTITY})
-        self.busy_s += time.perf_counter() - start
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = dict(batch)
+        todo = np.flatnonzero(self._todo(batch))
+        if len(todo) == 0:
+            return batch
+        self.batches += 1
+        _maybe_die(self.stage, self.batches, self.fault)
+        self._run(batch, todo)
+        if self.redo_if is not None:
+            redo = np.array([i for i in todo if not batch[S.DROP_REASON][i] and self.redo_if(batch, i)], dtype=int)
+            if len(redo):
+                log.warning("%s: regenerating %d bad output(s) with derived seeds", self.stage, len(redo))
+                seeds = [S.derive_seed(int(batch[S.SEED][i]), "regenerate") for i in redo]
+                set_rows(batch, redo, {S.SEED: np.array(seeds, dtype=np.int64)})
+                self._run(batch, redo)
         return batch
+
+
+def _maybe_die(stage: str, batches: int, fault: dict[str, Any]) -> None:
+    """Fault injection: the actor process exits mid-batch once per run (a marker file makes
+    the restarted actor carry on), as a preempted or OOM-killed worker would."""
+    after = fault.get("die_after_batches")
+    if after is None or batches <= after:
+        return
+    marker = Path(fault["marker_dir"]) / f"died-{stage}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    log.error("%s: injected fault: actor process exits now (batch %d)", stage, batches)
+    os._exit(1)
+
+
+def image_needs_redo(batch: dict[str, np.ndarray], i: int, min_image_std: float) -> bool:
+    """A generated image that is missing (non-finite output) or constant."""
+    raw = batch[S.IMAGE_RAW][i]
+    if len(raw) == 0:
+        return True
+    return float(np.frombuffer(raw, np.uint8).std()) < min_image_std
 
 
 class Text2MaskPool(Gated):

@@ -86,7 +86,8 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
 
 def prepare_output(out: Path, config_hash: str, resolved: dict[str, Any], overwrite: bool) -> set[int]:
     """Check the output belongs to this config; clear partial files; return complete shards."""
-    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("shards", "rejected"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     stamp = out / "config.json"
     if stamp.exists():
         previous = json.loads(stamp.read_text()).get("config_hash")

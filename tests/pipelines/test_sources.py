@@ -112,9 +112,9 @@ def test_voc_split_fallback_and_problems(voc: Path) -> None:
     index = index_source(voc, "voc")
     assert ids(index) == ["a", "b"]
     assert index.problems == [
-        ("nomask", str(voc / "JPEGImages" / "nomask.jpg"), "no mask file for this image"),
-        ("ghost", str(voc / "SegmentationClass" / "ghost.png"), "image file missing"),
-        ("a", str(voc / "JPEGImages" / "a.jpg"), "duplicate source_id (kept the first)"),
+        ("nomask", str(voc / "JPEGImages" / "nomask.jpg"), "missing_mask: no mask file for this image"),
+        ("ghost", str(voc / "SegmentationClass" / "ghost.png"), "missing_image: listed but not on disk"),
+        ("a", str(voc / "JPEGImages" / "a.jpg"), "duplicate_id: kept the first"),
     ]
     relaxed = index_source(voc, "voc", require_masks=False)
     assert ids(relaxed) == ["a", "nomask", "b"] and relaxed.rows[1]["source_mask_path"] == ""
@@ -160,8 +160,8 @@ def test_folder(tmp_path: Path) -> None:
     index = index_source(root, "folder", classes=["road", "car", "tree"])
     assert ids(index) == ["sub/y", "x"] and index.palette_hint is None
     assert index.problems == [
-        ("lonely", str(root / "images" / "lonely.png"), "no mask file for this image"),
-        ("x", str(root / "images" / "x.webp"), "duplicate source_id (kept the first)"),
+        ("lonely", str(root / "images" / "lonely.png"), "missing_mask: no mask file for this image"),
+        ("x", str(root / "images" / "x.webp"), "duplicate_id: kept the first"),
     ]
     (root / "classes.txt").write_text("road\ncar\n")
     index = index_source(root, "folder")
@@ -198,9 +198,9 @@ def test_parquet_dataset(tmp_path: Path) -> None:
     assert index.classes == ["background", "cat", "dog"] and index.palette_hint == "voc"
     assert index.background_index == 0
     p1 = str(out / "shards" / "part-00001.parquet")
-    assert index.problems[0] == ("s/imgsyn/1", p1, "duplicate source_id (kept the first)")
+    assert index.problems[0] == ("s/imgsyn/1", p1, "duplicate_id: kept the first")
     assert index.problems[1][1].endswith("part-00002.parquet")
-    assert "unreadable parquet" in index.problems[1][2]
+    assert index.problems[1][2].startswith("corrupt_parquet: unreadable parquet")
     r = index.rows[2]  # third row: second row group of the first file
     assert (r["source_row"], r["caption"]) == (2, "cap s/imgsyn/2")
     image, mask = index.load(r)
@@ -231,10 +231,10 @@ def test_captions_source(tmp_path: Path) -> None:
     ]
     assert index.classes == [] and index_source(path, "captions").rows == index.rows
     assert [p[::2] for p in index.problems] == [
-        ("line 5", "not a JSON object with id and caption"),
-        ("line 6", "not a JSON object with id and caption"),
-        ("c1", "duplicate source_id (kept the first)"),
-        ("c3", "empty caption"),
+        ("c3", "empty_caption: line 4"),
+        ("line 5", "bad_caption_line: not a JSON object with id and caption"),
+        ("line 6", "bad_caption_line: not a JSON object with id and caption"),
+        ("c1", "duplicate_id: kept the first"),
     ]
     with pytest.raises(SourceError, match="no image"):
         load_pixels(index.rows[0], "captions")
