@@ -98,6 +98,22 @@ def make_clip_tokenizer(model_max_length: int = 77) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
+def fit_prompts(tokenizer: Any, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Cut prompts to what the text encoder reads (``model_max_length`` with start/end tokens).
+
+    The pipeline would truncate silently; cutting here lets the ``prompt`` column record the
+    text actually used and lets the run count how many were cut.
+    """
+    limit = tokenizer.model_max_length - 2
+    enc = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+    fitted, cut = [], []
+    for prompt, ids, offsets in zip(prompts, enc.input_ids, enc.offset_mapping, strict=True):
+        cut.append(len(ids) > limit)
+        # cut the original text where the last kept token ends (decoding would re-space it)
+        fitted.append(prompt[: offsets[limit - 1][1]].rstrip() if cut[-1] else prompt)
+    return fitted, np.array(cut, dtype=bool)
+
+
 def _text_encoders(family: str, tiny: bool, tokenizer: Any) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

@@ -22,6 +22,7 @@ from pipelines.schema import (
     HEIGHT,
     IMAGE_RAW,
     PROMPT,
+    PROMPT_TRUNCATED,
     SAMPLE_ID,
     SEED,
     WIDTH,
@@ -88,7 +89,7 @@ class Mask2Img:
         from PIL import Image
 
         require_columns(batch, NEEDED, "Mask2Img")
-        prompts = [str(p) for p in batch[PROMPT]]
+        prompts, truncated = dm.fit_prompts(self.pipe.tokenizer, [str(p) for p in batch[PROMPT]])
         seeds = np.asarray(batch[SEED], dtype=np.int64)
         hs = [int(h) for h in batch[HEIGHT]]
         ws = [int(w) for w in batch[WIDTH]]
@@ -120,5 +121,9 @@ class Mask2Img:
             log.debug("Mask2Img: %d rows at %dx%d", len(rows), gw, gh)
         result = dict(batch)
         result[IMAGE_RAW] = np.array(images, dtype=object)
+        result[PROMPT] = np.array(prompts, dtype=object)
+        if PROMPT_TRUNCATED in batch:  # Text2Mask may have cut it already
+            truncated |= np.asarray(batch[PROMPT_TRUNCATED], dtype=bool)
+        result[PROMPT_TRUNCATED] = truncated
         result[GENERATOR] = np.array([self.generator_name] * len(prompts), dtype=object)
         return result

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_models as dm
-from pipelines.schema import HEIGHT, MASK_RAW, PROMPT, SAMPLE_ID, SEED, WIDTH, require_columns
+from pipelines.schema import (
+    HEIGHT,
+    MASK_RAW,
+    PROMPT,
+    PROMPT_TRUNCATED,
+    SAMPLE_ID,
+    SEED,
+    WIDTH,
+    require_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +91,7 @@ class Text2Mask:
         from actors.colormap import color_to_mask
 
         require_columns(batch, NEEDED, "Text2Mask")
-        prompts = [str(p) for p in batch[PROMPT]]
+        prompts, truncated = dm.fit_prompts(self.pipe.tokenizer, [str(p) for p in batch[PROMPT]])
         seeds = np.asarray(batch[SEED], dtype=np.int64)
         sizes = self.generation_sizes(batch)
         masks: list[bytes] = [b""] * len(prompts)
@@ -102,6 +111,8 @@ class Text2Mask:
             log.debug("Text2Mask: %d rows at %dx%d", len(rows), gw, gh)
         result = dict(batch)
         result[MASK_RAW] = np.array(masks, dtype=object)
+        result[PROMPT] = np.array(prompts, dtype=object)
+        result[PROMPT_TRUNCATED] = truncated
         result[HEIGHT] = np.array([s[0] for s in sizes], dtype=np.int32)
         result[WIDTH] = np.array([s[1] for s in sizes], dtype=np.int32)
         return result

@@ -38,6 +38,19 @@ SOURCE_PATH = "source_path"  # where a source row came from, for error messages 
 SOURCE_MASK_PATH = "source_mask_path"
 SHARD = "shard"  # index of the deterministic shard a row belongs to
 COPY = "copy"  # k of the K copies made of one source row
+# factory graph (Diffusion Synthesis) working columns
+SOURCE_IMAGE_RAW = "source_image_raw"  # bytes, uint8 H*W*3: the real image a variant is made from
+BOXES = "boxes"  # bytes, float32 N*4 pixel x0 y0 x1 y1 (Grounding DINO)
+BOX_LABELS = "box_labels"  # bytes, int32 N class ids
+BOX_SCORES = "box_scores"  # bytes, float32 N detection scores
+BOX_COUNT = "box_count"  # int N
+RESEG_PREFIX = "reseg_"  # prefix of the re-segmentation columns (boxes/mask found on the variant)
+RESEG_MASK_RAW = RESEG_PREFIX + MASK_RAW
+CLIP_EMBEDDING = "clip_embedding"  # bytes, float32 unit vector of image_raw
+CLIP_SOURCE_EMBEDDING = "clip_source_embedding"  # bytes, float32 unit vector of source_image_raw
+SCORE_CLIP_SIMILARITY = SCORE_PREFIX + "clip_similarity"
+SCORE_RESEG_MIOU = SCORE_PREFIX + "reseg_miou"
+PROMPT_TRUNCATED = "prompt_truncated"  # bool: the model cut the prompt to its tokenizer's limit
 
 METHODS = ("imgsyn", "masksyn", "factory", "aligndiff", "attn2mask")
 

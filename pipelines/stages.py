@@ -243,8 +243,8 @@ def finalize(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int,
     out[S.IMAGE] = _objects(images)
     out[S.MASK] = _objects(masks)
     out[S.DROP_REASON] = _objects(reasons)
-    for col in (S.SHARD, SIBLINGS, S.SOURCE_PATH):
-        out[col] = batch[col]
+    for col in (S.SHARD, SIBLINGS, S.SOURCE_PATH, S.PROMPT_TRUNCATED):
+        out[col] = batch[col] if col in batch else np.zeros(n, dtype=np.int64)
     if S.GENERATOR not in out:
         out[S.GENERATOR] = _objects([""] * n)
     return out
@@ -299,6 +299,6 @@ def expand_sources(batch: dict[str, np.ndarray], *, copies: dict[str, int], seed
 _EXPANDED_COLUMNS: dict[str, Any] = {
     S.SAMPLE_ID: "", S.SOURCE_ID: "", S.METHOD: "", S.CAPTION: "", S.PROMPT: "", S.SEED: 0,
     S.HEIGHT: 0, S.WIDTH: 0, S.MASK_RAW: b"", S.IMAGE_RAW: b"", S.COLOR_RAW: b"", S.GENERATOR: "",
-    S.DROP_REASON: "", S.SHARD: 0, SIBLINGS: 0, S.SOURCE_PATH: "",
+    S.DROP_REASON: "", S.SHARD: 0, SIBLINGS: 0, S.SOURCE_PATH: "", S.PROMPT_TRUNCATED: 0,
 }
-_INT_COLUMNS = {S.SEED, S.HEIGHT, S.WIDTH, S.SHARD, SIBLINGS}
+_INT_COLUMNS = {S.SEED, S.HEIGHT, S.WIDTH, S.SHARD, SIBLINGS, S.PROMPT_TRUNCATED}

@@ -21,6 +21,7 @@ from pipelines import schema as S
 from pipelines.stages import SIBLINGS
 
 REJECTED_SCHEMA = S.DATASET_SCHEMA.append(pa.field(S.SOURCE_PATH, pa.string()))
+STAT_PROMPTS_TRUNCATED = "segfactory.prompts_truncated"
 
 
 class OutputConflict(RuntimeError):
@@ -74,7 +75,11 @@ class ShardWriter:
         # Rejected first: the kept shard's presence is the completion marker.
         if rejected:
             _atomic_write(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), self.out / "rejected" / name)
-        _atomic_write(pa.Table.from_pylist(kept, schema=S.DATASET_SCHEMA), self.out / "shards" / name)
+        # Run statistics that are not per-row columns travel in the shard file's metadata, so
+        # the manifest can be rebuilt from the files on disk alone.
+        stats = {STAT_PROMPTS_TRUNCATED: str(sum(int(r.get(S.PROMPT_TRUNCATED) or 0) for r in rows))}
+        table = pa.Table.from_pylist(kept, schema=S.DATASET_SCHEMA.with_metadata(stats))
+        _atomic_write(table, self.out / "shards" / name)
         self.written.append(shard)
 
 
@@ -110,7 +115,9 @@ def prepare_output(out: Path, config_hash: str, resolved: dict[str, Any], overwr
 def summarize_output(out: Path) -> dict[str, Any]:
     """Counts read back from the files on disk (the manifest is rebuilt from these)."""
     shards, per_method = [], Counter()
+    truncated = 0
     for f in sorted((out / "shards").glob("part-*.parquet")):
+        truncated += int((pq.read_schema(f).metadata or {}).get(STAT_PROMPTS_TRUNCATED.encode(), 0))
         methods = pq.read_table(f, columns=[S.METHOD]).column(S.METHOD).to_pylist()
         per_method.update(methods)
         shards.append({"file": f"shards/{f.name}", "rows": len(methods)})
@@ -126,6 +133,7 @@ def summarize_output(out: Path) -> dict[str, Any]:
         "rows": kept,
         "rejected_rows": rejected,
         "rows_per_method": dict(sorted(per_method.items())),
+        "prompts_truncated": truncated,
         "drops_per_reason": dict(sorted(drops.items())),
         "shards": shards,
         "rejected_shards": rejected_files,

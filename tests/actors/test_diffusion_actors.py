@@ -250,3 +250,16 @@ def test_real_sdxl_weights_from_local_paths() -> None:
     out = actor(_m2i_batch())
     assert [len(b) for b in out["image_raw"]] == [37 * 29 * 3, 37 * 29 * 3, 21 * 45 * 3]
     assert out["generator"][0].startswith("local:")
+
+
+def test_overlong_prompts_are_cut_to_the_tokenizer_and_flagged(cn_pipe: Any) -> None:
+    batch = _m2i_batch()
+    long_prompt = "a kitchen with " + "a very long list of things, " * 10
+    batch["prompt"] = np.array(["a kitchen", long_prompt, "a kitchen"], dtype=object)
+    batch["prompt_truncated"] = np.array([0, 0, 1])  # row 2 was cut upstream (by Text2Mask)
+    out = Mask2Img("tiny", steps=STEPS, resolution=32, pipeline=cn_pipe)(batch)
+    limit = cn_pipe.tokenizer.model_max_length - 2  # start/end tokens take two places
+    assert out["prompt_truncated"].tolist() == [False, True, True]
+    assert out["prompt"][0] == "a kitchen"
+    cut = out["prompt"][1]
+    assert long_prompt.startswith(cut) and len(cn_pipe.tokenizer(cut, add_special_tokens=False).input_ids) == limit

@@ -110,3 +110,30 @@ def test_imgsyn_only_graph_has_no_text2mask_pool():
     ctx = RunContext(classes=["background", "a"], palette=np.zeros((2, 3), np.uint8), background=0)
     names = [s.name for s in stage_plan(GenerateConfig(pipeline="imgsyn"), ctx, "voc")]
     assert names == ["expand", "colorize", "mask2img", "finalize"]
+
+
+class FlakyVae:
+    """Returns an empty (non-finite) image for seeds listed in ``bad``."""
+
+    def __init__(self, bad: set[int]):
+        self.bad = bad
+        self.seen = []
+
+    def __call__(self, batch):
+        self.seen.append(batch[S.SEED].tolist())
+        images = [b"" if int(s) in self.bad else bytes(range(12)) for s in batch[S.SEED]]
+        return {S.IMAGE_RAW: np.array(images, dtype=object)}
+
+
+def test_bad_images_are_regenerated_once_with_a_derived_seed():
+    from functools import partial
+
+    from pipelines.stages import image_needs_redo
+
+    derived_1 = S.derive_seed(1, "regenerate")
+    gate = Gated(FlakyVae, {"bad": {1, 2, S.derive_seed(2, "regenerate")}}, stage="mask2img",
+                 redo_if=partial(image_needs_redo, min_image_std=1.0))
+    out = gate(batch_of(3, **{S.SEED: np.array([0, 1, 2])}))
+    assert gate.actor.seen == [[0, 1, 2], [derived_1, S.derive_seed(2, "regenerate")]]
+    assert out[S.SEED].tolist() == [0, derived_1, S.derive_seed(2, "regenerate")]  # the seed actually used
+    assert [len(b) for b in out[S.IMAGE_RAW]] == [12, 12, 0]  # row 2 stays bad: finalize drops it
