@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=16, help="samples in the contact sheet")
     p.add_argument("--sheet", default=None, help="PNG path (default: DATASET/contact_sheet.png)")
     p.set_defaults(func=_cmd_inspect)
+
+    from cluster.cli import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 
