@@ -128,10 +128,93 @@ class RayConfig(Strict):
     show_progress: bool = Field(True, description="Ray Data progress bars")
 
 
+# --- factory graph (Diffusion Synthesis) stages -------------------------------------------
+
+
+class HfModelSpec(Strict):
+    """Which transformers weights a factory stage loads (real presets; ignored by tiny)."""
+
+    id: str = Field("", description="model id on the hub, e.g. IDEA-Research/grounding-dino-tiny")
+    revision: str = Field("main", description="pinned revision (commit hash) of `id`")
+    local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
+
+
+class CaptionerStage(Strict):
+    """Captions for images without one: BLIP (Diffusion Synthesis) or BLIP-2 (SegGen)."""
+
+    kind: Literal["blip", "blip2"] = Field("blip", description="blip = BlipForConditionalGeneration; blip2 = Blip2ForConditionalGeneration")
+    model: HfModelSpec = Field(default_factory=HfModelSpec, description="captioner weights")
+    prompt: str | None = Field(None, description="text fed with the image; None = the kind's default (blip2: SegGen's "
+                               "'Question: What are shown in the photo? Answer:', blip: none)")
+    max_new_tokens: int = Field(30, ge=1, description="longest caption, in tokens")
+    min_new_tokens: int = Field(0, ge=0, description="shortest caption, in tokens")
+    num_beams: int = Field(1, ge=1, description="beam search width (1 = greedy)")
+    resources: Resources = Field(default_factory=lambda: Resources(num_gpus=1), description="pool and batch")
+
+
+class GroundingStage(Strict):
+    """Grounding DINO: boxes of the target classes (used twice: masks, then re-segmentation)."""
+
+    model: HfModelSpec = Field(default_factory=HfModelSpec, description="Grounding DINO weights")
+    box_threshold: float = Field(0.3, ge=0, le=1, description="least query score (Grounded-SAM demo default 0.3)")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="least score of the class's tokens (Grounded-SAM: 0.25)")
+    nms_threshold: float = Field(0.8, ge=0, le=1, description="per-class NMS IoU (Grounded-SAM simple demo: 0.8)")
+    max_boxes: int = Field(32, ge=1, description="most boxes kept per image, best first")
+    resources: Resources = Field(default_factory=lambda: Resources(num_gpus=1), description="pool and batch")
+
+
+class SamStage(Strict):
+    """SAM (segment-anything): a mask per box, merged into one class-id map."""
+
+    model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="SAM architecture (the paper: ViT-H)")
+    checkpoint: str = Field("", description="SAM checkpoint file (.pth read as tensors only, or .safetensors)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="SAM dtype on GPU")
+    uncertain_band: float = Field(0.0, ge=0, le=0.5, description="pixels whose best mask probability is within this "
+                                  "of 0.5 become 255 (ignore); 0 = off")
+    resources: Resources = Field(default_factory=lambda: Resources(num_gpus=1), description="pool and batch")
+
+
+class ClipStage(Strict):
+    """CLIP vision embeddings of the real image and each variant, for the similarity filter."""
+
+    model: HfModelSpec = Field(default_factory=HfModelSpec, description="CLIP weights (vision tower + projection)")
+    resources: Resources = Field(default_factory=lambda: Resources(num_gpus=1), description="pool and batch")
+
+
+class PromptsConfig(Strict):
+    """Multi-way prompt generator: which ways, their mix, synonym/hyponym replacement."""
+
+    ways: dict[Literal["caption", "caption_classes", "classes"], float] = Field(
+        default_factory=lambda: {"caption_classes": 1.0},
+        description="weight per way: caption only, caption + '; ' + class names (the paper's best), class names only")
+    synonym_probability: float = Field(0.5, ge=0, le=1, description="chance each base class word of the caption is "
+                                       "replaced by a synonym/hyponym (attn2mask: 0.5); 0 = off")
+    synonyms: str | None = Field(None, description="synonym table JSON; None = the shipped VOC table (attn2mask Table 5)")
+
+
+class FactoryConfig(Strict):
+    """Diffusion Synthesis: variants per image."""
+
+    samples_per_image: int = Field(5, ge=1, description="K variants generated per real image (the paper: 5)")
+    drop_empty_masks: bool = Field(True, description="an image where no target class was found gives no variants")
+
+
+class SelectionConfig(Strict):
+    """High-quality image selection: keep thresholds of the two filters (None = filter off)."""
+
+    similarity_threshold: float | None = Field(0.8, ge=-1, le=1, description="ε: keep a variant whose CLIP cosine "
+                                               "similarity to the real image is > ε (the paper: 0.8)")
+    reseg_miou_threshold: float | None = Field(0.5, ge=0, le=1, description="τ: keep a variant whose re-segmentation "
+                                               "mIoU vs its mask is >= τ (not given in the paper; 0.5)")
+    include_background: bool = Field(True, description="count the background class in the re-segmentation mIoU")
+
+
 class GenerateConfig(Strict):
     """One generation run. ``pipeline`` picks the graph, ``preset`` the weights."""
 
-    pipeline: Literal["imgsyn", "masksyn", "seggen"] = Field("seggen", description="graph to run; seggen = imgsyn + masksyn")
+    pipeline: Literal["imgsyn", "masksyn", "seggen", "factory"] = Field(
+        "seggen", description="graph to run; seggen = imgsyn + masksyn; factory = Diffusion Synthesis")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
     palette: Literal["auto", "voc", "ade20k", "ade20k-distinct"] | None = Field(
@@ -143,6 +226,13 @@ class GenerateConfig(Strict):
     masksyn: MaskSynConfig = Field(default_factory=MaskSynConfig, description="MaskSyn settings")
     text2mask: Text2MaskStage = Field(default_factory=Text2MaskStage, description="Text2Mask stage")
     mask2img: Mask2ImgStage = Field(default_factory=Mask2ImgStage, description="Mask2Img stage")
+    captioner: CaptionerStage = Field(default_factory=CaptionerStage, description="captioner stage (factory)")
+    grounding: GroundingStage = Field(default_factory=GroundingStage, description="Grounding DINO stage (factory)")
+    sam: SamStage = Field(default_factory=SamStage, description="SAM stage (factory)")
+    clip: ClipStage = Field(default_factory=ClipStage, description="CLIP embedding stage (factory)")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompt generator (factory)")
+    factory: FactoryConfig = Field(default_factory=FactoryConfig, description="factory settings")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="image selection (factory)")
     cpu: CpuStage = Field(default_factory=CpuStage, description="CPU tasks between pools")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="checks on generated rows")
     toy: ToyConfig = Field(default_factory=ToyConfig, description="toy preset settings")
@@ -157,8 +247,13 @@ class GenerateConfig(Strict):
         data.pop("ray")
         data.pop("faults")
         data["source"].pop("path")
-        for stage in ("text2mask", "mask2img"):
-            data[stage].pop("resources")
+        factory_only = ("captioner", "grounding", "sam", "clip", "prompts", "factory", "selection")
+        if self.pipeline != "factory":  # other graphs ignore them: keep their hashes as they were
+            for key in factory_only:
+                data.pop(key)
+        for stage in ("text2mask", "mask2img", "captioner", "grounding", "sam", "clip"):
+            if stage in data:
+                data[stage].pop("resources")
         data["cpu"] = None
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

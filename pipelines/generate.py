@@ -47,7 +47,8 @@ def index_rows(cfg: GenerateConfig):
     """The source's rows in a stable order, each tagged with its shard."""
     from pipelines.sources import index_source
 
-    index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes)
+    index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
+                         require_masks=cfg.pipeline != "factory")  # the factory draws masks with SAM
     rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
     if cfg.source.limit:
         rows = rows[: cfg.source.limit]
@@ -85,6 +86,9 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     stage_seconds: dict[str, float] = {}
     if todo:
         init_ray(cfg.ray)
+        from cluster.prefetch import prefetch_models  # real presets: weights once per node
+
+        prefetch_models(cfg)
         plan = stage_plan(cfg, ctx, cfg.source.format)
         ds = build_dataset(todo, plan)
         per_shard: dict[int, int] = {}

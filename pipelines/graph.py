@@ -90,6 +90,10 @@ def _model_kwargs(spec, prefix: str = "") -> dict[str, Any]:
 
 def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage]:
     """Every stage of the graph with its map_batches arguments, in order."""
+    if cfg.pipeline == "factory":  # Diffusion Synthesis: its own stage list
+        from pipelines.factory import factory_plan
+
+        return factory_plan(cfg, ctx, source_format)
     copies = {"imgsyn": cfg.imgsyn.samples_per_source if cfg.pipeline in ("imgsyn", "seggen") else 0,
               "masksyn": cfg.masksyn.samples_per_caption if cfg.pipeline in ("masksyn", "seggen") else 0}
     cpu = {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}

@@ -240,6 +240,7 @@ def finalize(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int,
         images[i] = encode_image(image, image_format, jpeg_quality)
         masks[i] = encode_mask(S.raw_to_array(batch[S.MASK_RAW][i], h, w, mask_dtype))
     out = {col: batch[col] for col in S.DATASET_SCHEMA.names if col in batch}
+    out.update({col: batch[col] for col in batch if col.startswith(S.SCORE_PREFIX)})  # filter scores
     out[S.IMAGE] = _objects(images)
     out[S.MASK] = _objects(masks)
     out[S.DROP_REASON] = _objects(reasons)

@@ -72,15 +72,28 @@ class ShardWriter:
         kept = [r for r in rows if not r[S.DROP_REASON]]
         rejected = [r for r in rows if r[S.DROP_REASON]]
         name = shard_name(self.hash, shard)
+        scores = score_fields(rows)  # score_* columns of the filters that ran (factory graph)
         # Rejected first: the kept shard's presence is the completion marker.
         if rejected:
-            _atomic_write(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), self.out / "rejected" / name)
+            _atomic_write(pa.Table.from_pylist(rejected, schema=pa.schema([*REJECTED_SCHEMA, *scores])),
+                          self.out / "rejected" / name)
         # Run statistics that are not per-row columns travel in the shard file's metadata, so
         # the manifest can be rebuilt from the files on disk alone.
         stats = {STAT_PROMPTS_TRUNCATED: str(sum(int(r.get(S.PROMPT_TRUNCATED) or 0) for r in rows))}
-        table = pa.Table.from_pylist(kept, schema=S.DATASET_SCHEMA.with_metadata(stats))
+        table = pa.Table.from_pylist(kept, schema=pa.schema([*S.DATASET_SCHEMA, *scores]).with_metadata(stats))
         _atomic_write(table, self.out / "shards" / name)
         self.written.append(shard)
+
+
+def score_fields(rows: list[dict[str, Any]]) -> list[pa.Field]:
+    """A float64 field per ``score_*`` key of ``rows``; NaN (row not scored) becomes null."""
+    names = sorted({k for r in rows for k in r if k.startswith(S.SCORE_PREFIX)})
+    for r in rows:
+        for k in names:
+            v = r.get(k)
+            if isinstance(v, float) and v != v:
+                r[k] = None
+    return [pa.field(k, pa.float64()) for k in names]
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:

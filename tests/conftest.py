@@ -16,7 +16,7 @@ def ray_local():
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = 300
     ctx.enable_progress_bars = False
