@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import ConfigError
+from pipelines.schema import FILTER_REASONS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
@@ -47,8 +48,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _exit_for(result) -> int:
     if result.over_limit:
-        drops = ", ".join(f"{k}={v}" for k, v in result.manifest["drops_per_reason"].items())
-        print(f"error: rejected {result.manifest['rejected_rows']} of "
+        m = result.manifest
+        drops = ", ".join(f"{k}={v}" for k, v in m["drops_per_reason"].items() if k not in FILTER_REASONS)
+        print(f"error: rejected {m['rejected_rows'] - m['filtered_rows']} of "
               f"{result.manifest['rejected_rows'] + result.manifest['rows']} rows "
               f"({result.rejected_fraction:.1%} > validation.max_rejected_fraction="
               f"{result.manifest['config']['validation']['max_rejected_fraction']}): {drops}",

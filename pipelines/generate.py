@@ -103,7 +103,9 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
 
     summary = summarize_output(out)
     total = summary["rows"] + summary["rejected_rows"]
-    fraction = summary["rejected_rows"] / total if total else 0.0
+    # quality-filter drops are the filters doing their job; errors and bad input are not
+    errors = summary["rejected_rows"] - summary["filtered_rows"]
+    fraction = errors / total if total else 0.0
     wall = time.time() - started
     manifest = {
         "config_hash": config_hash,

@@ -18,7 +18,8 @@ from pipelines.stages import decode_png
 def print_generate_summary(result) -> None:
     m = result.manifest
     lines = [f"dataset: {result.out}",
-             f"rows kept: {m['rows']}  rejected: {m['rejected_rows']} ({result.rejected_fraction:.1%})"]
+             f"rows kept: {m['rows']}  rejected: {m['rejected_rows']} (filtered by quality: "
+             f"{m['filtered_rows']}; errors and bad input: {result.rejected_fraction:.1%})"]
     lines += [f"  {method:<10} {n}" for method, n in m["rows_per_method"].items()]
     if m["drops_per_reason"]:
         lines.append("drops per reason:")

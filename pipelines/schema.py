@@ -52,6 +52,12 @@ SCORE_CLIP_SIMILARITY = SCORE_PREFIX + "clip_similarity"
 SCORE_RESEG_MIOU = SCORE_PREFIX + "reseg_miou"
 PROMPT_TRUNCATED = "prompt_truncated"  # bool: the model cut the prompt to its tokenizer's limit
 
+# Drop reasons of quality filters: expected losses, counted apart from errors and bad input
+# (they do not count towards validation.max_rejected_fraction).
+LOW_SIMILARITY = "low_similarity"
+LOW_RESEG_MIOU = "low_reseg_miou"
+FILTER_REASONS = frozenset({LOW_SIMILARITY, LOW_RESEG_MIOU})
+
 METHODS = ("imgsyn", "masksyn", "factory", "aligndiff", "attn2mask")
 
 DATASET_SCHEMA = pa.schema(

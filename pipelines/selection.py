@@ -24,8 +24,8 @@ import numpy as np
 
 from pipelines import schema as S
 
-LOW_SIMILARITY = "low_similarity"
-LOW_RESEG_MIOU = "low_reseg_miou"
+LOW_SIMILARITY = S.LOW_SIMILARITY
+LOW_RESEG_MIOU = S.LOW_RESEG_MIOU
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -142,9 +142,11 @@ def summarize_output(out: Path) -> dict[str, Any]:
         rejected_files.append({"file": f"rejected/{f.name}", "rows": len(reasons)})
     kept = sum(per_method.values())
     rejected = sum(drops.values())
+    filtered = sum(n for code, n in drops.items() if code in S.FILTER_REASONS)
     return {
         "rows": kept,
         "rejected_rows": rejected,
+        "filtered_rows": filtered,
         "rows_per_method": dict(sorted(per_method.items())),
         "prompts_truncated": truncated,
         "drops_per_reason": dict(sorted(drops.items())),
