@@ -1,0 +1,42 @@
+"""What we load is safe: pinned revisions, safetensors, no remote code, no unpickling."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "pipelines" / "configs").glob("*.yaml")) + sorted((ROOT / "training" / "configs").glob("*.yaml"))
+CODE = [p for d in ("pipelines", "actors", "training", "cluster") for p in (ROOT / d).rglob("*.py")]
+
+
+def model_specs(node, path=""):
+    """Every mapping with an ``id`` key (a model spec) in a config tree."""
+    if isinstance(node, dict):
+        if "id" in node and isinstance(node["id"], str):
+            yield path, node
+        for key, value in node.items():
+            yield from model_specs(value, f"{path}.{key}" if path else key)
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
+def test_every_hub_model_in_a_shipped_config_is_pinned(config):
+    for where, spec in model_specs(yaml.safe_load(config.read_text())):
+        if spec["id"] and not spec.get("local_path"):
+            assert re.fullmatch(r"[0-9a-f]{40}", str(spec.get("revision", ""))), \
+                f"{config.name}: {where}.revision must be a commit hash, got {spec.get('revision')!r}"
+
+
+def test_no_remote_code_no_pickles_safetensors_only():
+    for path in CODE:
+        text = path.read_text()
+        assert "trust_remote_code=True" not in text, path
+        for call in re.findall(r"torch\.load\(.*", text):  # the call's line
+            assert "weights_only=True" in call, f"{path}: {call}"
+        for call in re.findall(r"\.from_pretrained\([^)]*\)", text, flags=re.S):
+            if "use_safetensors" not in call and "**" not in call:
+                pytest.fail(f"{path}: from_pretrained without use_safetensors: {call[:120]}")
+        assert "pickle.load" not in text, path
