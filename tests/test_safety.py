@@ -13,6 +13,19 @@ SHIPPED = sorted((ROOT / "pipelines" / "configs").glob("*.yaml")) + sorted((ROOT
 CODE = [p for d in ("pipelines", "actors", "training", "cluster") for p in (ROOT / d).rglob("*.py")]
 
 
+def calls(text: str, opening: str):
+    """The full text of each call starting with ``opening`` (balanced parentheses)."""
+    start = text.find(opening)
+    while start != -1:
+        depth, i = 0, start + len(opening) - 1
+        for i in range(i, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+        yield text[start:i + 1]
+        start = text.find(opening, i)
+
+
 def model_specs(node, path=""):
     """Every mapping with an ``id`` key (a model spec) in a config tree."""
     if isinstance(node, dict):
@@ -36,7 +49,7 @@ def test_no_remote_code_no_pickles_safetensors_only():
         assert "trust_remote_code=True" not in text, path
         for call in re.findall(r"torch\.load\(.*", text):  # the call's line
             assert "weights_only=True" in call, f"{path}: {call}"
-        for call in re.findall(r"\.from_pretrained\([^)]*\)", text, flags=re.S):
+        for call in calls(text, ".from_pretrained("):
             if "use_safetensors" not in call and "**" not in call:
                 pytest.fail(f"{path}: from_pretrained without use_safetensors: {call[:120]}")
         assert "pickle.load" not in text, path
