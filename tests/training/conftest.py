@@ -1,0 +1,90 @@
+"""Fixtures for the training tests: one shared local Ray, tiny real and synthetic toy data,
+and the overrides that make a training run take seconds."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import schema as S
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY_CONFIG = ROOT / "training" / "configs" / "toy.yaml"
+
+
+@pytest.fixture(scope="session")
+def train_ray():
+    """One 2-CPU local Ray for every training test (reused when another fixture made it)."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        # address="local": never attach to another Ray instance running on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = 240
+    ctx.enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture(scope="session")
+def small_real(tmp_path_factory) -> Path:
+    """A small toy VOC source: 48 train / 24 val images of 64x64."""
+    from pipelines.toy_data import make_toy_dataset
+
+    return make_toy_dataset(tmp_path_factory.mktemp("real") / "toy", n_train=48, n_val=24, size=64, seed=1)
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_synthetic(out: Path, n: int = 96, size: int = 64, gap: float = 0.3, shards: int = 3) -> Path:
+    """A synthetic dataset directory in the contract's layout (toy renders with a domain gap)."""
+    from actors.colormap import voc_palette
+    from actors.toy_domain import CLASSES, render_image, sample_layout
+
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rng = np.random.default_rng((7, i))
+        mask = sample_layout(rng, [], size, size)
+        if i % 5 == 0:
+            mask[:4, :] = S.IGNORE_INDEX  # some ignore pixels ride along
+        rows.append({S.SAMPLE_ID: f"syn_{i:04d}/masksyn/0", S.SOURCE_ID: f"syn_{i:04d}", S.METHOD: "masksyn",
+                     S.CAPTION: "", S.PROMPT: "", S.IMAGE: _png(render_image(np.where(mask == 255, 0, mask).astype(np.uint8), rng, gap)),
+                     S.MASK: _png(mask), S.HEIGHT: size, S.WIDTH: size, S.SEED: i, S.GENERATOR: "toy", S.DROP_REASON: ""})
+    for k in range(shards):
+        part = rows[k::shards]
+        pq.write_table(pa.Table.from_pylist(part, schema=S.DATASET_SCHEMA), out / "shards" / f"part-test-{k:05d}.parquet")
+    manifest = {"classes": list(CLASSES), "palette": voc_palette(len(CLASSES)).tolist(),
+                "ignore_index": S.IGNORE_INDEX, "rows": n}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "out")
+
+
+def _quick(real: Path, run: Path, *extra: str) -> list[str]:
+    """Overrides of the toy config for a run of a few seconds on 64x64 images."""
+    return [f"real.path={real}", "real.format=voc", f"output.path={run}", "iterations=12", "batch_size=4",
+            "eval_interval=6", "log_interval=3", "eval_batch_size=12", "aug.crop_size=48", "aug.eval_size=64",
+            "data.transform_batch_size=8", "data.shuffle_buffer=8", "ray.no_progress_timeout_s=240", *extra]
+
+
+@pytest.fixture(scope="session")
+def quick():
+    """``quick(real, run, *extra)``: toy-config overrides for a run of a few seconds."""
+    return _quick

@@ -1,0 +1,148 @@
+"""Training runs on the shared 2-CPU local Ray: run directory, restart and resume, live
+generation, pretrain→finetune, evaluation, and 2-worker DDP (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_config
+from training.config import TrainConfig
+from training.recipe import run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY = ROOT / "training" / "configs" / "toy.yaml"
+
+
+def cfg_of(overrides: list[str]) -> TrainConfig:
+    return load_config(TrainConfig, TOY, overrides)
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def val_pixels(real: Path) -> int:
+    from pipelines.sources import index_source
+
+    idx = index_source(real, "voc", split="val")
+    return int(sum((idx.load(r)[1] != 255).sum() for r in idx.rows))
+
+
+@pytest.fixture(scope="module")
+def mix_run(train_ray, small_real, small_synthetic, quick, tmp_path_factory):
+    """A 2-worker (DDP over gloo) mix run."""
+    run = tmp_path_factory.mktemp("mix") / "run"
+    final = run_train(cfg_of(quick(small_real, run, "strategy=mix", "p_aug=0.6", f"synthetic.paths=[{small_synthetic}]",
+                                   "workers.num_workers=2")))
+    return run, final
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420, method="thread")
+def test_two_worker_mix_run_directory(mix_run, small_real):
+    run, final = mix_run
+    assert (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text())["strategy"] == "mix"
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_0000006", "checkpoint_0000012"]
+    for name in ("model/model.safetensors", "model/config.json", "train_state.pt", "segfactory.json"):
+        assert (run / "checkpoint_0000012" / name).is_file()
+    assert json.loads((run / "final.json").read_text()) == json.loads(json.dumps(final))
+    assert final["restarts"] == 0 and final["final_step"] == 12
+    r = rows(run)
+    assert [int(x["step"]) for x in r] == [3, 6, 9, 12]
+    assert list(r[0]) == ["step", "phase", "loss", "lr", "data_wait_fraction", "step_time_s", "steps_per_s",
+                          "synthetic_fraction", "eval_miou", "eval_pixel_acc", "elapsed_s"]
+    assert [bool(x["eval_miou"]) for x in r] == [False, True, False, True]
+    for x in r:
+        assert 0 <= float(x["data_wait_fraction"]) <= 1 and float(x["step_time_s"]) > 0 and float(x["loss"]) > 0
+    # the mix sampler's realized share over the run (2 x 48 slots: loose bound; the unit test is tight)
+    assert 0.35 <= final["synthetic_fraction"] <= 0.85
+    assert 0 <= final["miou"] <= 1 and set(final["per_class_iou"]) == set(final["classes"])
+    conf = np.array(final["confusion"])
+    assert conf.shape == (6, 6) and conf.sum() == val_pixels(small_real)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420, method="thread")
+def test_one_worker_evaluate_matches_the_two_worker_eval(mix_run, small_real, tmp_path):
+    """The final eval during training ran on 2 workers (each scored part of val, confusion
+    matrices all-reduced); a 1-worker evaluate of the same checkpoint gives the same numbers."""
+    from training.evaluate import run_evaluate
+
+    run, final = mix_run
+    out = tmp_path / "eval.json"
+    result = run_evaluate(run, small_real, "voc", "val", num_workers=1, out=out)
+    assert result["checkpoint"] == final["checkpoint"] and result["step"] == 12
+    assert result["confusion"] == final["confusion"]
+    assert result["miou"] == pytest.approx(final["miou"], abs=1e-9)
+    saved = json.loads(out.read_text())
+    assert saved["miou"] == result["miou"] and saved["samples"] == 24 and "per_class_iou" in saved
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_restart_after_worker_failure_then_resume(train_ray, small_real, quick, tmp_path):
+    """Rank 0 dies at step 5: FailureConfig (max_failures=1) restarts the workers from the
+    step-3 checkpoint. It dies again at step 8: out of retries, the run fails. ``resume=true``
+    continues from the step-6 checkpoint to the same final step, metrics continuing."""
+    run = tmp_path / "run"
+    args = quick(small_real, run, "strategy=real_only", "checkpoint_interval=3", "debug.fail_at_steps=[5, 8]",
+                 "max_failures=1")
+    with pytest.raises(Exception, match="simulated worker failure at step 8"):
+        run_train(cfg_of(args))
+    first = rows(run)
+    assert [int(x["step"]) for x in first] == [3, 6]  # steps 4-5 ran twice; no row is duplicated
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        run_train(cfg_of(args))
+    final = run_train(cfg_of([*args, "resume=true"]))
+    assert final["final_step"] == 12 and final["restarts"] == 2
+    r = rows(run)
+    assert [int(x["step"]) for x in r] == [3, 6, 9, 12]
+    assert r[:2] == first  # the rows before the checkpoint are kept, not rewritten
+    # the schedule continued from step 6: lr at step 9 is the poly value there (not a restart)
+    cfg = cfg_of(args)
+    from training.loop import poly_lambda
+
+    assert float(r[2]["lr"]) == pytest.approx(cfg.optim.lr * poly_lambda(cfg, 12)(8), rel=1e-4)
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_live_generation_source_finishes_on_two_cpus(train_ray, small_real, quick, tmp_path):
+    live = ["toy.resolution=64", "imgsyn.samples_per_source=1", "masksyn.samples_per_caption=1",
+            "cpu.batch_size=8", "text2mask.resources.batch_size=8", "mask2img.resources.batch_size=8"]
+    final = run_train(cfg_of(quick(small_real, tmp_path / "run", "strategy=mix", "p_aug=0.5", "iterations=8",
+                                   "eval_interval=8", "synthetic.live.config=pipelines/configs/seggen-toy.yaml",
+                                   f"synthetic.live.overrides={json.dumps(live)}")))
+    assert final["final_step"] == 8
+    assert 0.2 <= final["synthetic_fraction"] <= 0.8  # generated samples did reach the trainer
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_pretrain_then_finetune(train_ray, small_real, small_synthetic, quick, tmp_path):
+    run = tmp_path / "run"
+    final = run_train(cfg_of(quick(small_real, run, "strategy=pretrain_finetune", f"synthetic.paths=[{small_synthetic}]",
+                                   "iterations=6", "pretrain.iterations=6", "eval_interval=6")))
+    assert final["strategy"] == "pretrain_finetune" and final["final_step"] == 12 and final["iterations"] == 12
+    assert final["pretrain"]["synthetic_fraction"] == 1.0 and final["finetune"]["synthetic_fraction"] == 0.0
+    r = rows(run)
+    assert [(int(x["step"]), x["phase"], bool(x["eval_miou"])) for x in r] == [
+        (3, "pretrain", False), (6, "pretrain", True), (9, "finetune", False), (12, "finetune", True)]
+    # fine-tuning starts a fresh optimizer and poly schedule: same lr 3 steps into each phase
+    assert float(r[2]["lr"]) == pytest.approx(float(r[0]["lr"]), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420, method="thread")
+def test_toy_real_only_reaches_half_miou(train_ray, tmp_path):
+    """The acceptance bar: the toy config, real only, a few hundred steps on CPU: mIoU >= 0.5."""
+    from pipelines.toy_data import make_toy_dataset
+
+    real = make_toy_dataset(tmp_path / "toy")
+    final = run_train(cfg_of([f"real.path={real}", "strategy=real_only", f"output.path={tmp_path / 'run'}"]))
+    assert final["final_step"] == 400
+    assert final["miou"] >= 0.5, final["per_class_iou"]

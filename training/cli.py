@@ -1,0 +1,65 @@
+"""``segfactory train`` and ``segfactory evaluate``, registered on the main CLI's subparsers.
+
+Handlers return the exit code; a bad config raises :class:`pipelines.config.ConfigError`
+(exit 2 in the main CLI). Heavy imports happen inside the handlers so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXIT_OK = 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from training.config import TrainConfig
+    from training.metrics import format_table
+    from training.recipe import run_train
+
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    cfg = load_config(TrainConfig, args.config, overrides)
+    final = run_train(cfg)
+    print(f"run directory: {Path(cfg.output.path).resolve()}")
+    if final.get("pretrain"):
+        evals = final["pretrain"]["evals"]
+        print(f"pre-training (synthetic only): {final['pretrain']['last_step']} steps"
+              + (f", val mIoU {evals[-1]['miou']:.4f}" if evals else ""))
+    print(f"{final['strategy']}: {final['final_step']} steps, {final.get('steps_per_s') or 0:.2f} steps/s, "
+          f"data-wait {final.get('data_wait_fraction') or 0:.1%}, synthetic share {final.get('synthetic_fraction') or 0:.2f}")
+    print(format_table({"per_class_iou": final["per_class_iou"], "miou": final["miou"], "pixel_acc": final["pixel_acc"]}))
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import run_evaluate
+    from training.metrics import format_table
+
+    result = run_evaluate(args.checkpoint, args.data, format=args.format, split=args.split,
+                          num_workers=args.workers, batch_size=args.batch_size, out=args.out)
+    print(f"checkpoint {result['checkpoint']} (step {result['step']}) on {result['data']} [{result['split']}], "
+          f"{result['samples']} samples, {result['num_workers']} worker(s)")
+    print(format_table(result))
+    print(f"written to {result['json']}")
+    return EXIT_OK
+
+
+def add_training_commands(subparsers) -> None:
+    """Register ``train`` and ``evaluate`` on the main parser's subparsers."""
+    p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
+    p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/toy.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
+    p.add_argument("overrides", nargs="*",
+                   help="key.sub=value overrides, e.g. real.path=DIR synthetic.paths=[OUT] strategy=mix p_aug=0.6 output.path=RUN")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("evaluate", help="mIoU / per-class IoU / pixel accuracy of a checkpoint on a real split")
+    p.add_argument("--checkpoint", required=True, help="run directory (its final checkpoint) or a checkpoint directory")
+    p.add_argument("--data", required=True, help="real dataset directory")
+    p.add_argument("--format", default="voc", choices=["voc", "ade20k", "folder", "parquet"], help="source layout (default voc)")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (confusion matrices are all-reduced)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per worker per batch")
+    p.add_argument("--out", default=None, help="JSON path (default CHECKPOINT/eval-SPLIT.json)")
+    p.set_defaults(func=_cmd_evaluate)

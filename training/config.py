@@ -1,0 +1,166 @@
+"""Typed configuration of a segmentation training run (``segfactory train``).
+
+Loaded with :func:`pipelines.config.load_config`: YAML + dotted ``key=value`` overrides,
+unknown keys are an error, every field has a description.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.config import RayConfig, Strict
+
+STRATEGIES = ("mix", "pretrain_finetune", "synthetic_only", "real_only")
+
+
+class RealData(Strict):
+    """The human-annotated dataset: its train split for training, its val split for eval."""
+
+    path: str = Field("", description="source dataset directory (any format pipelines.sources reads)")
+    format: Literal["voc", "ade20k", "folder", "parquet"] = Field("voc", description="source layout")
+    split: str = Field("train", description="split used for training")
+    val_split: str = Field("val", description="split used for periodic and final evaluation")
+    classes: list[str] | None = Field(None, description="class names (index = id) when the source has none")
+    limit: int | None = Field(None, ge=1, description="use only the first N training rows (quick runs)")
+
+
+class LiveSource(Strict):
+    """A generation graph streamed straight into training (samples made while the model trains)."""
+
+    config: str = Field("", description="generation YAML, e.g. pipelines/configs/seggen-toy.yaml")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides of that config (applied last)")
+    actor_cpus: float = Field(0.25, gt=0, description="CPUs per generation model actor while sharing the machine with training")
+    task_cpus: float = Field(0.25, gt=0, description="CPUs per generation CPU task while sharing the machine with training")
+
+
+class SyntheticData(Strict):
+    """Synthetic datasets (our Parquet directories) and/or a live generation graph."""
+
+    paths: list[str] = Field(default_factory=list, description="synthetic dataset directories (OUT/ with shards/)")
+    live: LiveSource | None = Field(None, description="generate synthetic samples on the fly instead of reading paths")
+    volume: int | None = Field(None, ge=1, description="use only this many samples: a nested subset by a stable hash of sample_id (scaling sweeps)")
+
+
+class TinyModel(Strict):
+    """Sizes of the randomly initialised tiny model (preset=tiny)."""
+
+    hidden_sizes: list[int] = Field([16, 32, 64, 128], description="SegFormer stage widths / Swin embed dim = first")
+    depths: list[int] = Field([1, 1, 1, 1], description="blocks per encoder stage")
+    decoder_hidden_size: int = Field(64, ge=8, description="SegFormer decode-head width / Mask2Former hidden dim")
+    num_queries: int = Field(12, ge=1, description="Mask2Former object queries")
+
+
+class ModelConfig(Strict):
+    arch: Literal["segformer", "mask2former"] = Field("segformer", description="segmentation architecture (transformers)")
+    preset: Literal["tiny", "pretrained"] = Field("tiny", description="tiny = random weights from a config built in code; pretrained = from_pretrained(id, revision)")
+    id: str = Field("nvidia/mit-b0", description="hub model id for preset=pretrained, e.g. nvidia/mit-b0 or facebook/mask2former-swin-tiny-ade-semantic")
+    revision: str = Field("main", description="pinned revision (commit hash) of `id`")
+    local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
+    tiny: TinyModel = Field(default_factory=TinyModel, description="tiny preset sizes")
+    init_from: str | None = Field(None, description="checkpoint (or run) directory whose weights initialise the model")
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(6e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="weight decay")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    poly_power: float = Field(1.0, ge=0, description="poly schedule: lr = peak * (1 - step/iterations) ** power")
+    min_lr: float = Field(0.0, ge=0, description="floor of the poly schedule")
+    warmup_iters: int = Field(0, ge=0, description="linear warm-up steps before the poly decay")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this")
+
+
+class AugConfig(Strict):
+    crop_size: int = Field(512, ge=8, description="square training crop side (pads with ignore when smaller)")
+    scale_min: float = Field(0.5, gt=0, description="smallest random rescale factor")
+    scale_max: float = Field(2.0, gt=0, description="largest random rescale factor")
+    base_size: int | None = Field(None, ge=8, description="rescale the short side to this before the random factor; None = the image's own size")
+    flip: bool = Field(True, description="random horizontal flip")
+    eval_size: int = Field(512, ge=8, description="eval: longest side resized to this, padded square with ignore")
+    mean: list[float] = Field([0.485, 0.456, 0.406], description="normalisation mean (RGB, 0..1)")
+    std: list[float] = Field([0.229, 0.224, 0.225], description="normalisation std (RGB, 0..1)")
+
+    @model_validator(mode="after")
+    def _order(self) -> AugConfig:
+        if self.scale_max < self.scale_min:
+            raise ValueError(f"scale_max ({self.scale_max}) < scale_min ({self.scale_min})")
+        return self
+
+
+class DataConfig(Strict):
+    """Ray Data side of ingest: the CPU transform tasks and how far ahead they run."""
+
+    transform_batch_size: int = Field(16, ge=1, description="rows per decode/augment map_batches task")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per decode/augment task")
+    prefetch_batches: int = Field(2, ge=0, description="batches iter_torch_batches prefetches per stream")
+    shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer (rows) of the training streams; 0 = off")
+    margin: float = Field(1.3, ge=1.0, description="streams are sized to needed rows * margin (a worker may take more than its share)")
+
+
+class WorkersConfig(Strict):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL); false = CPU (gloo)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; leave room for Ray Data on small machines")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; None = Ray's default")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+
+
+class PretrainConfig(Strict):
+    """First stage of strategy=pretrain_finetune (synthetic only)."""
+
+    iterations: int | None = Field(None, ge=1, description="pre-training steps; None = same as `iterations`")
+    lr: float | None = Field(None, gt=0, description="pre-training peak lr; None = optim.lr")
+
+
+class OutputConfig(Strict):
+    path: str = Field("", description="run directory: config, metrics.csv, checkpoints, final.json")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (latest ones)")
+
+
+class DebugConfig(Strict):
+    fail_at_steps: list[int] = Field(default_factory=list, description="rank 0 raises once at each of these steps (tests restart/resume)")
+
+
+class TrainConfig(Strict):
+    """One training run. ``strategy`` says how synthetic data is used."""
+
+    strategy: Literal["mix", "pretrain_finetune", "synthetic_only", "real_only"] = Field("mix", description="mix | pretrain_finetune | synthetic_only | real_only")
+    p_aug: float = Field(0.6, ge=0, le=1, description="mix: probability a real sample is replaced by a synthetic one (SegGen 0.6; Diffusion Synthesis alpha 0.4)")
+    seed: int = Field(0, description="seed of model init, mixing draws and augmentation")
+    iterations: int = Field(160000, ge=1, description="optimizer steps (iteration budget)")
+    batch_size: int = Field(8, ge=1, description="samples per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    eval_interval: int = Field(16000, ge=1, description="evaluate (and checkpoint) every N steps, and at the end")
+    checkpoint_interval: int | None = Field(None, ge=1, description="checkpoint every N steps; None = at each eval")
+    log_interval: int = Field(50, ge=1, description="report loss/lr/timings every N steps")
+    eval_batch_size: int = Field(8, ge=1, description="eval samples per worker per batch")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output.path")
+    real: RealData = Field(default_factory=RealData, description="the real dataset")
+    synthetic: SyntheticData = Field(default_factory=SyntheticData, description="synthetic data")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="model")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+    aug: AugConfig = Field(default_factory=AugConfig, description="augmentation (runs in Ray Data)")
+    data: DataConfig = Field(default_factory=DataConfig, description="Ray Data ingest")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train workers")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="pretrain_finetune's first stage")
+    max_failures: int = Field(1, ge=-1, description="FailureConfig: restarts from the last checkpoint after a worker error (-1 = always)")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="run directory")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="testing hooks")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime settings")
+
+    @property
+    def p_synthetic(self) -> float:
+        """Probability that a training slot holds a synthetic sample."""
+        return {"mix": self.p_aug, "synthetic_only": 1.0}.get(self.strategy, 0.0)
+
+    def samples_needed(self, p: float) -> int:
+        """Rows a stream with share ``p`` must supply over the whole budget (all workers)."""
+        total = self.iterations * self.grad_accum * self.batch_size * self.workers.num_workers
+        if p <= 0:
+            return 0
+        slack = 4 * self.batch_size * self.workers.num_workers  # prefetch + rounding per worker
+        return int(math.ceil(total * p * self.data.margin)) + slack

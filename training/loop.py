@@ -1,0 +1,288 @@
+"""``train_loop_per_worker``: what each Ray Train worker runs.
+
+DDP via ``ray.train.torch.prepare_model``; bf16 autocast on CUDA; AdamW or SGD with the
+poly schedule (optional linear warm-up); an iteration budget with gradient accumulation;
+periodic evaluation on the real val split (confusion matrix all-reduced); ``ray.train.report``
+every ``log_interval`` steps, with a checkpoint at each eval/checkpoint step. On start it
+restores the latest checkpoint (after a worker failure, or ``resume=true``): model,
+optimizer, scheduler, step and consumed-row counts (data position at epoch granularity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.data import Mixer
+from training.metrics import all_reduce_, confusion, summarize
+from training.models import build_model, load_model, loss, predict, save_model
+from training.transforms import LABELS, PIXELS
+
+log = logging.getLogger("segfactory.train")
+
+MODEL_DIR, STATE_FILE, META_FILE = "model", "train_state.pt", "segfactory.json"
+
+
+def epochs(shard, kwargs: dict[str, Any]):
+    """Endless batches from a per-worker dataset: each pass is a new epoch (new file order,
+    new crops); no other worker takes part, so no epoch barrier can stall DDP. The next
+    epoch starts up in a background thread while this one is consumed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start():
+        it = iter(shard.iter_torch_batches(**kwargs))
+        return it, next(it, None)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="next-epoch") as pool:
+        upcoming = pool.submit(start)
+        while True:
+            it, first = upcoming.result()
+            if first is None:
+                return
+            upcoming = pool.submit(start)
+            yield first
+            yield from it
+
+
+def primed(it):
+    """``it`` with its first batch already being fetched in a background thread, so the
+    start-up of several streams overlaps instead of adding up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prime")
+    first = pool.submit(next, it, None)
+    pool.shutdown(wait=False)
+
+    def gen():
+        batch = first.result()
+        if batch is not None:
+            yield batch
+            yield from it
+
+    return gen()
+
+
+def poly_lambda(cfg: TrainConfig, iterations: int):
+    """lr multiplier at a step: linear warm-up, then (1 - step/iterations) ** power."""
+    o = cfg.optim
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if step < o.warmup_iters:
+            return (step + 1) / o.warmup_iters
+        return max(floor, (1.0 - min(step, iterations) / iterations) ** o.poly_power)
+
+    return f
+
+
+def make_optimizer(cfg: TrainConfig, model, lr: float):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
+
+
+def evaluate_shard(model, arch: str, shard, num_classes: int, device, batch_size: int, bf16: bool) -> np.ndarray:
+    """Confusion matrix of this worker's val shard, summed over all workers."""
+    import torch
+
+    net = getattr(model, "module", model)
+    _sync_buffers(net)
+    was_training = net.training
+    net.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    with torch.no_grad(), _autocast(device, bf16):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+            y = batch[LABELS].long()
+            scores = predict(net, arch, batch[PIXELS], tuple(y.shape[-2:]))
+            conf += confusion(scores.argmax(1), y, num_classes)
+    all_reduce_(conf)
+    net.train(was_training)
+    return conf.cpu().numpy()
+
+
+def _sync_buffers(net) -> None:
+    """Give every worker rank 0's buffers (BatchNorm running stats): DDP broadcasts them at
+    the start of each forward, so other ranks lag one step; eval must use the saved model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in net.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def _autocast(device, bf16: bool):
+    import torch
+
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sum(values: list[float], device) -> list[float]:
+    """Element-wise sum over workers."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    all_reduce_(t)
+    return t.tolist()
+
+
+def _restore(cfg: TrainConfig, meta: dict[str, Any]):
+    """(checkpoint dir or None) to resume from: Ray's latest (failure restart / same run),
+    else the driver's choice for resume=true."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        return ckpt.to_directory()
+    return meta.get("resume_from")
+
+
+def _save(tmp: Path, model, opt, sched, step: int, consumed: dict[str, int], extra: dict[str, Any], meta: dict[str, Any]) -> None:
+    import torch
+
+    save_model(model, tmp / MODEL_DIR)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                "consumed": consumed, **extra}, tmp / STATE_FILE)
+    (tmp / META_FILE).write_text(json.dumps({**meta["checkpoint_meta"], "step": step}, indent=1))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train per ``config["cfg"]`` (a TrainConfig dump). ``config["meta"]`` from the driver
+    has the class list, run directory, stream names, resume checkpoint and the phases: one
+    ``train`` phase, or ``pretrain`` (synthetic only) then ``finetune`` (real only), each
+    ``{"name", "start", "iterations", "p", "lr"}`` with ``p`` the synthetic share."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    meta = config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.workers.torch_threads:
+        torch.set_num_threads(cfg.workers.torch_threads)
+    device = ray.train.torch.get_device()
+    classes, arch = meta["classes"], cfg.model.arch
+    torch.manual_seed(cfg.seed)
+    # streams first: their start-up overlaps model building and checkpoint loading
+    batches = {"batch_size": cfg.batch_size, "prefetch_batches": cfg.data.prefetch_batches,
+               "local_shuffle_buffer_size": cfg.data.shuffle_buffer or None, "device": device}
+    streams = {}
+    for name in meta["streams"]:
+        if name == "synthetic_per_worker":
+            streams["synthetic"] = primed(epochs(ray.train.get_dataset_shard(f"synthetic_{rank}"), batches))
+        else:
+            streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches)))
+
+    resume = _restore(cfg, meta)
+    if resume:
+        model = load_model(arch, Path(resume) / MODEL_DIR)
+    elif cfg.model.init_from:
+        model = load_model(arch, Path(cfg.model.init_from) / MODEL_DIR)
+    else:
+        model = build_model(cfg.model, classes)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": arch == "mask2former"})
+    step, consumed, extra, state = 0, {"real": 0, "synthetic": 0}, {"best_miou": 0.0, "elapsed_s": 0.0}, None
+    if resume:
+        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)
+        step, consumed = state["step"], dict(state["consumed"])
+        extra = {k: state.get(k, v) for k, v in extra.items()}
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume, step)
+
+    mixer = Mixer(streams, 0.0, cfg.batch_size, seed=(cfg.seed, rank, step))
+    val = ray.train.get_dataset_shard("val")
+    ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+    total = sum(ph["iterations"] for ph in meta["phases"])
+    started = time.perf_counter() - extra["elapsed_s"]
+    model.train()
+    for ph in meta["phases"]:
+        first, end = ph["start"], ph["start"] + ph["iterations"]
+        if step >= end:
+            continue
+        # each phase has its own optimizer and poly schedule (pretrain_finetune: a fresh one to fine-tune)
+        opt = make_optimizer(cfg, model, ph["lr"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg, ph["iterations"]))
+        if state is not None and first < step:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        mixer.p = {"real": 0.0, "synthetic": 1.0}[next(iter(streams))] if len(streams) == 1 else ph["p"]
+        window = _window(mixer)
+        while step < end:
+            t0 = time.perf_counter()
+            wait, value_sum = 0.0, 0.0
+            for micro in range(cfg.grad_accum):
+                tw = time.perf_counter()
+                batch = next(mixer)
+                wait += time.perf_counter() - tw
+                x, y = batch[PIXELS].to(device, non_blocking=True), batch[LABELS].to(device, non_blocking=True).long()
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, cfg.workers.bf16):
+                    value = loss(model, arch, x, y, len(classes)) / cfg.grad_accum
+                value.backward()
+                value_sum += float(value.detach())
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            step += 1
+            for k, v in (("loss", value_sum), ("n", 1), ("wait", wait), ("busy", time.perf_counter() - t0)):
+                window[k] += v
+            if step in cfg.debug.fail_at_steps and rank == 0:
+                marker = Path(meta["run_dir"]) / f".failed_at_{step}"
+                if not marker.exists():
+                    marker.touch()
+                    raise RuntimeError(f"debug.fail_at_steps: simulated worker failure at step {step}")
+
+            do_eval = step % cfg.eval_interval == 0 or step == end
+            do_ckpt = do_eval or step % ckpt_every == 0
+            if not (do_ckpt or step % cfg.log_interval == 0):
+                continue
+            taken = {k: mixer.taken[k] - window["taken0"][k] for k in mixer.taken}
+            sums = _sum([window["loss"], window["n"], window["wait"], window["busy"], taken.get("synthetic", 0),
+                         sum(taken.values()), time.perf_counter() - window["t0"]], device)
+            metrics: dict[str, Any] = {
+                "step": step, "phase": ph["name"], "iterations": total, "loss": sums[0] / max(1, sums[1]), "lr": lr,
+                "data_wait_fraction": sums[2] / max(1e-9, sums[3]), "step_time_s": sums[3] / max(1, sums[1]),
+                "steps_per_s": window["n"] / max(1e-9, sums[6] / world), "synthetic_fraction": sums[4] / max(1, sums[5])}
+            if do_eval:
+                summary = summarize(evaluate_shard(model, arch, val, len(classes), device, cfg.eval_batch_size,
+                                                   cfg.workers.bf16), classes)
+                extra["best_miou"] = max(extra["best_miou"], summary["miou"])
+                metrics.update({"eval_miou": summary["miou"], "eval_pixel_acc": summary["pixel_acc"],
+                                "eval_per_class_iou": summary["per_class_iou"], "best_miou": extra["best_miou"]})
+                if step == total:
+                    metrics["eval_confusion"] = summary["confusion"]
+            extra["elapsed_s"] = metrics["elapsed_s"] = time.perf_counter() - started
+            if do_ckpt:
+                got = _sum([mixer.taken.get("real", 0), mixer.taken.get("synthetic", 0)], device)
+                now = {"real": consumed["real"] + int(got[0]), "synthetic": consumed["synthetic"] + int(got[1])}
+                with tempfile.TemporaryDirectory() as tmp:
+                    ckpt = None
+                    if rank == 0:
+                        _save(Path(tmp), model, opt, sched, step, now, {**extra, "phase": ph["name"]}, meta)
+                        ckpt = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+            else:
+                ray.train.report(metrics)
+            window = _window(mixer)
+
+
+def _window(mixer: Mixer) -> dict[str, Any]:
+    """Accumulators of one reporting window."""
+    return {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "t0": time.perf_counter(), "taken0": dict(mixer.taken)}

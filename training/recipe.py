@@ -1,0 +1,254 @@
+"""The driver side of training: build the TorchTrainer, run it, write the run directory.
+
+Run directory (``output.path``)::
+
+    config.yaml          resolved config
+    metrics.csv          step, loss, lr, data-wait fraction, step time, eval mIoU, ... (live)
+    checkpoint_NNNNNNN/  model/ (safetensors + config), train_state.pt, segfactory.json
+    final.json           final eval (per-class IoU, confusion), throughput, checkpoint path
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import ConfigError
+from training.config import TrainConfig
+from training.data import split_names
+
+log = logging.getLogger("segfactory.train")
+
+CSV_COLUMNS = ["step", "phase", "loss", "lr", "data_wait_fraction", "step_time_s", "steps_per_s",
+               "synthetic_fraction", "eval_miou", "eval_pixel_acc", "elapsed_s"]
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Config combinations a field validator cannot see; raises ConfigError naming the key."""
+    if not cfg.output.path:
+        raise ConfigError("output.path: required (the run directory)")
+    if not cfg.real.path:
+        raise ConfigError("real.path: required (evaluation always uses the real val split)")
+    if cfg.strategy != "real_only" and not (cfg.synthetic.paths or cfg.synthetic.live):
+        raise ConfigError(f"synthetic.paths: strategy={cfg.strategy} needs synthetic.paths or synthetic.live")
+    if cfg.synthetic.live is not None and not cfg.synthetic.live.config:
+        raise ConfigError("synthetic.live.config: required (a generation YAML)")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / "train_state.pt").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint dir, or a run dir (final.json's, else latest)."""
+    path = Path(path)
+    if (path / "segfactory.json").is_file():
+        return path
+    if (path / "final.json").is_file():
+        return Path(json.loads((path / "final.json").read_text())["checkpoint"])
+    found = checkpoints(path)
+    if not found:
+        raise ConfigError(f"--checkpoint: no checkpoint under {path}")
+    return found[-1]
+
+
+# --- metrics.csv ------------------------------------------------------------------------------
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows past ``after_step`` (a resumed run re-does those steps)."""
+    rows = [r for r in _read_rows(path) if int(r["step"]) <= after_step]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Append one row; a step at or before the last row (restart) first drops the later rows."""
+    rows = _read_rows(path)
+    if not rows or int(rows[-1]["step"]) >= metrics["step"]:
+        truncate_metrics(path, metrics["step"] - 1)
+    with path.open("a", newline="") as f:
+        csv.DictWriter(f, CSV_COLUMNS).writerow(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items() if k in CSV_COLUMNS})
+
+
+def _callback(run_dir: Path):
+    from ray.train.v2.api.callback import UserCallback
+
+    class MetricsLog(UserCallback):
+        """Runs on the Train controller: writes metrics.csv and logs progress as it trains."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not log.handlers and not logging.getLogger().handlers:  # the controller's own process
+                handler = logging.StreamHandler()
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                log.addHandler(handler)
+                log.setLevel(logging.INFO)
+            m = metrics[0]
+            if "step" not in m:
+                return
+            append_metrics(run_dir / "metrics.csv", m)
+            msg = (f"[{m['phase']}] step {m['step']}/{m['iterations']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                   f"{m['steps_per_s']:.2f} it/s data-wait {m['data_wait_fraction']:.0%} syn {m['synthetic_fraction']:.2f}")
+            if "eval_miou" in m:
+                msg += f" | val mIoU {m['eval_miou']:.4f} pixAcc {m['eval_pixel_acc']:.4f}"
+            log.info(msg)
+
+    return MetricsLog()
+
+
+# --- trainer ----------------------------------------------------------------------------------
+
+
+def _data_config(split: list[str]):
+    """Split ``split`` datasets with ``equal=False`` (eval sees each val row exactly once; a
+    worker that draws more real rows than another is not held back); the others are given
+    whole to every worker."""
+    from ray.train import DataConfig
+
+    class UnequalSplit(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                if name not in split:
+                    for i in range(world_size):
+                        out[i][name] = ds.iterator()
+                    continue
+                for i, part in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                    out[i][name] = part
+            return out
+
+    # datasets_to_split also tells Train's DatasetManager which shards are a barrier
+    return UnequalSplit(datasets_to_split=list(split))
+
+
+def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: Path, *, num_workers: int,
+                 use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=()):
+    """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks)),
+        datasets=datasets, dataset_config=_data_config(split_names(datasets)))
+
+
+def _summary(run_dir: Path, phase: str | None = None) -> dict[str, Any]:
+    """Throughput, data-wait, synthetic share and eval history from metrics.csv."""
+    rows = [r for r in _read_rows(run_dir / "metrics.csv") if phase is None or r["phase"] == phase]
+    val = lambda k: [float(r[k]) for r in rows if r.get(k) not in (None, "")]  # noqa: E731
+    sps, wait, syn = val("steps_per_s"), val("data_wait_fraction"), val("synthetic_fraction")
+    return {"steps_per_s": sorted(sps)[len(sps) // 2] if sps else None,
+            "data_wait_fraction": sum(wait) / len(wait) if wait else None,
+            "synthetic_fraction": sum(syn) / len(syn) if syn else None,
+            "evals": [{"step": int(r["step"]), "miou": float(r["eval_miou"])} for r in rows if r.get("eval_miou")],
+            "last_step": int(rows[-1]["step"]) if rows else None}
+
+
+def phases(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The run's phases: one ``train`` phase, or synthetic-only ``pretrain`` then real-only
+    ``finetune`` (SegGen's pre-training strategy), each with its own budget, lr and schedule."""
+    if cfg.strategy != "pretrain_finetune":
+        return [{"name": "train", "start": 0, "iterations": cfg.iterations, "p": cfg.p_synthetic, "lr": cfg.optim.lr}]
+    pre = cfg.pretrain.iterations or cfg.iterations
+    return [{"name": "pretrain", "start": 0, "iterations": pre, "p": 1.0, "lr": cfg.pretrain.lr or cfg.optim.lr},
+            {"name": "finetune", "start": pre, "iterations": cfg.iterations, "p": 0.0, "lr": cfg.optim.lr}]
+
+
+def _rows_needed(cfg: TrainConfig, plan: list[dict[str, Any]], step: int) -> dict[str, int]:
+    """Rows each stream must still supply from global ``step`` on."""
+    need = {"real": 0, "synthetic": 0}
+    for ph in plan:
+        left = ph["start"] + ph["iterations"] - max(step, ph["start"])
+        if left > 0:
+            budget = cfg.model_copy(update={"iterations": left})
+            need["real"] += budget.samples_needed(1 - ph["p"])
+            need["synthetic"] += budget.samples_needed(ph["p"])
+    return need
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content."""
+    from pipelines.runtime import init_ray
+    from training.data import build_datasets, index_inputs
+    from training.loop import META_FILE, train_loop_per_worker
+
+    check_inputs(cfg)
+    run_dir = Path(cfg.output.path).expanduser().resolve()
+    started = time.time()
+    plan = phases(cfg)
+    total = sum(ph["iterations"] for ph in plan)
+    existing = checkpoints(run_dir)
+    if existing and not cfg.resume:
+        raise ConfigError(f"output.path: {run_dir} already has checkpoints; pass resume=true (--resume) or a new output.path")
+    if cfg.resume and (run_dir / "final.json").is_file():
+        final = json.loads((run_dir / "final.json").read_text())
+        if final.get("final_step") == total:
+            log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
+            return final
+    init_ray(cfg.ray)
+    src = index_inputs(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    step, consumed, resume_from = 0, {}, None
+    if cfg.resume and existing:
+        import torch
+
+        resume_from = existing[-1]
+        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
+        step, consumed = state["step"], state["consumed"]
+        log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
+    truncate_metrics(run_dir / "metrics.csv", step)
+    datasets = build_datasets(cfg, src, _rows_needed(cfg, plan, step), consumed)
+    meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan,
+            "streams": [k for k in ("real", "synthetic") if k in datasets] + (["synthetic_per_worker"] if "synthetic_0" in datasets else []),
+            "resume_from": str(resume_from) if resume_from else None,
+            "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
+                                "eval_size": cfg.aug.eval_size, "mean": cfg.aug.mean, "std": cfg.aug.std}}
+    w = cfg.workers
+    trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
+                           num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
+                           max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[_callback(run_dir)])
+    log.info("training %s: %s, %d steps x %d samples x %d workers -> %s", cfg.strategy,
+             " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
+             cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)
+    result = trainer.fit()
+    m = result.metrics or {}
+    ckpt = resolve_checkpoint(run_dir)
+    final = {"strategy": cfg.strategy, "final_step": json.loads((ckpt / META_FILE).read_text())["step"],
+             "iterations": total, "miou": m.get("eval_miou"), "pixel_acc": m.get("eval_pixel_acc"),
+             "per_class_iou": m.get("eval_per_class_iou"), "confusion": m.get("eval_confusion"),
+             "best_miou": m.get("best_miou"), "classes": src.classes, "checkpoint": str(ckpt),
+             "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
+             "restarts": len(list(run_dir.glob(".failed_at_*"))), **_summary(run_dir)}
+    if len(plan) > 1:
+        for ph in plan:
+            final[ph["name"]] = _summary(run_dir, ph["name"])
+    (run_dir / "final.json").write_text(json.dumps(final, indent=1))
+    log.info("%s done: step %s, val mIoU %.4f (%s)", cfg.strategy, final["final_step"], final["miou"] or math.nan, run_dir)
+    return final
