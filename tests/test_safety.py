@@ -17,13 +17,14 @@ def calls(text: str, opening: str):
     """The full text of each call starting with ``opening`` (balanced parentheses)."""
     start = text.find(opening)
     while start != -1:
-        depth, i = 0, start + len(opening) - 1
-        for i in range(i, len(text)):
-            depth += {"(": 1, ")": -1}.get(text[i], 0)
+        depth, end = 0, start + len(opening) - 1
+        while end < len(text):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
             if depth == 0:
                 break
-        yield text[start:i + 1]
-        start = text.find(opening, i)
+            end += 1
+        yield text[start:end + 1]
+        start = text.find(opening, end)
 
 
 def model_specs(node, path=""):
