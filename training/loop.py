@@ -23,7 +23,7 @@ import numpy as np
 from training.config import TrainConfig
 from training.data import Mixer
 from training.metrics import all_reduce_, confusion, summarize
-from training.models import build_model, load_model, loss, predict, save_model
+from training.models import build_model, load_model, loss, predict, preload, save_model
 from training.transforms import LABELS, PIXELS
 
 log = logging.getLogger("segfactory.train")
@@ -168,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     cfg = TrainConfig.model_validate(config["cfg"])
+    importing = preload(cfg.model.arch)
     meta = config["meta"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -187,6 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches)))
 
     resume = _restore(cfg, meta)
+    importing.join()
     if resume:
         model = load_model(arch, Path(resume) / MODEL_DIR)
     elif cfg.model.init_from:

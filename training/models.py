@@ -20,10 +20,26 @@ from training.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def _classes(arch: str):
-    from transformers import Mask2FormerForUniversalSegmentation, SegformerForSemanticSegmentation
+_MODULES = {"segformer": ("transformers.models.segformer.modeling_segformer", "SegformerForSemanticSegmentation"),
+            "mask2former": ("transformers.models.mask2former.modeling_mask2former", "Mask2FormerForUniversalSegmentation")}
 
-    return {"segformer": SegformerForSemanticSegmentation, "mask2former": Mask2FormerForUniversalSegmentation}[arch]
+
+def _classes(arch: str):
+    """The transformers class of ``arch`` (imports only that model's module: ~10 s here)."""
+    import importlib
+
+    module, name = _MODULES[arch]
+    return getattr(importlib.import_module(module), name)
+
+
+def preload(arch: str):
+    """Start importing the model's module in a background thread, so the import overlaps
+    other start-up work; join the returned thread before using transformers."""
+    import threading
+
+    thread = threading.Thread(target=_classes, args=(arch,), name="preload-model", daemon=True)
+    thread.start()
+    return thread
 
 
 def _labels(classes: list[str]) -> dict[str, Any]:
