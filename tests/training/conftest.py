@@ -20,18 +20,12 @@ TOY_CONFIG = ROOT / "training" / "configs" / "toy.yaml"
 
 
 @pytest.fixture(scope="session")
-def train_ray():
-    """One 2-CPU local Ray for every training test (reused when another fixture made it)."""
-    import ray
+def train_ray(ray_local):
+    """The session's shared local Ray (tests/conftest.py), with the training tests' stall timeout."""
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        # address="local": never attach to another Ray instance running on this machine
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ctx = DataContext.get_current()
-    ctx.execution_no_progress_timeout_s = 240
-    ctx.enable_progress_bars = False
-    return ray
+    DataContext.get_current().execution_no_progress_timeout_s = 240
+    return ray_local
 
 
 @pytest.fixture(scope="session")
