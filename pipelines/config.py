@@ -97,10 +97,12 @@ class OutputConfig(Strict):
 
 class ImgSynConfig(Strict):
     samples_per_source: int = Field(2, ge=0, description="K images generated per real mask")
+    first_copy: int = Field(0, ge=0, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
 
 
 class MaskSynConfig(Strict):
     samples_per_caption: int = Field(2, ge=0, description="M new masks (each with its image) per caption")
+    first_copy: int = Field(0, ge=0, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
 
 
 class ValidationConfig(Strict):
@@ -255,6 +257,9 @@ class GenerateConfig(Strict):
             if stage in data:
                 data[stage].pop("resources")
         data["cpu"] = None
+        for branch in ("imgsyn", "masksyn"):  # keep the hashes of datasets made before first_copy existed
+            if data[branch]["first_copy"] == 0:
+                data[branch].pop("first_copy")
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -96,6 +96,7 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
         return factory_plan(cfg, ctx, source_format)
     copies = {"imgsyn": cfg.imgsyn.samples_per_source if cfg.pipeline in ("imgsyn", "seggen") else 0,
               "masksyn": cfg.masksyn.samples_per_caption if cfg.pipeline in ("masksyn", "seggen") else 0}
+    first_copy = {"imgsyn": cfg.imgsyn.first_copy, "masksyn": cfg.masksyn.first_copy}
     cpu = {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}
     (t2m_cls, t2m_kwargs), (m2i_cls, m2i_kwargs) = _model_actors(cfg, ctx)
 
@@ -106,7 +107,7 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
 
     plan = [Stage("expand", stages.expand_sources, {
         **cpu, "batch_size": max(1, cfg.cpu.batch_size // max(1, sum(copies.values()))),
-        "fn_kwargs": {"copies": copies, "seed": cfg.seed, "source_format": source_format,
+        "fn_kwargs": {"copies": copies, "first_copy": first_copy, "seed": cfg.seed, "source_format": source_format,
                       "classes": ctx.classes, "background": ctx.background,
                       "mask_dtype": ctx.mask_dtype}})]
     if copies["masksyn"]:

@@ -252,8 +252,10 @@ def finalize(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int,
 
 
 def expand_sources(batch: dict[str, np.ndarray], *, copies: dict[str, int], seed: int, source_format: str,
-                   classes: list[str], background: int | None, mask_dtype: str) -> dict[str, np.ndarray]:
-    """Decode each source row and fan it out to ``copies[method]`` sample rows.
+                   classes: list[str], background: int | None, mask_dtype: str,
+                   first_copy: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Decode each source row and fan it out to ``copies[method]`` sample rows, numbered from
+    ``first_copy[method]`` (an extension of a dataset makes the ids a bigger run would have).
 
     ImgSyn copies carry the source mask; MaskSyn copies carry only the caption (Text2Mask
     draws their mask). A source row that cannot be read becomes one rejected row that
@@ -283,7 +285,9 @@ def expand_sources(batch: dict[str, np.ndarray], *, copies: dict[str, int], seed
             emit(**common, **{S.SAMPLE_ID: f"{sid}/source", S.METHOD: "source", SIBLINGS: 1,
                               S.DROP_REASON: f"{getattr(exc, 'reason', 'bad_source')}: {exc}"[:500]})
             continue
-        plan = [(m, k) for m in ("imgsyn", "masksyn") for k in range(copies.get(m, 0))
+        first = first_copy or {}
+        plan = [(m, k) for m in ("imgsyn", "masksyn")
+                for k in range(first.get(m, 0), first.get(m, 0) + copies.get(m, 0))
                 if not (m == "imgsyn" and mask is None)]
         h, w = mask.shape if mask is not None else (0, 0)
         mask_bytes = mask.astype(mask_dtype).tobytes() if mask is not None else b""
