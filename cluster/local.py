@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from pipelines.runtime import ray_node_env
+
 log = logging.getLogger(__name__)
 
 STATE_ENV = "SEGFACTORY_STATE_DIR"
@@ -202,6 +204,7 @@ def up(num_cpus: float | None = None, num_gpus: float | None = None,
     key, value = JOIN_ENV.split("=")
     env[key] = value  # keeps every listener on loopback
     env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray_node_env(env)
     # Job entrypoints run `python ...`: make that this venv's interpreter on the head.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     log.info("starting a Ray head: %s", " ".join(cmd))
