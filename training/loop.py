@@ -31,27 +31,6 @@ log = logging.getLogger("segfactory.train")
 MODEL_DIR, STATE_FILE, META_FILE = "model", "train_state.pt", "segfactory.json"
 
 
-def epochs(shard, kwargs: dict[str, Any]):
-    """Endless batches from a per-worker dataset: each pass is a new epoch (new file order,
-    new crops); no other worker takes part, so no epoch barrier can stall DDP. The next
-    epoch starts up in a background thread while this one is consumed."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def start():
-        it = iter(shard.iter_torch_batches(**kwargs))
-        return it, next(it, None)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="next-epoch") as pool:
-        upcoming = pool.submit(start)
-        while True:
-            it, first = upcoming.result()
-            if first is None:
-                return
-            upcoming = pool.submit(start)
-            yield first
-            yield from it
-
-
 def primed(it):
     """``it`` with its first batch already being fetched in a background thread, so the
     start-up of several streams overlaps instead of adding up."""
@@ -182,10 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "local_shuffle_buffer_size": cfg.data.shuffle_buffer or None, "device": device}
     streams = {}
     for name in meta["streams"]:
-        if name == "synthetic_per_worker":
-            streams["synthetic"] = primed(epochs(ray.train.get_dataset_shard(f"synthetic_{rank}"), batches))
-        else:
-            streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches)))
+        streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches)))
 
     resume = _restore(cfg, meta)
     importing.join()

@@ -220,13 +220,17 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         import torch
 
         resume_from = existing[-1]
-        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
+            raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
         step, consumed = state["step"], state["consumed"]
         log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
     truncate_metrics(run_dir / "metrics.csv", step)
     datasets = build_datasets(cfg, src, _rows_needed(cfg, plan, step), consumed)
     meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan,
-            "streams": [k for k in ("real", "synthetic") if k in datasets] + (["synthetic_per_worker"] if "synthetic_0" in datasets else []),
+            "streams": [k for k in ("real", "synthetic") if k in datasets],
             "resume_from": str(resume_from) if resume_from else None,
             "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
                                 "eval_size": cfg.aug.eval_size, "mean": cfg.aug.mean, "std": cfg.aug.std}}
@@ -249,6 +253,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if len(plan) > 1:
         for ph in plan:
             final[ph["name"]] = _summary(run_dir, ph["name"])
-    (run_dir / "final.json").write_text(json.dumps(final, indent=1))
+    tmp = run_dir / "final.json.tmp"  # atomic: a sweep treats final.json as "this trial is done"
+    tmp.write_text(json.dumps(final, indent=1))
+    tmp.replace(run_dir / "final.json")
     log.info("%s done: step %s, val mIoU %.4f (%s)", cfg.strategy, final["final_step"], final["miou"] or math.nan, run_dir)
     return final

@@ -1,10 +1,15 @@
 """Nested subsets of a synthetic dataset for scaling experiments.
 
-Samples are ordered by a stable hash of their ``sample_id``; the subset of volume N is the
-N first in that order, i.e. every sample whose key is at most the N-th smallest key. A larger
-volume therefore contains every smaller one, the order does not follow the source order
-(so a small volume is not all from a few sources), and a stream can filter by one integer
-threshold without shipping a list of ids.
+Samples are ordered by a stable key of their ``sample_id``: first the copy index ``k`` at the
+end of a generated id (``<source>/<method>/<k>``), then a hash. The subset of volume N is the
+N first in that order, i.e. every sample whose key is at most the N-th smallest key. So:
+
+- a larger volume contains every smaller one;
+- the order does not follow the source order: a small volume spreads over all sources (one
+  copy of many sources, not every copy of a few);
+- growing the dataset with more copies (``first_copy``) appends to the order, so the subsets
+  a sweep already trained on stay the same;
+- a stream filters by one integer threshold without shipping a list of ids.
 """
 
 from __future__ import annotations
@@ -13,9 +18,17 @@ import hashlib
 
 import numpy as np
 
+_HASH_BITS = 48  # low bits: hash; high 16 bits: copy index (ids without one count as copy 0)
+
+
+def copy_index(sample_id: str) -> int:
+    tail = sample_id.rsplit("/", 1)[-1]
+    return min(int(tail), 2**16 - 1) if "/" in sample_id and tail.isdigit() else 0
+
 
 def subset_key(sample_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"subset:{sample_id}".encode()).digest()[:8], "little")
+    digest = int.from_bytes(hashlib.sha256(f"subset:{sample_id}".encode()).digest()[:8], "little")
+    return (copy_index(sample_id) << _HASH_BITS) | (digest >> (64 - _HASH_BITS))
 
 
 def read_sample_ids(files: list[str]) -> list[str]:
@@ -35,7 +48,17 @@ def volume_threshold(sample_ids: list[str], volume: int) -> int:
     return int(np.partition(keys, volume - 1)[volume - 1])
 
 
-def keep_volume(batch: dict[str, np.ndarray], threshold: int) -> dict[str, np.ndarray]:
-    """map_batches filter: rows whose key is within the subset."""
-    keep = np.array([subset_key(str(s)) <= threshold for s in batch["sample_id"]], dtype=bool)
+def draw_key(seed: int, sample_id: str) -> float:
+    """A uniform number in [0, 1) per (run seed, sample): which samples a short run draws."""
+    return int.from_bytes(hashlib.sha256(f"draw:{seed}:{sample_id}".encode()).digest()[:8], "little") / 2.0**64
+
+
+def keep_rows(batch: dict[str, np.ndarray], threshold: int | None = None, draw_seed: int = 0,
+              draw_fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """map_batches filter: rows within the volume subset (``threshold``, None = all), and of
+    those a uniform ``draw_fraction`` of them (a budget that consumes less than one epoch
+    then sees a random sample of the whole subset, not the first files' rows)."""
+    ids = [str(s) for s in batch["sample_id"]]
+    keep = np.array([(threshold is None or subset_key(s) <= threshold)
+                     and (draw_fraction >= 1 or draw_key(draw_seed, s) < draw_fraction) for s in ids], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
