@@ -7,9 +7,12 @@ Handlers return the exit code; a bad config raises :class:`pipelines.config.Conf
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-EXIT_OK = 0
+from pipelines.config import ConfigError
+
+EXIT_OK, EXIT_ERROR = 0, 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -45,6 +48,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_scaling(args: argparse.Namespace) -> int:
+    from training.scaling_report import format_report, render_report
+
+    if args.report:
+        if args.config or args.overrides:
+            raise ConfigError("--report re-renders a finished sweep: give it alone, without --config or overrides")
+        report = render_report(Path(args.report))
+    elif args.config:
+        from pipelines.config import load_config
+        from training.scaling import ScalingConfig, run_sweep
+
+        report = run_sweep(load_config(ScalingConfig, args.config, args.overrides))
+    else:
+        raise ConfigError("scaling: give --config YAML (run a sweep) or --report DIR (re-render one)")
+    print(format_report(report))
+    print(f"written: {Path(report['out']) / 'results.csv'}, fit.json, scaling.png")
+    if report["failed"]:
+        print(f"error: {len(report['failed'])} trial(s) failed (see trials/*/error.txt); rerun to retry only them",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def add_training_commands(subparsers) -> None:
     """Register ``train`` and ``evaluate`` on the main parser's subparsers."""
     p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
@@ -63,3 +89,9 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per worker per batch")
     p.add_argument("--out", default=None, help="JSON path (default CHECKPOINT/eval-SPLIT.json)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser("scaling", help="sweep mIoU against synthetic volume x p_aug x seed, fit a saturating power law, plot")
+    p.add_argument("--config", default=None, help="sweep YAML, e.g. training/configs/scaling-toy.yaml")
+    p.add_argument("--report", default=None, metavar="DIR", help="re-render results.csv, fit.json and scaling.png of a sweep directory")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. volumes=[0,1000] train.iterations=300 output=DIR")
+    p.set_defaults(func=_cmd_scaling)

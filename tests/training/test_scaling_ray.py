@@ -1,0 +1,91 @@
+"""The scaling sweep on Ray: a SIGKILLed sweep resumes without repeating finished trials, a
+failing trial does not stop the others, and missing synthetic samples are generated on
+demand with the same ids and bytes one bigger generation run would have made."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines import schema as S
+from pipelines.config import GenerateConfig, load_config
+from training.scaling import ScalingConfig, prepare_synthetic, run_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY_SWEEP = ROOT / "training" / "configs" / "scaling-toy.yaml"
+SEGGEN_TOY = ROOT / "pipelines" / "configs" / "seggen-toy.yaml"
+
+
+def sweep_overrides(real: Path, syn: Path, out: Path, quick) -> list[str]:
+    train = [f"train.{o}" for o in quick(real, out / "unused")
+             if not o.startswith(("real.format", "output.path", "ray."))]
+    return [*train, "volumes=[0,40,80]", "p_aug=[0.5]", "seeds=[0]", f"synthetic={syn}", "generate=null",
+            "toy_source=null", f"output={out}", "max_concurrent=1", "ray.no_progress_timeout_s=240"]
+
+
+def test_killed_sweep_resumes_without_repeating_finished_trials_and_isolates_a_failure(
+        train_ray, small_real, small_synthetic, quick, tmp_path):
+    out = tmp_path / "sweep"
+    overrides = sweep_overrides(small_real, small_synthetic, out, quick)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "scaling", "--config", str(TOY_SWEEP), *overrides],
+                            env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "trials" / "v0-real-s0" / "final.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and not first.is_file() and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep driver, its Ray and the trial it was running
+    proc.wait(timeout=60)
+    assert first.is_file(), "the first trial must finish before the kill"
+    assert not (out / "trials" / "v80-p0.5-s0" / "final.json").exists(), "the kill must land mid-sweep"
+    before = (first.stat().st_mtime_ns, first.read_text(), (first.parent / "metrics.csv").read_text())
+
+    # the last trial's only checkpoint is corrupt: that trial fails, the sweep goes on
+    broken = out / "trials" / "v80-p0.5-s0" / "checkpoint_0000006"
+    broken.mkdir(parents=True)
+    (broken / "train_state.pt").write_bytes(b"not a checkpoint")
+    report = run_sweep(load_config(ScalingConfig, TOY_SWEEP, overrides))
+
+    assert (first.stat().st_mtime_ns, first.read_text(), (first.parent / "metrics.csv").read_text()) == before
+    assert report["failed"] == ["v80-p0.5-s0"] and report["finished"] == 2
+    assert "train_state.pt" in (out / "trials" / "v80-p0.5-s0" / "error.txt").read_text()
+    results = pd.read_csv(out / "results.csv")
+    ok = results[results.status == "ok"]
+    assert sorted(ok.volume) == [0, 40] and (ok.iterations == 12).all() and ok.miou.between(0, 1).all()
+    assert (out / "scaling.png").stat().st_size > 10_000
+    assert json.loads((out / "fit.json").read_text())["lines"]["0.5"]["fit"] is None  # 2 volumes cannot fit 4 parameters
+
+
+def _ids_and_images(parts: list[str]) -> dict[str, bytes]:
+    df = pd.concat([pd.read_parquet(Path(p) / "shards") for p in parts])
+    return dict(zip(df[S.SAMPLE_ID], df[S.IMAGE], strict=True))
+
+
+def test_missing_samples_are_generated_like_one_bigger_run(train_ray, toy_source, tmp_path):
+    gen = [f"source.path={toy_source}", "source.limit=6", "ray.show_progress=false",
+           "imgsyn.samples_per_source=1", "masksyn.samples_per_caption=1"]
+    cfg = load_config(ScalingConfig, TOY_SWEEP, [
+        f"generate.config={SEGGEN_TOY}", f"generate.overrides=[{','.join(gen)}]", "toy_source=null",
+        f"synthetic={tmp_path / 'syn'}"])
+    parts = prepare_synthetic(cfg, tmp_path, 12, None)  # generated from nothing: 6 sources x 2
+    assert parts == [str(tmp_path / "syn")]
+    parts = prepare_synthetic(cfg, tmp_path, 30, None)  # 18 more: 2 more copies of each branch
+    assert parts == [str(tmp_path / "syn"), str(tmp_path / "syn" / "extensions" / "copies-1-2")]
+    grown = _ids_and_images(parts)
+    assert len(grown) >= 30
+
+    k = max(int(i.rsplit("/", 1)[1]) for i in grown) + 1
+    one_run = load_config(GenerateConfig, SEGGEN_TOY, [*gen, f"imgsyn.samples_per_source={k}",
+                                                       f"masksyn.samples_per_caption={k}",
+                                                       f"output.path={tmp_path / 'one-run'}"])
+    from pipelines.generate import run_generate
+
+    run_generate(one_run)
+    assert _ids_and_images([str(tmp_path / "one-run")]) == grown

@@ -1,0 +1,163 @@
+"""The scaling sweep without training: the trial grid, trial configs, concurrency, config
+errors, the synthetic-data check, and the report (results.csv, fit.json, a real PNG)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, load_config
+from training.scaling import (
+    ScalingConfig,
+    Trial,
+    base_train_config,
+    concurrency,
+    plan_trials,
+    prepare_synthetic,
+    trial_config,
+    trial_resources,
+)
+from training.scaling_fit import saturating_power_law
+from training.scaling_report import render_report
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY_SWEEP = ROOT / "training" / "configs" / "scaling-toy.yaml"
+CLASSES = ["background", "circle", "square"]
+
+
+def sweep_config(*overrides: str) -> ScalingConfig:
+    return load_config(ScalingConfig, TOY_SWEEP, list(overrides))
+
+
+def test_grid_has_one_real_only_baseline_per_seed_and_seed_major_order():
+    cfg = sweep_config("volumes=[1000,0,250,250]", "p_aug=[0.6,0.3]", "seeds=[0,1]")
+    trials = plan_trials(cfg)
+    assert cfg.volumes == [0, 250, 1000]
+    assert [t.name for t in trials[:5]] == ["v0-real-s0", "v250-p0.3-s0", "v250-p0.6-s0", "v1000-p0.3-s0", "v1000-p0.6-s0"]
+    assert len(trials) == 2 * (1 + 2 * 2) and len({t.name for t in trials}) == len(trials)
+    assert [t for t in trials if t.volume == 0] == [Trial(0, None, 0), Trial(0, None, 1)]
+
+
+def test_trial_configs_real_only_at_volume_zero_and_nested_subset_otherwise(tmp_path):
+    base = base_train_config(sweep_config("train.iterations=77"), real_path=str(tmp_path / "real"))
+    real = trial_config(base, Trial(0, None, 3), ["/syn"], tmp_path)
+    mix = trial_config(base, Trial(500, 0.3, 1), ["/syn", "/syn/extensions/copies-2-3"], tmp_path)
+    assert (real.strategy, real.synthetic.paths, real.synthetic.volume, real.seed) == ("real_only", [], None, 3)
+    assert (mix.strategy, mix.p_aug, mix.synthetic.volume, mix.seed) == ("mix", 0.3, 500, 1)
+    assert mix.synthetic.paths == ["/syn", "/syn/extensions/copies-2-3"]
+    assert mix.iterations == real.iterations == 77 and mix.resume and real.resume
+    assert Path(mix.output.path) == tmp_path / "trials" / "v500-p0.3-s1"
+    assert mix.real.path == str(tmp_path / "real")
+
+
+def test_concurrency_follows_cluster_resources():
+    base = base_train_config(sweep_config())
+    assert trial_resources(base) == (1.5, 0.0)  # a worker computing on 1 thread + one 0.5-CPU transform task
+    assert concurrency({"CPU": 2.0}, 1.5, 0.0, None) == 1
+    assert concurrency({"CPU": 16.0}, 1.5, 0.0, None) == 10
+    assert concurrency({"CPU": 64.0, "GPU": 8.0}, 9.0, 2.0, None) == 4  # GPUs bind before CPUs here
+    assert concurrency({"CPU": 64.0}, 1.0, 0.0, 3) == 3
+    assert concurrency({"CPU": 0.5}, 1.0, 0.0, None) == 1  # never zero: one trial at a time
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("volumes=[-1,100]", "volumes"),
+    ("p_aug=[0.0]", "p_aug"),
+    ("train.optim.nope=1", "train.optim.nope: unknown key"),
+    ("train_config=missing.yaml", "train_config: no such file"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        base_train_config(sweep_config(override))
+
+
+def test_too_few_synthetic_samples_stops_with_the_missing_count(tmp_path):
+    from tests.training.conftest import write_synthetic
+
+    syn = write_synthetic(tmp_path / "syn", n=30, size=16, shards=1)
+    cfg = sweep_config(f"synthetic={syn}", "generate=null")
+    assert prepare_synthetic(cfg, tmp_path, 30, None) == [str(syn)]
+    with pytest.raises(ConfigError, match=r"has 30 samples; the largest volume \(50\) needs 20 more"):
+        prepare_synthetic(cfg, tmp_path, 50, None)
+    assert prepare_synthetic(sweep_config("generate=null"), tmp_path, 0, None) == []  # real-only sweep
+    with pytest.raises(ConfigError, match="no finished dataset at .*nowhere"):
+        prepare_synthetic(sweep_config(f"synthetic={tmp_path / 'nowhere'}", "generate=null"), tmp_path, 5, None)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+TRUE = {0.3: (0.62, 20.0, 1.0, 200.0), 0.6: (0.70, 40.0, 1.0, 200.0)}  # a, b, c, n0 per p_aug
+
+
+def fake_sweep(out: Path, noise: float = 0.004) -> ScalingConfig:
+    """A finished sweep whose mIoUs follow the law per p_aug (real-only from the 0.6 law)."""
+    cfg = sweep_config("volumes=[0,250,500,1000,2000,4000,8000]", "p_aug=[0.3,0.6]", "seeds=[0,1,2]", f"output={out}")
+    trials = plan_trials(cfg)
+    base = base_train_config(cfg)
+    (out / "sweep.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": "x", "sweep": cfg.model_dump(mode="json"),
+                                                "train": base.model_dump(mode="json"), "synthetic_paths": [],
+                                                "trials": [asdict(t) | {"name": t.name} for t in trials]}))
+    rng = np.random.default_rng(0)
+    for t in trials:
+        run = out / "trials" / t.name
+        run.mkdir(parents=True)
+        if t.name == "v8000-p0.3-s2":
+            (run / "error.txt").write_text("RuntimeError: worker died\n")
+            continue
+        miou = float(saturating_power_law(t.volume, *TRUE[t.p_aug or 0.6]) + rng.normal(0, noise))
+        (run / "final.json").write_text(json.dumps({
+            "final_step": base.iterations, "miou": miou, "pixel_acc": 0.9, "classes": CLASSES,
+            "per_class_iou": [0.9, miou, 2 * miou - 0.9], "wall_s": 42.0, "synthetic_fraction": t.p_aug or 0.0}))
+    return cfg
+
+
+def test_report_writes_results_fit_and_a_real_png(tmp_path):
+    out = tmp_path / "sweep"
+    fake_sweep(out)
+    report = render_report(out)
+
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * (1 + 6 * 2)
+    assert {"volume", "p_aug", "seed", "miou", "iou_circle", "iterations", "wall_s"} <= set(rows[0])
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["name"] for r in failed] == ["v8000-p0.3-s2"] and "worker died" in failed[0]["error"]
+    assert report["failed"] == ["v8000-p0.3-s2"] and report["finished"] == len(rows) - 1
+
+    fit = json.loads((out / "fit.json").read_text())
+    hi, lo = fit["lines"]["0.6"]["fit"], fit["lines"]["0.3"]["fit"]
+    assert hi["a"] == pytest.approx(0.70, abs=0.02) and lo["a"] == pytest.approx(0.62, abs=0.03)
+    assert fit["lines"]["0.6"]["by_volume"]["0"]["n"] == 3  # the shared real-only baseline
+    assert fit["lines"]["0.3"]["by_volume"]["8000"]["n"] == 2  # the failed trial is left out
+    a, b, c, n0 = TRUE[0.6]
+    assert hi["n95_gain"] == pytest.approx(n0 * (0.05 ** (-1 / c) - 1), rel=0.5)
+    assert {v["p_aug"] for v in fit["best_p_aug_per_volume"].values()} == {0.6}
+    assert fit["lines"]["0.6"]["synthetic_draws_per_trial"] == round(fit["iterations"] * 8 * 0.6)
+
+    png = Image.open(out / "scaling.png").convert("RGB")
+    assert png.size == (960, 600)
+    pixels = np.asarray(png).reshape(-1, 3)
+    blue, orange = np.array([31, 119, 180]), np.array([255, 127, 14])  # matplotlib's first two colours
+    assert (np.abs(pixels - blue).sum(1) < 30).sum() > 500  # points, error bars and curve of each line
+    assert (np.abs(pixels - orange).sum(1) < 30).sum() > 500
+
+
+def test_report_command_rerenders_and_rejects_a_non_sweep_dir(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    fake_sweep(out)
+    (out / "scaling.png").unlink(missing_ok=True)
+    assert main(["scaling", "--report", str(out)]) == 1  # a failed trial: exit 1, everything still written
+    printed = capsys.readouterr()
+    assert "p_aug=0.6" in printed.out and "95% of the gain at N=" in printed.out and "v8000-p0.3-s2" in printed.out
+    assert (out / "scaling.png").is_file()
+    assert main(["scaling", "--report", str(tmp_path)]) == 2
+    assert "no sweep.json" in capsys.readouterr().err
+    assert main(["scaling"]) == 2

@@ -1,0 +1,330 @@
+"""Scaling sweeps: val mIoU against the volume of synthetic data (``segfactory scaling``).
+
+The same training recipe (a training YAML) runs at a fixed iteration budget for every
+(volume, p_aug, seed) of a grid. Volume V trains on a nested subset of ONE synthetic dataset
+(:mod:`training.subsets`); volume 0 is the real-only baseline, shared by every p_aug line.
+
+Each trial is one Ray Train run (:func:`training.recipe.run_train`) inside a zero-CPU Ray task,
+as many at once as the cluster's CPUs/GPUs allow. The trial directories are the sweep's state:
+a trial whose ``final.json`` holds the full budget is skipped on a rerun, a trial killed midway
+resumes from its last checkpoint, and a trial that fails leaves ``error.txt`` and is retried by
+the next run; the other trials go on. (Ray Tune would add search algorithms and schedulers a
+fixed grid at a fixed budget does not need, and a second resume state next to ours.)
+
+Sweep directory (``output``)::
+
+    sweep.json         resolved sweep and training config, trial list, fingerprint
+    synthetic/         the dataset generated on demand (unless ``synthetic`` names one)
+    trials/<name>/     one training run directory per trial; error.txt when it failed
+    results.csv, fit.json, scaling.png    see training.scaling_report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from pipelines.config import ConfigError, RayConfig, Strict, first_error_line, merge
+from training.config import TrainConfig
+
+log = logging.getLogger("segfactory.scaling")
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIALS = "trials"
+
+
+class GenerateOnDemand(Strict):
+    """Making the synthetic samples a sweep needs, with the generation graph."""
+
+    config: str = Field("", description="generation YAML that makes the dataset when it does not exist yet (e.g. pipelines/configs/seggen-toy.yaml)")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides of that config, e.g. [source.path=DIR]")
+
+
+class ToySource(Strict):
+    """A toy real dataset made for the sweep (toy domain only)."""
+
+    train: int = Field(200, ge=1, description="training images")
+    val: int = Field(100, ge=1, description="validation images")
+    size: int = Field(128, ge=16, description="image side")
+    seed: int = Field(0, description="seed of the toy dataset")
+
+
+class ScalingConfig(Strict):
+    """A sweep over synthetic volume x p_aug x seed at a fixed iteration budget."""
+
+    train_config: str = Field("training/configs/toy.yaml", description="base training YAML (relative: to the working directory, else the repo)")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the base training config, nested like it (e.g. train.iterations=300)")
+    volumes: list[int] = Field(..., min_length=1, description="synthetic volumes; 0 = the real-only baseline")
+    p_aug: list[float] = Field([0.6], min_length=1, description="mix ratios, one curve each (SegGen's optimum is 0.6)")
+    seeds: list[int] = Field([0, 1], min_length=1, description="repeats: the trial seed (model init, mixing, augmentation)")
+    synthetic: str = Field("", description="synthetic dataset directory; empty = OUTPUT/synthetic")
+    generate: GenerateOnDemand | None = Field(None, description="generate missing samples (same graph, same seeds); None = stop and say how many are missing")
+    toy_source: ToySource | None = Field(None, description="make a toy real dataset in OUTPUT/toy-source, used as train.real.path and as the generation's source")
+    output: str = Field("scaling-output", description="sweep directory")
+    max_concurrent: int | None = Field(None, ge=1, description="most trials at once; None = as many as the cluster's CPUs/GPUs allow")
+    ray: RayConfig = Field(default_factory=lambda: RayConfig(show_progress=False), description="Ray runtime settings")
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, v: list[int]) -> list[int]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"volumes must be >= 0, got {v}")
+        return sorted(set(v))
+
+    @field_validator("p_aug")
+    @classmethod
+    def _p_aug(cls, v: list[float]) -> list[float]:
+        if any(not 0 < p <= 1 for p in v):
+            raise ValueError(f"p_aug values must be in (0, 1], got {v} (volume 0 is the real-only run)")
+        return sorted(set(v))
+
+
+@dataclass(frozen=True)
+class Trial:
+    volume: int
+    p_aug: float | None  # None: volume 0, the real-only baseline of every p_aug line
+    seed: int
+
+    @property
+    def name(self) -> str:
+        mix = "real" if self.p_aug is None else f"p{self.p_aug:g}"
+        return f"v{self.volume}-{mix}-s{self.seed}"
+
+
+def plan_trials(cfg: ScalingConfig) -> list[Trial]:
+    """Seed-major: a sweep stopped early already has whole curves for its first seeds."""
+    return [Trial(v, None if v == 0 else p, s) for s in cfg.seeds for v in cfg.volumes
+            for p in ([None] if v == 0 else cfg.p_aug)]
+
+
+def find_file(path: str) -> Path:
+    """``path`` as given, else relative to the repo (configs named like ``training/configs/x.yaml``)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or p.exists() or not (ROOT / p).exists() else ROOT / p
+
+
+def base_train_config(cfg: ScalingConfig, real_path: str | None = None) -> TrainConfig:
+    """The training YAML with ``train`` merged in; errors name the ``train.`` key."""
+    path = find_file(cfg.train_config)
+    if not path.is_file():
+        raise ConfigError(f"train_config: no such file {cfg.train_config}")
+    data = merge(yaml.safe_load(path.read_text()) or {}, cfg.train)
+    if real_path:
+        data = merge(data, {"real": {"path": real_path}})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"train.{first_error_line(exc)}") from None
+
+
+def trial_config(base: TrainConfig, trial: Trial, synthetic_paths: list[str], out: Path) -> TrainConfig:
+    update: dict[str, Any] = {"seed": trial.seed, "resume": True, "output": {"path": str(out / TRIALS / trial.name)}}
+    if trial.volume == 0:
+        update |= {"strategy": "real_only", "synthetic": {"paths": [], "volume": None, "live": None}}
+    else:
+        update |= {"strategy": "mix", "p_aug": trial.p_aug,
+                   "synthetic": {"paths": synthetic_paths, "volume": trial.volume, "live": None}}
+    return TrainConfig.model_validate(merge(base.model_dump(mode="json"), update))
+
+
+def fingerprint(base: TrainConfig, synthetic_paths: list[str]) -> str:
+    """What makes two trials comparable: the recipe and the synthetic data (not paths/runtime)."""
+    recipe = base.model_dump(mode="json")
+    for key in ("output", "resume", "ray", "debug", "max_failures", "seed", "strategy", "p_aug", "synthetic"):
+        recipe.pop(key)
+    recipe["real"].pop("path")
+    # The dataset itself, not its extensions: growing it keeps every subset already trained on.
+    data = _manifest(Path(synthetic_paths[0])) if synthetic_paths else {}
+    blob = json.dumps({"recipe": recipe, "synthetic": [data.get("config_hash"), data.get("rows")]}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def is_finished(run_dir: Path, iterations: int) -> bool:
+    final = run_dir / "final.json"
+    return final.is_file() and json.loads(final.read_text()).get("final_step") == iterations
+
+
+def trial_resources(t: TrainConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial keeps busy: its workers plus one Ray Data transform task.
+
+    A worker reserves ``cpus_per_worker`` from Ray but computes on ``torch_threads`` cores; the
+    larger counts. (Measured on 2 CPUs: two toy trials at once, each reserving 1 CPU, ran at
+    1-3 steps/s each against 10.8 alone; a sweep one at a time finished sooner.)"""
+    w = t.workers
+    per_worker = max(w.cpus_per_worker, float(w.torch_threads or 1))
+    return w.num_workers * per_worker + t.data.num_cpus, float(w.num_workers if w.use_gpu else 0)
+
+
+def concurrency(cluster: dict[str, float], cpus: float, gpus: float, cap: int | None) -> int:
+    n = math.floor(cluster.get("CPU", 0) / cpus + 1e-9)
+    if gpus:
+        n = min(n, math.floor(cluster.get("GPU", 0) / gpus + 1e-9))
+    return max(1, min(n, cap or n))
+
+
+# --- synthetic data: nested subsets of one dataset, generated on demand -----------------------
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    m = path / "manifest.json"
+    return json.loads(m.read_text()) if m.is_file() else None
+
+
+def synthetic_parts(root: Path) -> list[Path]:
+    """The dataset and its finished extensions (``root/extensions/*``), in copy order."""
+    ext = sorted((root / "extensions").glob("copies-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [p for p in [root, *ext] if _manifest(p) is not None]
+
+
+def _generate(gen_cfg) -> None:
+    from pipelines.generate import run_generate
+
+    log.info("generating %s ...", gen_cfg.output.path)
+    result = run_generate(gen_cfg)
+    log.info("generated %d samples in %s", result.manifest["rows"], gen_cfg.output.path)
+
+
+def _extension(root: Path, parts: list[Path], missing: int):
+    """Config of the next extension: the dataset's own graph with copies numbered on from the
+    last ones, enough of them for ``missing`` more samples."""
+    from pipelines.config import GenerateConfig
+
+    base = GenerateConfig.model_validate(_manifest(root)["config"])
+    counts = {"imgsyn": base.imgsyn.samples_per_source, "masksyn": base.masksyn.samples_per_caption}
+    branches = [b for b in ("imgsyn", "masksyn") if counts[b] and base.pipeline in (b, "seggen")]
+    if not branches:
+        raise ConfigError(f"synthetic: {root} was made by the {base.pipeline} graph, which cannot be extended; "
+                          f"{missing} samples are missing (lower volumes or generate a bigger dataset)")
+    rows = {b: 0 for b in branches}
+    next_copy = {b: 0 for b in branches}
+    for part in parts:
+        m = _manifest(part)
+        pc = GenerateConfig.model_validate(m["config"])
+        for b in branches:
+            n = pc.imgsyn.samples_per_source if b == "imgsyn" else pc.masksyn.samples_per_caption
+            first = pc.imgsyn.first_copy if b == "imgsyn" else pc.masksyn.first_copy
+            rows[b] += m.get("rows_per_method", {}).get(b, 0)
+            next_copy[b] = max(next_copy[b], first + n)
+    per_level = sum(rows[b] / next_copy[b] for b in branches)  # samples one more copy of each branch adds
+    levels = max(1, math.ceil(missing / max(per_level, 1e-9)))
+    first = min(next_copy.values())
+    update: dict[str, Any] = {"output": {"path": str(root / "extensions" / f"copies-{first}-{first + levels - 1}")}}
+    for b in branches:
+        key = "samples_per_source" if b == "imgsyn" else "samples_per_caption"
+        update[b] = {key: levels, "first_copy": next_copy[b]}
+    return GenerateConfig.model_validate(merge(base.model_dump(mode="json"), update))
+
+
+def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str | None) -> list[str]:
+    """Directories holding at least ``need`` synthetic samples; generates them when allowed."""
+    if need == 0:
+        return []
+    from pipelines.config import GenerateConfig, load_config
+
+    root = Path(cfg.synthetic).expanduser().resolve() if cfg.synthetic else out / "synthetic"
+    if _manifest(root) is None:  # not there, or a generation that stopped midway: (re)run it
+        if cfg.generate is None or not cfg.generate.config:
+            raise ConfigError(f"synthetic: no finished dataset at {root} (no manifest.json) and no generate.config "
+                              f"to make it; the largest volume needs {need} samples")
+        extra = [f"source.path={source_path}"] if source_path else []
+        _generate(load_config(GenerateConfig, find_file(cfg.generate.config),
+                              [*extra, *cfg.generate.overrides, f"output.path={root}"]))
+    for stale in (root / "extensions").glob("copies-*"):  # an extension that stopped midway
+        if _manifest(stale) is None and (stale / "config.json").is_file():
+            _generate(GenerateConfig.model_validate(json.loads((stale / "config.json").read_text())["config"]))
+    for _ in range(3):  # quality filters may drop some: top up at most a few times
+        parts = synthetic_parts(root)
+        have = sum(_manifest(p)["rows"] for p in parts)
+        if have >= need:
+            return [str(p) for p in parts]
+        if cfg.generate is None:
+            raise ConfigError(f"synthetic: {root} has {have} samples; the largest volume ({need}) needs "
+                              f"{need - have} more (set generate.config to make them, or lower volumes)")
+        _generate(_extension(root, parts, need - have))
+    raise ConfigError(f"synthetic: {root} still has only {have} of {need} samples after generating more "
+                      "(are the quality filters dropping most samples?)")
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+
+def _run_trial(cfg_json: dict[str, Any]) -> dict[str, Any]:
+    from training.recipe import run_train
+
+    return run_train(TrainConfig.model_validate(cfg_json))
+
+
+def _check_sweep_dir(out: Path, fp: str) -> None:
+    old = out / "sweep.json"
+    if old.is_file() and json.loads(old.read_text()).get("fingerprint") != fp:
+        raise ConfigError(f"output: {out} holds a sweep with another training recipe or synthetic dataset; "
+                          "its trials would not be comparable (use a new output directory)")
+
+
+def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
+    """Run every unfinished trial, then write results.csv, fit.json and scaling.png."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipelines.runtime import init_ray
+    from training.scaling_report import render_report
+
+    started = time.time()
+    out = Path(cfg.output).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    source = None
+    if cfg.toy_source is not None:
+        from pipelines.toy_data import make_toy_dataset
+
+        t = cfg.toy_source
+        source = str(make_toy_dataset(out / "toy-source", n_train=t.train, n_val=t.val, size=t.size, seed=t.seed))
+    base = base_train_config(cfg, real_path=source)
+    trials = plan_trials(cfg)
+    init_ray(cfg.ray)
+    synthetic = prepare_synthetic(cfg, out, max(cfg.volumes), source or base.real.path)
+    fp = fingerprint(base, synthetic)
+    _check_sweep_dir(out, fp)
+    configs = {t.name: trial_config(base, t, synthetic, out) for t in trials}
+    (out / "sweep.json.tmp").write_text(json.dumps({
+        "fingerprint": fp, "sweep": cfg.model_dump(mode="json"), "train": base.model_dump(mode="json"),
+        "synthetic_paths": synthetic, "trials": [asdict(t) | {"name": t.name} for t in trials]}, indent=1))
+    (out / "sweep.json.tmp").replace(out / "sweep.json")
+
+    todo = [t for t in trials if not is_finished(out / TRIALS / t.name, base.iterations)]
+    cpus, gpus = trial_resources(base)
+    limit = concurrency(ray.cluster_resources(), cpus, gpus, cfg.max_concurrent)
+    log.info("%d trials, %d already finished; running %d at once (%.2g CPU, %g GPU each)",
+             len(trials), len(trials) - len(todo), limit, cpus, gpus)
+    # Pinned to this node: the trial writes its run directory where this driver reads it.
+    task = ray.remote(_run_trial).options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False))
+    running: dict[Any, Trial] = {}
+    failed: list[str] = []
+    while todo or running:
+        while todo and len(running) < limit:
+            t = todo.pop(0)
+            (out / TRIALS / t.name).mkdir(parents=True, exist_ok=True)
+            (out / TRIALS / t.name / "error.txt").unlink(missing_ok=True)
+            running[task.remote(configs[t.name].model_dump(mode="json"))] = t
+            log.info("trial %s started", t.name)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        t = running.pop(ready[0])
+        try:
+            final = ray.get(ready[0])
+            log.info("trial %s finished: val mIoU %.4f (%.0f s)", t.name, final["miou"], final["wall_s"])
+        except Exception as exc:  # noqa: BLE001 - one trial's failure must not stop the others
+            failed.append(t.name)
+            (out / TRIALS / t.name / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+            log.error("trial %s failed (%s); the others go on, a rerun retries it", t.name, str(exc).splitlines()[0])
+    report = render_report(out)
+    report |= {"wall_s": round(time.time() - started, 1), "concurrency": limit}
+    return report
