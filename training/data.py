@@ -149,7 +149,7 @@ def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int):
     reps = max(1, math.ceil(n_rows / max(src.synthetic_rows, 1)))
 
     def epoch():
-        ds = ray.data.read_parquet(src.synthetic_files, shuffle="files", columns=[S.SAMPLE_ID, S.IMAGE, S.MASK])
+        ds = ray.data.read_parquet(src.synthetic_files, shuffle="files").select_columns([S.SAMPLE_ID, S.IMAGE, S.MASK])
         ds.context.target_max_block_size = READ_BLOCK_BYTES
         if src.synthetic_threshold is not None or draw < 1:
             ds = ds.map_batches(keep_rows, batch_format="numpy", num_cpus=cfg.data.num_cpus,
