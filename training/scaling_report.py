@@ -83,6 +83,12 @@ def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]
             line["fit"] = fit_scaling([r["volume"] for r in pts], [r["miou"] for r in pts]).to_dict()
         except (ValueError, RuntimeError) as exc:  # too few volumes, or no convergence: say so
             line["fit"], line["fit_error"] = None, str(exc)
+        base, top = by_volume.get(0), by_volume[max(by_volume)] if by_volume else None
+        if base and top is not base:  # is the fitted rise bigger than the noise of the two ends?
+            line["standard_error_ends"] = math.hypot(base["std"] / math.sqrt(base["n"]), top["std"] / math.sqrt(top["n"]))
+        if line["fit"]:
+            line["fit"]["rise_resolved"] = (not line["fit"]["at_bounds"]
+                                            and line["fit"]["gain_in_range"] > line.get("standard_error_ends", 0.0))
         lines[f"{p:g}"] = line
     best = {}
     for v in sorted({r["volume"] for r in ok if r["volume"] > 0}):
@@ -121,10 +127,10 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> No
         if fit:
             grid = np.concatenate([[0.0], np.geomspace(max(nonzero[0] / 4, 1), top * 2, 200)])
             curve = fit["a"] - fit["b"] * np.power(grid + fit["n0"], -fit["c"])
-            good = not fit["at_bounds"]
+            good = fit["rise_resolved"]
             ax.plot(grid, curve, color=color, lw=1.5, ls="-" if good else "--",
                     label=f"fit: a={fit['a']:.3f}, c={fit['c']:.2f}, N95(gain)={fit['n95_gain']:.0f}" if good
-                    else f"fit at bounds ({', '.join(fit['at_bounds'])}): no saturating rise")
+                    else "fit: no saturating rise resolved, no N95")
             if good and 0 < fit["n95_gain"] < top * 2:
                 ax.axvline(fit["n95_gain"], color=color, ls=":", lw=1)
     if nonzero:
@@ -180,8 +186,9 @@ def format_report(analysis: dict[str, Any]) -> str:
             noise = math.hypot(base["std"] / math.sqrt(base["n"]), top["std"] / math.sqrt(top["n"]))
             lines.append(f"  largest volume vs real only: {top['mean'] - base['mean']:+.4f} (standard error {noise:.4f})")
         fit = line.get("fit")
-        if fit and fit["at_bounds"]:
-            lines.append(f"  the law does not describe these points ({', '.join(fit['at_bounds'])} at a bound): no N95 "
+        if fit and not fit["rise_resolved"]:
+            why = f"{', '.join(fit['at_bounds'])} at a bound" if fit["at_bounds"] else "no rise above the noise"
+            lines.append(f"  the law does not describe these points ({why}): no N95 "
                          f"(fitted gain over the range {fit['gain_in_range']:+.4f})")
         elif fit:
             if fit["volumes"] <= 4:
