@@ -9,6 +9,7 @@ in one run.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="epochs of the subset the budget needs")
     args = ap.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.training.conftest's writer
     import ray
 
     from pipelines.config import load_config
