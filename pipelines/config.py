@@ -117,6 +117,7 @@ class FaultConfig(Strict):
     stage: Literal["text2mask", "mask2img"] = Field("mask2img", description="which model stage misbehaves")
     die_after_batches: int | None = Field(None, ge=0, description="the actor process exits mid-batch after N batches (once per run)")
     raise_on_sample: str | None = Field(None, description="the model raises on the batch holding this sample_id")
+    hang_after_shards: int | None = Field(None, ge=1, description="the driver stops consuming for good once N shards are written (a test kills it there)")
 
 
 class ToyConfig(Strict):

@@ -94,7 +94,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         per_shard: dict[int, int] = {}
         for r in todo:
             per_shard[r[S.SHARD]] = per_shard.get(r[S.SHARD], 0) + 1
-        writer = ShardWriter(out, config_hash, per_shard)
+        writer = ShardWriter(out, config_hash, per_shard, after_write=_hang_fault(cfg.faults.hang_after_shards))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
         if writer.pending():
@@ -124,6 +124,21 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     }
     write_manifest(out, manifest)
     return GenerateResult(out, manifest, fraction, fraction > cfg.validation.max_rejected_fraction)
+
+
+def _hang_fault(after: int | None):
+    """Test-only: freeze the driver after ``after`` shards, with later shards in flight in the
+    actor pools, so a SIGKILL lands at a known point (racing a fast run does not)."""
+    if after is None:
+        return None
+
+    def hang(written: int) -> None:
+        if written >= after:
+            log.error("injected fault: the driver stops after %d shards", written)
+            while True:
+                time.sleep(3600)
+
+    return hang
 
 
 def _stage_seconds(ds) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,10 @@ def drop_code(reason: str) -> str:
 class ShardWriter:
     """Collects streamed rows per shard and writes each shard when it is complete."""
 
-    def __init__(self, out: Path, config_hash: str, sources_per_shard: dict[int, int]):
+    def __init__(self, out: Path, config_hash: str, sources_per_shard: dict[int, int],
+                 after_write: Callable[[int], None] | None = None):
         self.out = Path(out)
+        self.after_write = after_write  # called with the count of shards written so far
         self.hash = config_hash
         self.expected_sources = sources_per_shard
         self.rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -83,6 +86,8 @@ class ShardWriter:
         table = pa.Table.from_pylist(kept, schema=pa.schema([*S.DATASET_SCHEMA, *scores]).with_metadata(stats))
         _atomic_write(table, self.out / "shards" / name)
         self.written.append(shard)
+        if self.after_write:
+            self.after_write(len(self.written))
 
 
 def score_fields(rows: list[dict[str, Any]]) -> list[pa.Field]:

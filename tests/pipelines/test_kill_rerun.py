@@ -37,15 +37,19 @@ def test_kill_then_rerun_gives_every_sample_once_with_identical_bytes(toy_source
     assert len(expected) == 20
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(generate_cmd(toy_source, out), env=env, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The driver freezes after 3 shards (the rest in flight in the pools); racing a fast run with
+    # a poll let CI's kill land after the last shard.
+    proc = subprocess.Popen([*generate_cmd(toy_source, out), "faults.hang_after_shards=3"], env=env, cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
+    while time.time() < deadline and proc.poll() is None and len(list((out / "shards").glob("*.parquet"))) < 3:
         time.sleep(0.05)
+    time.sleep(1.0)  # a writer that did not stop would add shards now
+    assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait(timeout=60)
     done_before = len(list((out / "shards").glob("*.parquet")))
-    assert 3 <= done_before < 20, "the kill must land while shards are still in flight"
+    assert done_before == 3, "the kill must land after exactly 3 shards, the others in flight"
 
     subprocess.run(generate_cmd(toy_source, out), check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
