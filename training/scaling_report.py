@@ -42,7 +42,7 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
             row |= {"status": "ok", "miou": final["miou"], "pixel_acc": final["pixel_acc"],
                     "iterations": final["final_step"], "wall_s": final["wall_s"],
                     "synthetic_fraction": final.get("synthetic_fraction"),
-                    **{f"iou_{c}": v for c, v in zip(classes, final["per_class_iou"], strict=True)}}
+                    **{f"iou_{c}": final["per_class_iou"].get(c) for c in classes}}  # {class: IoU}
         elif (run / "error.txt").is_file():
             row |= {"status": "failed", "error": (run / "error.txt").read_text().strip()[:500]}
         else:

@@ -115,7 +115,8 @@ def fake_sweep(out: Path, noise: float = 0.004) -> ScalingConfig:
         miou = float(saturating_power_law(t.volume, *TRUE[t.p_aug or 0.6]) + rng.normal(0, noise))
         (run / "final.json").write_text(json.dumps({
             "final_step": base.iterations, "miou": miou, "pixel_acc": 0.9, "classes": CLASSES,
-            "per_class_iou": [0.9, miou, 2 * miou - 0.9], "wall_s": 42.0, "synthetic_fraction": t.p_aug or 0.0}))
+            # as run_train writes it: {class: IoU}, None for a class absent from val
+            "per_class_iou": dict(zip(CLASSES, [0.9, miou, None], strict=True)), "wall_s": 42.0, "synthetic_fraction": t.p_aug or 0.0}))
     return cfg
 
 
@@ -128,6 +129,10 @@ def test_report_writes_results_fit_and_a_real_png(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * (1 + 6 * 2)
     assert {"volume", "p_aug", "seed", "miou", "iou_circle", "iterations", "wall_s"} <= set(rows[0])
+    for r in rows:
+        if r["status"] == "ok":  # per-class IoU columns hold the values, not the class names
+            assert (float(r["iou_background"]), r["iou_square"]) == (0.9, "")
+            assert float(r["iou_circle"]) == pytest.approx(float(r["miou"]), rel=1e-5)
     failed = [r for r in rows if r["status"] == "failed"]
     assert [r["name"] for r in failed] == ["v8000-p0.3-s2"] and "worker died" in failed[0]["error"]
     assert report["failed"] == ["v8000-p0.3-s2"] and report["finished"] == len(rows) - 1
