@@ -99,6 +99,8 @@ class DataConfig(Strict):
     prefetch_batches: int = Field(2, ge=0, description="batches iter_torch_batches prefetches per stream")
     shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer (rows) of the training streams; 0 = off")
     margin: float = Field(1.3, ge=1.0, description="streams are sized to needed rows * margin (a worker may take more than its share)")
+    idle_sleep_s: float = Field(0.025, ge=0, le=1, description="a stream's Ray Data loop sleeps this long after a step with no task running, "
+                                "instead of spinning a CPU while the trainer computes (training.ingest_idle); 0 = off")
 
 
 class WorkersConfig(Strict):

@@ -98,7 +98,9 @@ def index_inputs(cfg: TrainConfig) -> Sources:
 
 
 def _map(ds, cfg: TrainConfig, classes: list[str], **kwargs):
-    return ds.map_batches(
+    from training.ingest_idle import sleep_when_idle
+
+    return sleep_when_idle(ds, cfg.data.idle_sleep_s).map_batches(
         transform_batch, batch_size=cfg.data.transform_batch_size, num_cpus=cfg.data.num_cpus,
         batch_format="numpy",
         fn_kwargs={"aug": cfg.aug.model_dump(), "num_classes": len(classes), **kwargs})
