@@ -141,7 +141,7 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> No
     ax.set_title(f"mIoU vs synthetic volume at {analysis['iterations']} iterations "
                  f"({analysis['finished']}/{analysis['trials']} trials)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")  # where it hides the fewest points
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
