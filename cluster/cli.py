@@ -1,6 +1,6 @@
 """The ``cluster``, ``submit`` and ``jobs`` commands, registered on the main ``segfactory`` parser.
 
-``pipelines/cli.py`` calls :func:`add_cluster_commands` with its subparsers object. Nothing
+``segfactory/cli.py`` calls :func:`add_cluster_commands` with its subparsers object. Nothing
 heavy is imported here (Ray's SDK loads inside the commands), so ``--help`` stays fast and
 torch-free. Errors of these commands are one line on stderr: exit 2 for a bad command line,
 1 when the cluster or a job cannot be reached; ``submit --wait`` exits with the job's code.
@@ -58,7 +58,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     auth = "RAY_AUTH_MODE=token " if state.auth_mode == "token" else ""
     print(f"\nsubmit jobs:  segfactory submit --wait -- generate --config ...\n"
           f"or with Ray:  {auth}ray job submit --address {state.dashboard_url} --working-dir . "
-          f"-- python -m pipelines.cli generate --config ...\n"
+          f"-- python -m segfactory.cli generate --config ...\n"
           f"join it:      export RAY_ADDRESS={state.gcs_address} {local.JOIN_ENV} {auth}\n"
           f"stop it:      segfactory cluster down")
     return EXIT_OK

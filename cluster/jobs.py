@@ -1,6 +1,6 @@
 """Job submission through Ray's Jobs SDK: ``segfactory submit`` and ``segfactory jobs ...``.
 
-A job runs ``python -m pipelines.cli <args>`` on the cluster with this repository as its
+A job runs ``python -m segfactory.cli <args>`` on the cluster with this repository as its
 ``working_dir`` (so the cluster runs the code you have, not what its image was built with),
 minus the virtualenv, outputs, caches and weights. With ``--wait`` the logs are followed and
 the command exits with the job's outcome: 0 on SUCCEEDED, the driver's own exit code when it
@@ -110,7 +110,7 @@ def runtime_env(working_dir: str | Path = REPO_ROOT, env: dict[str, str] | None 
 
 def entrypoint(args: list[str]) -> str:
     """The shell command a job runs: our CLI, from the working_dir, with the job's python."""
-    return "python -m pipelines.cli " + shlex.join(args)
+    return "python -m segfactory.cli " + shlex.join(args)
 
 
 def warn_relative_paths(args: list[str]) -> None:

@@ -12,43 +12,24 @@ def subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
 
 
 def cluster_commands_wired() -> bool:
-    """Whether pipelines/cli.py registers `cluster`, `submit` and `jobs` itself."""
-    from pipelines import cli
+    """Whether segfactory/cli.py registers `cluster`, `submit` and `jobs` itself."""
+    from segfactory import cli
 
     return {"cluster", "submit", "jobs"} <= set(subparsers(cli.build_parser()).choices)
 
 
 def full_parser() -> argparse.ArgumentParser:
-    """The ``segfactory`` parser with the cluster commands (added here if cli.py lacks them)."""
-    from cluster.cli import add_cluster_commands
-    from pipelines import cli
+    """The ``segfactory`` parser."""
+    from segfactory import cli
 
-    parser = cli.build_parser()
-    if "cluster" not in subparsers(parser).choices:
-        add_cluster_commands(subparsers(parser))
-    return parser
+    return cli.build_parser()
 
 
 def segfactory(*argv: str) -> tuple[int, str, str]:
-    """``segfactory ARGV`` in this process: (exit code, stdout, stderr).
+    """``segfactory ARGV`` in this process: (exit code, stdout, stderr)."""
+    from segfactory import cli
 
-    Until pipelines/cli.py registers the cluster commands, they are added to its parser for the
-    duration of the call (test_cli_registers_cluster_commands says whether they are).
-    """
-    from cluster.cli import add_cluster_commands
-    from pipelines import cli
-
-    original = cli.build_parser
-    if not cluster_commands_wired():
-        def build_parser() -> argparse.ArgumentParser:
-            parser = original()
-            add_cluster_commands(subparsers(parser))
-            return parser
-        cli.build_parser = build_parser
     out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(argv))
-    finally:
-        cli.build_parser = original
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
     return code, out.getvalue(), err.getvalue()

@@ -30,7 +30,7 @@ def _record(url: str, auth: str = "token") -> None:
 
 
 def test_cli_registers_cluster_commands():
-    assert cluster_commands_wired(), ("pipelines/cli.py does not call cluster.cli.add_cluster_commands(sub) "
+    assert cluster_commands_wired(), ("segfactory/cli.py does not call cluster.cli.add_cluster_commands(sub) "
                                       "in build_parser()")
 
 
@@ -38,7 +38,7 @@ def test_runtime_env_ships_the_repo_without_venv_outputs_or_weights(monkeypatch)
     monkeypatch.setenv("HF_HOME", "/shared/hf")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     env = jobs.runtime_env(env={"EXTRA": "1"}, pip=["einops==0.8.0"])
-    assert env["working_dir"] == str(jobs.REPO_ROOT) and (jobs.REPO_ROOT / "pipelines" / "cli.py").is_file()
+    assert env["working_dir"] == str(jobs.REPO_ROOT) and (jobs.REPO_ROOT / "segfactory" / "cli.py").is_file()
     for pattern in (".venv/", ".git/", "demo-output/", "runs/", "models/", "*.parquet", "*.safetensors"):
         assert pattern in env["excludes"]
     assert env["env_vars"] == {"HF_HOME": "/shared/hf", "EXTRA": "1"}
@@ -49,7 +49,7 @@ def test_runtime_env_ships_the_repo_without_venv_outputs_or_weights(monkeypatch)
 def test_entrypoint_quotes_arguments():
     args = ["generate", "--config", "pipelines/configs/seggen-toy.yaml", "source.path=/a b/c", "x=[1, 2]"]
     cmd = jobs.entrypoint(args)
-    assert cmd.startswith("python -m pipelines.cli generate ")
+    assert cmd.startswith("python -m segfactory.cli generate ")
     assert shlex.split(cmd)[3:] == args
 
 

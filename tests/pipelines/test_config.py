@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from segfactory.cli import main
 from pipelines.config import ConfigError, GenerateConfig, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"

@@ -138,7 +138,7 @@ def test_another_config_on_the_same_output_is_refused(toy_run, toy_source, tmp_p
 
 
 def test_inspect_counts_frequencies_and_contact_sheet(toy_run, tmp_path, capsys):
-    from pipelines.cli import main
+    from segfactory.cli import main
 
     sheet = tmp_path / "sheet.png"
     assert main(["inspect", str(toy_run[1]), "--samples", "6", "--sheet", str(sheet)]) == 0

@@ -18,7 +18,7 @@ CONFIG = ROOT / "pipelines" / "configs" / "seggen-toy.yaml"
 
 
 def generate_cmd(source: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "generate", "--config", str(CONFIG),
+    return [sys.executable, "-m", "segfactory.cli", "generate", "--config", str(CONFIG),
             f"source.path={source}", f"output.path={out}", "source.limit=40", "output.rows_per_shard=2",
             "imgsyn.samples_per_source=1", "masksyn.samples_per_caption=1", "ray.show_progress=false",
             "mask2img.resources.batch_size=2", "text2mask.resources.batch_size=2"]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines import schema as S
-from pipelines.cli import main
+from segfactory.cli import main
 from pipelines.config import GenerateConfig, load_config
 from pipelines.generate import run_generate
 

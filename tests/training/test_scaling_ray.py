@@ -35,7 +35,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials_and_isolates_a_f
     out = tmp_path / "sweep"
     overrides = sweep_overrides(small_real, small_synthetic, out, quick)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "scaling", "--config", str(TOY_SWEEP), *overrides],
+    proc = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "scaling", "--config", str(TOY_SWEEP), *overrides],
                             env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "trials" / "v0-real-s0" / "final.json"
     deadline = time.time() + 400

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.cli import main
+from segfactory.cli import main
 from pipelines.config import ConfigError, load_config
 from training.scaling import (
     ScalingConfig,

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipelines.config import ConfigError
 from pipelines.schema import FILTER_REASONS
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
 

@@ -1,0 +1,1 @@
+"""The ``segfactory`` command line: the top layer (nothing imports it)."""
