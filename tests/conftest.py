@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 test server's address and dummy credentials are set before any Ray instance starts, so
+# Ray workers (which inherit the environment of the first ray.init) and CLI subprocesses see them.
+# They only matter to s3:// paths; the server itself starts with the first test that asks for it.
+S3_ENDPOINT = os.environ.setdefault("SEGFACTORY_TEST_S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+for _key, _value in {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[_key] = _value
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +47,29 @@ def toy_source(tmp_path_factory):
     from pipelines.toy_data import make_toy_dataset
 
     return make_toy_dataset(tmp_path_factory.mktemp("toy") / "src", n_train=40, n_val=20, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible HTTP server on 127.0.0.1 (a real S3 API: pyarrow's S3 client talks to it)."""
+    from moto.server import ThreadedMotoServer
+
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh, empty bucket for one test: ``s3://<name>``."""
+    import re
+
+    from pyarrow import fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{_free_port()}"
+    # from_uri reads AWS_ENDPOINT_URL (S3FileSystem() does not); bucket creation is opt-in
+    s3, _ = fs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")
+    s3.create_dir(name)
+    return f"s3://{name}"
