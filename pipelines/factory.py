@@ -139,7 +139,8 @@ def _check_preset(cfg: GenerateConfig) -> None:
 
 
 def _hf(spec) -> dict[str, Any]:
-    return {"model_id": spec.id, "revision": spec.revision, "local_path": spec.local_path, "dtype": spec.dtype}
+    return {"model_id": spec.id, "revision": spec.revision, "local_path": spec.local_path, "dtype": spec.dtype,
+            "variant": spec.variant}
 
 
 def _pool(name: str, cls: type, res, actor_cls: type, actor_kwargs: dict, needs: str | None = None) -> Stage:
