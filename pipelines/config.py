@@ -243,9 +243,11 @@ class GenerateConfig(Strict):
         "seggen", description="graph to run; seggen = imgsyn + masksyn; factory = Diffusion Synthesis")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
-    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct"] | None = Field(
+    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct", "ade20k-by-name"] | None = Field(
         None, description="colour-map palette; None = the source's own, else auto. The standard ADE20K "
-        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding")
+        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding; "
+        "'ade20k-by-name' colours each class like the ADE20K class of its name or synonym, for "
+        "ADE20K-trained ControlNets (pipelines/palettes.py)")
     source: SourceConfig = Field(default_factory=SourceConfig, description="where real samples/captions come from")
     output: OutputConfig = Field(default_factory=OutputConfig, description="where the dataset goes")
     imgsyn: ImgSynConfig = Field(default_factory=ImgSynConfig, description="ImgSyn settings")
