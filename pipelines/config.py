@@ -59,6 +59,24 @@ class ModelSpec(Strict):
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
     family: Literal["sdxl", "sd15"] = Field("sdxl", description="architecture family")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
+
+
+class VaeSpec(Strict):
+    """A VAE that replaces the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix for fp16 decoding)."""
+
+    id: str = Field("", description="model id on the hub, e.g. madebyollin/sdxl-vae-fp16-fix")
+    revision: str = Field("main", description="pinned revision (commit hash) of `id`")
+    local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
+    subfolder: str | None = Field(None, description="folder of the VAE inside the repo, e.g. 'vae' in a pipeline repo")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
+
+
+# Sampler names of actors.samplers.SAMPLERS (kept literal here: config must not import actors).
+SamplerName = Literal["edm", "sgm-ddpm", "euler", "euler-karras-leading", "dpmpp-2m", "dpmpp-2m-karras", "ddim"]
+_SAMPLER_DOC = ("diffusers scheduler by name (actors/samplers.py): edm = Euler over EDM's rho=7 sigmas from the "
+                "model's sigma_max (SGM's EulerEDMSampler, SegGen's 'default EDM sampler'); sgm-ddpm = SGM's "
+                "LegacyDDPMDiscretization; euler-karras-leading = this project's sampler before the key existed")
 
 
 class Text2MaskStage(Strict):
@@ -69,6 +87,8 @@ class Text2MaskStage(Strict):
     steps: int = Field(200, ge=1, description="sampling steps (SegGen: 200 with the EDM sampler)")
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance (SegGen does not say; SDXL's default)")
     resolution: int = Field(768, ge=8, description="generation side (SegGen trains at 768)")
+    sampler: SamplerName = Field("edm", description=_SAMPLER_DOC)
+    vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
 
 
 class Mask2ImgStage(Strict):
@@ -81,6 +101,8 @@ class Mask2ImgStage(Strict):
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance")
     controlnet_conditioning_scale: float = Field(1.0, ge=0, description="ControlNet residual scale")
     resolution: int = Field(768, ge=8, description="generation side; source aspect ratio kept, sides multiples of 8")
+    sampler: SamplerName = Field("edm", description=_SAMPLER_DOC)
+    vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
 
 
 class CpuStage(Strict):
@@ -152,6 +174,7 @@ class HfModelSpec(Strict):
     revision: str = Field("main", description="pinned revision (commit hash) of `id`")
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
 
 
 class CaptionerStage(Strict):
@@ -232,9 +255,11 @@ class GenerateConfig(Strict):
         "masksyn; factory = Diffusion Synthesis")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
-    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct"] | None = Field(
+    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct", "ade20k-by-name"] | None = Field(
         None, description="colour-map palette; None = the source's own, else auto. The standard ADE20K "
-        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding")
+        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding; "
+        "'ade20k-by-name' colours each class like the ADE20K class of its name or synonym, for "
+        "ADE20K-trained ControlNets (pipelines/palettes.py)")
     source: SourceConfig = Field(default_factory=SourceConfig, description="where real samples/captions come from")
     output: OutputConfig = Field(default_factory=OutputConfig, description="where the dataset goes")
     imgsyn: ImgSynConfig = Field(default_factory=ImgSynConfig, description="ImgSyn settings")
@@ -289,6 +314,7 @@ class GenerateConfig(Strict):
         data["output"].pop("overwrite")
         data["source"].pop("path")
         data["cpu"] = None  # CPU task sizes never change bytes; the key stays for the old hashes
+        _drop_unset_model_keys(data, toy=self.preset == "toy")
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -310,6 +336,23 @@ def _hash_view(model: BaseModel) -> dict[str, Any]:
         out[name] = _hash_view(value) if isinstance(value, BaseModel) else model.model_dump(
             mode="json", include={name})[name]
     return out
+
+
+def _drop_unset_model_keys(data: dict[str, Any], toy: bool) -> None:
+    """Keys added after datasets existed enter the hash only when they change the output:
+    ``variant``/``vae`` when set, ``sampler`` when not the sampler used before it existed
+    (the toy preset uses none of them)."""
+    for stage in ("text2mask", "mask2img", "captioner", "grounding", "clip"):
+        section = data.get(stage)
+        if section is None:
+            continue
+        for key in ("model", "controlnet"):
+            if key in section and section[key].get("variant") is None:
+                section[key].pop("variant", None)
+        if "vae" in section and (section["vae"] is None or toy):
+            section.pop("vae")
+        if "sampler" in section and (toy or section["sampler"] == "euler-karras-leading"):
+            section.pop("sampler")
 
 
 # --- loading ------------------------------------------------------------------------------

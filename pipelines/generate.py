@@ -37,11 +37,11 @@ class GenerateResult:
 
 
 def resolve_context(cfg: GenerateConfig, index) -> RunContext:
-    from actors.colormap import palette_by_name
+    from pipelines.palettes import resolve_palette
 
     name = cfg.palette or index.palette_hint or "auto"
-    return RunContext(classes=list(index.classes), palette=palette_by_name(name, len(index.classes)),
-                      background=index.background_index)
+    palette = resolve_palette(name, list(index.classes), index.background_index, cfg.prompts.synonyms)
+    return RunContext(classes=list(index.classes), palette=palette, background=index.background_index)
 
 
 def index_rows(cfg: GenerateConfig):

@@ -105,8 +105,13 @@ def cpu_args(cfg: GenerateConfig) -> dict[str, Any]:
     return {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}
 
 
+def _sampling_kwargs(stage) -> dict[str, Any]:
+    """Sampler and VAE override of a diffusion stage (actor keyword arguments)."""
+    return {"sampler": stage.sampler, "vae": stage.vae.model_dump() if stage.vae else None}
+
+
 def _model_kwargs(spec, prefix: str = "") -> dict[str, Any]:
-    keys = ("id", "revision", "local_path") if prefix else ("id", "revision", "local_path", "dtype")
+    keys = ("id", "revision", "local_path", "variant") if prefix else ("id", "revision", "local_path", "dtype", "variant")
     names = {"id": "model_id"} if not prefix else {}
     return {f"{prefix}{names.get(k, k)}": getattr(spec, k) for k in keys}
 
@@ -123,7 +128,7 @@ def text2mask_actor(cfg: GenerateConfig, ctx: RunContext) -> tuple[type, dict]:
     t2m = cfg.text2mask
     return Text2Mask, {"preset": cfg.preset, "family": t2m.model.family, "palette": palette, "steps": t2m.steps,
                        "guidance_scale": t2m.guidance_scale, "resolution": t2m.resolution,
-                       **_model_kwargs(t2m.model)}
+                       **_model_kwargs(t2m.model), **_sampling_kwargs(t2m)}
 
 
 def mask2img_actor(cfg: GenerateConfig, ctx: RunContext) -> tuple[type, dict]:
@@ -139,7 +144,7 @@ def mask2img_actor(cfg: GenerateConfig, ctx: RunContext) -> tuple[type, dict]:
                       "guidance_scale": m2i.guidance_scale,
                       "controlnet_conditioning_scale": m2i.controlnet_conditioning_scale,
                       "resolution": m2i.resolution, **_model_kwargs(m2i.model),
-                      **_model_kwargs(m2i.controlnet, prefix="controlnet_")}
+                      **_model_kwargs(m2i.controlnet, prefix="controlnet_"), **_sampling_kwargs(m2i)}
 
 
 def mask2img_models(cfg: GenerateConfig) -> list[ModelRef]:

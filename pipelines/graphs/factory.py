@@ -149,7 +149,8 @@ def expand_variants(batch: dict[str, np.ndarray], *, copies: int, seed: int, mas
 
 
 def _hf(spec) -> dict[str, Any]:
-    return {"model_id": spec.id, "revision": spec.revision, "local_path": spec.local_path, "dtype": spec.dtype}
+    return {"model_id": spec.id, "revision": spec.revision, "local_path": spec.local_path, "dtype": spec.dtype,
+            "variant": spec.variant}
 
 
 def _pool(name: str, cls: type, res, actor_cls: type, actor_kwargs: dict, needs: str | None = None) -> Stage:
