@@ -278,14 +278,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, small sizes: checks the script runs")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8; smoke 1,2)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; smoke 2)")
-    p.add_argument("--resolution", type=int, default=None, help="generation side (default 1024; smoke 64)")
+    p.add_argument("--resolution", type=int, default=None, help="generation side (default 1024; smoke 32)")
     p.add_argument("--settings", default=None, help=f"comma-separated of {list(SETTINGS)} (default all; smoke no compile)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per batch size (after one warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default by GPU name)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    p.add_argument("--graph-rows", type=int, default=None, help="toy source rows for the graph part (default 8; smoke 2)")
-    p.add_argument("--graph-steps", default=None, help="text2mask,mask2img steps in the graph part (default 20,10; smoke 2,2)")
-    p.add_argument("--graph-resolution", type=int, default=None, help="graph part generation side (default 768; smoke 64)")
+    p.add_argument("--graph-rows", type=int, default=None, help="toy source rows for the graph part (default 8; smoke 1)")
+    p.add_argument("--graph-steps", default=None, help="text2mask,mask2img steps in the graph part (default 20,10; smoke 1,1)")
+    p.add_argument("--graph-resolution", type=int, default=None, help="graph part generation side (default 768; smoke 32)")
     p.add_argument("--graph-batch", type=int, default=4, help="graph part pool batch size")
     p.add_argument("--skip-graph", action="store_true", help="only part 1")
     p.add_argument("--out", default=None, help="also write all rows to this JSON file")
@@ -294,15 +294,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.preset = "tiny" if smoke else "sdxl-random"
     args.batches = [int(b) for b in (args.batches or ("1,2" if smoke else "1,4,8")).split(",")]
     args.steps = args.steps or (2 if smoke else 30)
-    args.resolution = args.resolution or (64 if smoke else 1024)
+    args.resolution = args.resolution or (32 if smoke else 1024)
     args.settings = (args.settings or ("sdpa,no-sdpa" if smoke else ",".join(SETTINGS))).split(",")
     unknown = set(args.settings) - set(SETTINGS)
     if unknown:
         p.error(f"--settings: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")
     args.device = args.device or ("cpu" if smoke else None)
-    args.graph_rows = args.graph_rows or (2 if smoke else 8)
-    args.graph_steps = tuple(int(s) for s in (args.graph_steps or ("2,2" if smoke else "20,10")).split(","))
-    args.graph_resolution = args.graph_resolution or (64 if smoke else 768)
+    args.graph_rows = args.graph_rows or (1 if smoke else 8)
+    args.graph_steps = tuple(int(s) for s in (args.graph_steps or ("1,1" if smoke else "20,10")).split(","))
+    args.graph_resolution = args.graph_resolution or (32 if smoke else 768)
     return args
 
 
