@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -91,23 +92,24 @@ def token_path() -> Path:
 
 
 def ensure_token() -> Path | None:
-    """Make sure the head will find a token; create ``~/.ray/auth_token`` when there is none.
+    """Make sure the head will find a token; create one where Ray looks when there is none.
 
-    ``RAY_AUTH_TOKEN`` in the environment wins (then no file is needed: returns None). The token
-    is made by Ray's own ``ray get-auth-token --generate`` (same format and location as Ray's),
-    and the file is readable by its owner only.
+    ``RAY_AUTH_TOKEN`` in the environment wins (then no file is needed: returns None). Else the
+    token file is ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; a missing or empty one gets a
+    random 256-bit token (what ``ray get-auth-token --generate`` does, which only knows the
+    default path), readable by its owner only.
     """
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
     path = token_path()
     if not (path.is_file() and path.read_text().strip()):
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
-        done = subprocess.run([_ray_binary(), "get-auth-token", "--generate"], env=env,
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0 or not path.is_file():
-            raise ClusterError(f"could not create the auth token {path}: "
-                               f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        log.info("created the auth token %s (Ray's `ray get-auth-token --generate`)", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        tmp.replace(path)
+        log.info("created the auth token %s", path)
     path.chmod(0o600)
     return path
 
