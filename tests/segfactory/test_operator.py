@@ -145,3 +145,20 @@ def test_quiet_generation_prints_events_not_rays_chatter(tmp_path, toy_source):
         assert chatter not in text, chatter
     ours = [line for line in text.splitlines() if line[:2].isdigit() and line[2:3] == ":"]
     assert len(ours) == 3, ours  # source rows and shards, two pools up
+
+
+def test_docs_stay_inside_the_repository_and_name_every_shipped_config():
+    import re
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert {p.name for p in pages} >= {"README.md", "architecture.md", "walkthrough.md", "generate.md",
+                                        "train.md", "cluster.md"}
+    for page in pages:
+        text = page.read_text()
+        assert "shared/" not in text.replace("/shared/synthetic", "").replace("/shared/runs", ""), page
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+    readme = (REPO / "README.md").read_text()
+    for config in shipped_configs():
+        assert f"`{config.name}`" in readme, config.name
