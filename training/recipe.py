@@ -230,8 +230,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if final.get("final_step") == total:
             log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
             return final
+    src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
     init_ray(cfg.ray)
-    src = index_inputs(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     step, consumed, resume_from = 0, {}, None
