@@ -186,7 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_commands(sub)
     add_cluster_commands(sub)
+    _accept_verbose_everywhere(sub)
     return parser
+
+
+def _accept_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """`segfactory demo --verbose` as well as `segfactory --verbose demo` (SUPPRESS: the
+    subcommand's flag only sets ``verbose`` when given, leaving the top-level one otherwise)."""
+    for parser in sub.choices.values():
+        if not any("--verbose" in a.option_strings for a in parser._actions):
+            parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                                help="show every log line, Ray's included")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_verbose_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:
