@@ -55,6 +55,13 @@ def own_loggers(stream=None, level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
+def own_loggers_in_ray_worker() -> None:
+    """:func:`own_loggers` in a process Ray started (an actor of a pool, the Train controller);
+    nothing in the driver or a test process, whose logging belongs to its caller."""
+    if os.environ.get("RAY_RAYLET_PID"):  # set by the raylet for the processes it spawns
+        own_loggers()
+
+
 def ray_log_level() -> str | None:
     """The level asked for Ray's loggers, or None for Ray's defaults."""
     return os.environ.get(RAY_LOG_LEVEL_ENV) or None

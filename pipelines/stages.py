@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import schema as S
-from pipelines.runtime import own_loggers
+from pipelines.runtime import own_loggers_in_ray_worker
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Gated:
         self.redo_if = redo_if
         self.fault = fault or {}
         self.batches = 0
-        own_loggers()  # in a Ray worker: our lines reach the console whatever Ray's root level is
+        own_loggers_in_ray_worker()  # in a Ray worker: our lines reach the console whatever Ray's root level is
         started = time.monotonic()
         self.actor = actor_cls(**actor_kwargs)
         log.info("%s: actor up (%s, loaded in %.1f s)", stage, actor_cls.__name__, time.monotonic() - started)

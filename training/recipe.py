@@ -98,7 +98,7 @@ QUIET_EVERY_S = 60.0  # a training line at least this often when the command run
 def _callback(run_dir: Path):
     from ray.train.v2.api.callback import UserCallback
 
-    from pipelines.runtime import own_loggers, ray_log_level
+    from pipelines.runtime import own_loggers_in_ray_worker, ray_log_level
 
     quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
 
@@ -109,7 +109,7 @@ def _callback(run_dir: Path):
         last_line = 0.0
 
         def after_report(self, run_context, metrics, checkpoint):
-            own_loggers()  # the controller's process: lines of ours whatever Ray's root level is
+            own_loggers_in_ray_worker()  # the controller's process: lines of ours whatever Ray's root level is
             m = metrics[0]
             if "step" not in m:
                 return
