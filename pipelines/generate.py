@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipelines import schema as S
 from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, stage_plan
-from pipelines.graphs.base import build_dataset
+from pipelines.graphs.base import build_dataset, stage_label
 from pipelines.runtime import init_ray
 from pipelines.stages import SIBLINGS
 from pipelines.writer import (
@@ -100,7 +100,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
             writer.add(batch)
         if writer.pending():
             raise RuntimeError(f"shards {writer.pending()} never completed: rows were lost in the graph")
-        stage_seconds = _stage_seconds(ds)
+        stage_seconds = _stage_seconds(ds, plan)
 
     summary = summarize_output(out)
     total = summary["rows"] + summary["rejected_rows"]
@@ -142,8 +142,9 @@ def _hang_fault(after: int | None):
     return hang
 
 
-def _stage_seconds(ds) -> dict[str, float]:
-    """Summed busy time per operator, from Ray Data's own stats (best effort)."""
+def _stage_seconds(ds, plan) -> dict[str, float]:
+    """Summed busy time per operator, from Ray Data's own stats (best effort), named by the
+    plan's stages (``expand + text2mask`` for stages Ray fused into one operator)."""
     seconds: dict[str, float] = {}
     try:
         pending = [ds._get_stats_summary()]
@@ -151,11 +152,11 @@ def _stage_seconds(ds) -> dict[str, float]:
             summary = pending.pop()
             for op in summary.operators_stats:
                 if op.wall_time:
-                    seconds[op.operator_name] = round(op.wall_time.sum, 3)
+                    seconds[stage_label(op.operator_name, plan)] = round(op.wall_time.sum, 3)
             pending += summary.parents
     except Exception:  # noqa: BLE001 - stats are informative only
         log.debug("no Ray Data stats", exc_info=True)
-    return dict(sorted(seconds.items()))
+    return dict(reversed(seconds.items()))  # collected from the last operator back: graph order
 
 
 def _versions() -> dict[str, str]:

@@ -49,6 +49,12 @@ class GenerateOnDemand(Strict):
     overrides: list[str] = Field(default_factory=list, description="key=value overrides of that config, e.g. [source.path=DIR]")
 
 
+class SweepOutput(Strict):
+    """Where the sweep goes (``output.path``, as for every command)."""
+
+    path: str = Field("scaling-output", description="sweep directory: trials/, results.csv, fit.json, scaling.png")
+
+
 class ToySource(Strict):
     """A toy real dataset made for the sweep (toy domain only)."""
 
@@ -69,9 +75,15 @@ class ScalingConfig(Strict):
     synthetic: str = Field("", description="synthetic dataset directory; empty = OUTPUT/synthetic")
     generate: GenerateOnDemand | None = Field(None, description="generate missing samples (same graph, same seeds); None = stop and say how many are missing")
     toy_source: ToySource | None = Field(None, description="make a toy real dataset in OUTPUT/toy-source, used as train.real.path and as the generation's source")
-    output: str = Field("scaling-output", description="sweep directory")
+    output: SweepOutput = Field(default_factory=SweepOutput, description="output.path: the sweep directory "
+                                "(`output=DIR`, the older spelling, still works)")
     max_concurrent: int | None = Field(None, ge=1, description="most trials at once; None = as many as the cluster's CPUs/GPUs allow")
     ray: RayConfig = Field(default_factory=lambda: RayConfig(show_progress=False), description="Ray runtime settings")
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_alias(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value  # output=DIR == output.path=DIR
 
     @field_validator("volumes")
     @classmethod
@@ -280,7 +292,7 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     from training.scaling_report import render_report
 
     started = time.time()
-    out = Path(cfg.output).expanduser().resolve()
+    out = Path(cfg.output.path).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = None
     if cfg.toy_source is not None:

@@ -8,6 +8,7 @@ stay light.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,3 +162,13 @@ def build_dataset(rows: list[dict[str, Any]], plan: list[Stage]):
     for stage in plan:
         ds = ds.map_batches(stage.fn, **stage.kwargs)
     return ds
+
+
+def stage_label(operator_name: str, plan: list[Stage]) -> str:
+    """Ray Data's operator name (``MapBatches(colorize)->MapBatches(Mask2ImgPool)``, fused
+    stages joined by ``->``) in the plan's stage names (``colorize + mask2img``)."""
+    names = {getattr(stage.fn, "__name__", ""): stage.name for stage in plan}
+    parts = re.findall(r"MapBatches\(([^)]*)\)", operator_name)
+    if not parts:
+        return {"FromItems": "source rows", "InputDataBuffer": "source rows"}.get(operator_name, operator_name)
+    return " + ".join(names.get(part, part) for part in parts)
