@@ -59,6 +59,8 @@ class ModelSpec(Strict):
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
     family: Literal["sdxl", "sd15"] = Field("sdxl", description="architecture family")
+    variant: str | None = Field(None, json_schema_extra=OMIT_DEFAULT, description="weights variant, e.g. 'fp16': "
+                                "only the *.fp16.safetensors files are loaded and prefetched; None = the plain files")
 
 
 class Text2MaskStage(Strict):
@@ -152,6 +154,8 @@ class HfModelSpec(Strict):
     revision: str = Field("main", description="pinned revision (commit hash) of `id`")
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
+    variant: str | None = Field(None, json_schema_extra=OMIT_DEFAULT, description="weights variant, e.g. 'fp16': "
+                                "only model.fp16.safetensors is loaded and prefetched; None = the plain files")
 
 
 class CaptionerStage(Strict):
