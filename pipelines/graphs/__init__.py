@@ -54,6 +54,11 @@ class GraphSpec:
     # the section is named after the method, e.g. ("imgsyn", "samples_per_source")):
     # the scaling sweep tops a dataset up this way; () = the graph cannot be extended
     extendable: tuple[tuple[str, str], ...] = ()
+    # entries of the hash that depend on the config (cfg, its hash view) -> {key: value}: e.g.
+    # SegGen's captioner section only when it captions (a template-captioned dataset keeps its hash)
+    hash_extra: Callable[[GenerateConfig, dict[str, Any]], dict[str, Any]] | None = None
+    # what fills a missing caption when `captions` is null: "captioner" or "template"
+    default_captions: Callable[[GenerateConfig], str] = lambda cfg: "captioner"
     # the real-weight presets whose models are downloaded (prefetch); others build in code
     download_presets: tuple[str, ...] = ("sdxl", "sd15")
 
