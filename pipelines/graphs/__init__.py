@@ -6,13 +6,15 @@ weights: prefetch and the dry run read them) and its plan (the ``map_batches`` c
 The plan, prefetch, preset validation, the config hash and the scaling sweep's extension of
 a dataset all derive from it; nothing else checks the method name.
 
-A new graph = a module ``pipelines/graphs/<name>.py`` calling :func:`register`, listed in
-``_BUILTIN`` below, plus its config section in ``pipelines/config.py``.
+A new graph = a module ``pipelines/graphs/<name>.py`` calling :func:`register` (every module of
+this package but ``base`` is imported on first use), plus its config section in
+``pipelines/config.py``.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,7 +66,6 @@ class GraphSpec:
 
 
 _REGISTRY: dict[str, GraphSpec] = {}
-_BUILTIN = ("pipelines.graphs.seggen", "pipelines.graphs.factory")
 _loaded = False
 
 
@@ -80,8 +81,9 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in _BUILTIN:
-            importlib.import_module(module)
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if info.name != "base":
+                importlib.import_module(f"{__name__}.{info.name}")
 
 
 def get_graph(name: str) -> GraphSpec:
