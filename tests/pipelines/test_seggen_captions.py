@@ -48,17 +48,17 @@ def test_load_uncaptioned_reads_only_rows_without_a_caption(toy_source, tmp_path
 def test_seggen_run_captions_with_the_tiny_blip2(ray_local, toy_source, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(toy_source, src)
-    index, rows = _rows(src, 3)
+    index, rows = _rows(src, 2)
     given = rows[0][S.SOURCE_ID]
     (src / "captions.jsonl").write_text(json.dumps({"id": given, "caption": "a caption from the source"}) + "\n")
     cfg = load_config(GenerateConfig, CONFIG, [
-        f"source.path={src}", f"output.path={tmp_path / 'out'}", "source.limit=3", "pipeline=imgsyn",
+        f"source.path={src}", f"output.path={tmp_path / 'out'}", "source.limit=2", "pipeline=imgsyn",
         "captions=captioner", "captioner.kind=blip2", "captioner.max_new_tokens=4", "captioner.min_new_tokens=2",
         "captioner.resources.num_cpus=0.5", "ray.show_progress=false"])
     result = run_generate(cfg)
     assert "CaptionerPool" in " ".join(result.manifest["timings"]["stage_busy_s"])
     df = pd.read_parquet(tmp_path / "out" / "shards")
-    assert len(df) == 3 and result.manifest["rejected_rows"] == 0
+    assert len(df) == 2 and result.manifest["rejected_rows"] == 0
     captions = dict(zip(df[S.SOURCE_ID], df[S.CAPTION], strict=True))
     assert captions[given] == "a caption from the source"
     for row in rows[1:]:
