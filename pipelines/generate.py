@@ -48,7 +48,7 @@ def index_rows(cfg: GenerateConfig):
     from pipelines.sources import index_source
 
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
-                         require_masks=cfg.pipeline != "factory")  # the factory draws masks with SAM
+                         require_masks=cfg.pipeline not in ("factory", "attn2mask"))  # they make their own masks
     rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
     if cfg.source.limit:
         rows = rows[: cfg.source.limit]

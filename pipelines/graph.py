@@ -94,6 +94,10 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
         from pipelines.factory import factory_plan
 
         return factory_plan(cfg, ctx, source_format)
+    if cfg.pipeline == "attn2mask":  # until the graph registry lands: pipelines/graphs/attn2mask.py
+        from pipelines.graphs.attn2mask import plan
+
+        return plan(cfg, ctx, source_format)
     copies = {"imgsyn": cfg.imgsyn.samples_per_source if cfg.pipeline in ("imgsyn", "seggen") else 0,
               "masksyn": cfg.masksyn.samples_per_caption if cfg.pipeline in ("masksyn", "seggen") else 0}
     first_copy = {"imgsyn": cfg.imgsyn.first_copy, "masksyn": cfg.masksyn.first_copy}
