@@ -15,10 +15,20 @@ from pipelines import schema as S
 from pipelines import stages
 from pipelines.attn_masks import attn_mask_stage
 from pipelines.attn_prompts import expand_prompts
-from pipelines.config import ConfigError, GenerateConfig
-from pipelines.graph import RunContext, Stage, pool_args
+from pipelines.config import GenerateConfig
+from pipelines.graphs import GraphSpec, ModelStage, register
+from pipelines.graphs.base import (
+    REAL_PRESETS,
+    ModelRef,
+    RunContext,
+    Stage,
+    cpu_args,
+    diffusers_ref,
+    pool_args,
+)
 
 PRESETS = ("tiny", "sd15", "sdxl", "sdxl-random")
+HASH_SECTIONS = ("attn2mask",)
 
 
 class Attn2MaskPool(stages.Gated):
@@ -39,10 +49,8 @@ def plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage
     """Every stage of the attn2mask graph with its map_batches arguments, in order (pure)."""
     from actors.attn_text2img import AttnText2Img
 
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"preset: the attn2mask graph runs with {PRESETS} (got {cfg.preset!r})")
     a, p = cfg.attn2mask, cfg.attn2mask.prompts
-    cpu = {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}
+    cpu = cpu_args(cfg)
     mask_params = a.mask.model_dump(exclude={"min_reliable_foreground"})
     return [
         Stage("prompts", expand_prompts, {
@@ -62,3 +70,21 @@ def plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage
             "image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality,
             "mask_dtype": ctx.mask_dtype, "min_image_std": cfg.validation.min_image_std}}),
     ]
+
+
+def _models(cfg: GenerateConfig) -> list[ModelRef]:
+    if cfg.preset not in REAL_PRESETS:
+        return []
+    refs = [diffusers_ref("attn2mask.model", cfg.attn2mask.model)]
+    if cfg.attn2mask.lora_path:
+        refs.append(ModelRef("attn2mask.lora_path", "file", local_path=cfg.attn2mask.lora_path))
+    return refs
+
+
+ATTN_TEXT2IMG = ModelStage("attn_text2img", "attn2mask", "actors.attn_text2img:AttnText2Img", _models)
+
+register(GraphSpec(
+    name="attn2mask", description="attn2mask: prompts (synonyms) -> text-to-image with cross-attention capture "
+    "-> pseudo-masks (threshold, dense CRF, reliability 255)",
+    needs_masks=False,  # the model's own attention draws the masks; source images are never read
+    hash_sections=HASH_SECTIONS, model_stages=lambda cfg: [ATTN_TEXT2IMG], plan=plan, presets=PRESETS))

@@ -140,7 +140,7 @@ def test_actor_maps_class_tokens_and_capture_keeps_the_image():
 
 
 def test_plan_map_batches_arguments_and_presets():
-    from pipelines.graph import RunContext, stage_plan
+    from pipelines.graphs import RunContext, get_graph, model_refs, stage_plan
 
     cfg = GenerateConfig.model_validate({"pipeline": "attn2mask", "preset": "tiny", "attn2mask": {
         "samples_per_source": 2, "resources": {"batch_size": 3, "max_actors": 2, "num_gpus": 0.5},
@@ -157,5 +157,10 @@ def test_plan_map_batches_arguments_and_presets():
     masks = plan[2].kwargs["fn_kwargs"]
     assert masks["params"]["threshold"] == "fixed" and masks["min_reliable_foreground"] == 0.01
     assert cfg.config_hash() != GenerateConfig.model_validate({**cfg.model_dump(), "attn2mask": {}}).config_hash()
-    with pytest.raises(ConfigError, match="^preset: the attn2mask graph runs with"):
-        stage_plan(cfg.model_copy(update={"preset": "toy"}), ctx, "captions")
+    assert get_graph("attn2mask").needs_masks is False and model_refs(cfg) == []  # tiny loads nothing
+    real = cfg.model_copy(update={"preset": "sd15"})
+    assert [r.key for _, r in model_refs(real)] == ["attn2mask.model", "attn2mask.lora_path"]
+    with pytest.raises(ConfigError, match="^preset: .*the attn2mask graph runs with presets"):
+        from pipelines.config import load_config
+
+        load_config(GenerateConfig, None, ["pipeline=attn2mask", "preset=toy"])
