@@ -164,3 +164,33 @@ def test_plan_map_batches_arguments_and_presets():
         from pipelines.config import load_config
 
         load_config(GenerateConfig, None, ["pipeline=attn2mask", "preset=toy"])
+
+
+def test_lora_adapter_loads_through_load_lora_weights(tmp_path):
+    """A DreamBooth-LoRA file as `segfactory finetune` writes it (save_lora_weights) changes the
+    images; at lora_scale 0 they are the base model's again."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from actors import diffusion_models as dm
+    from actors.attn_text2img import AttnText2Img
+
+    unet = dm.tiny_components("sd15")["unet"]
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    batch = {S.SAMPLE_ID: np.array(["s/0"], object), S.PROMPT: np.array(["a cat"], object),
+             S.SEED: np.array([5]), S.CLASS_SPANS: np.array([json.dumps([[8, 2, 5]])], object)}
+    kw = {"family": "sd15", "steps": 2, "resolution": 32, "attention_factors": (2,), "step_window": (0.0, 1.0),
+          "device": "cpu"}
+    base = AttnText2Img("tiny", **kw)(batch)
+    adapted = AttnText2Img("tiny", lora_path=str(tmp_path), **kw)
+    out = adapted(batch)
+    assert out[S.GENERATOR][0] == f"tiny-random+lora:{tmp_path}"
+    assert out[S.IMAGE_RAW][0] != base[S.IMAGE_RAW][0]
+    adapted.pipe.set_adapters(["attn2mask"], adapter_weights=[0.0])
+    assert adapted(batch)[S.IMAGE_RAW][0] == base[S.IMAGE_RAW][0]
