@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+OMIT_DEFAULT = {"hash": "omit_default"}  # json_schema_extra: a field added after datasets existed
+# stays out of the config hash while at its default (their hashes do not change)
 
 
 class ConfigError(ValueError):
@@ -97,12 +108,12 @@ class OutputConfig(Strict):
 
 class ImgSynConfig(Strict):
     samples_per_source: int = Field(2, ge=0, description="K images generated per real mask")
-    first_copy: int = Field(0, ge=0, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
+    first_copy: int = Field(0, ge=0, json_schema_extra=OMIT_DEFAULT, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
 
 
 class MaskSynConfig(Strict):
     samples_per_caption: int = Field(2, ge=0, description="M new masks (each with its image) per caption")
-    first_copy: int = Field(0, ge=0, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
+    first_copy: int = Field(0, ge=0, json_schema_extra=OMIT_DEFAULT, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
 
 
 class ValidationConfig(Strict):
@@ -216,8 +227,9 @@ class SelectionConfig(Strict):
 class GenerateConfig(Strict):
     """One generation run. ``pipeline`` picks the graph, ``preset`` the weights."""
 
-    pipeline: Literal["imgsyn", "masksyn", "seggen", "factory"] = Field(
-        "seggen", description="graph to run; seggen = imgsyn + masksyn; factory = Diffusion Synthesis")
+    pipeline: str = Field(
+        "seggen", description="graph to run, a name in the registry (pipelines/graphs/): seggen = imgsyn + "
+        "masksyn; factory = Diffusion Synthesis")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
     palette: Literal["auto", "voc", "ade20k", "ade20k-distinct"] | None = Field(
@@ -242,27 +254,62 @@ class GenerateConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime settings")
     faults: FaultConfig = Field(default_factory=FaultConfig, description="fault injection (tests only)")
 
+    @field_validator("pipeline")
+    @classmethod
+    def _known_graph(cls, name: str) -> str:
+        from pipelines.graphs import graph_names
+
+        if name not in graph_names():
+            raise ValueError(f"unknown graph {name!r}; known: {', '.join(graph_names())}")
+        return name
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_runs_graph(cls, preset: str, info: ValidationInfo) -> str:
+        from pipelines.graphs import get_graph
+
+        pipeline = info.data.get("pipeline")  # absent when it failed its own check
+        presets = get_graph(pipeline).presets if pipeline else (preset,)
+        if preset not in presets:
+            raise ValueError(f"the {pipeline} graph runs with presets {presets}")
+        return preset
+
     def config_hash(self) -> str:
-        """Hash of everything that changes the output bytes (paths and runtime knobs excluded)."""
-        data = self.model_dump(mode="json")
+        """Hash of everything that changes the output bytes (paths and runtime knobs excluded).
+
+        The common keys plus the sections the graph's registry entry lists (``hash_sections``);
+        inside them, ``resources`` and fields marked ``hash: omit_default`` at their default
+        are left out, so adding such a field keeps existing datasets' hashes.
+        """
+        from pipelines.graphs import get_graph
+
+        keep = set(HASH_COMMON) | set(get_graph(self.pipeline).hash_sections)
+        data = {k: v for k, v in _hash_view(self).items() if k in keep}
         data["output"].pop("path")
         data["output"].pop("overwrite")
-        data.pop("ray")
-        data.pop("faults")
         data["source"].pop("path")
-        factory_only = ("captioner", "grounding", "sam", "clip", "prompts", "factory", "selection")
-        if self.pipeline != "factory":  # other graphs ignore them: keep their hashes as they were
-            for key in factory_only:
-                data.pop(key)
-        for stage in ("text2mask", "mask2img", "captioner", "grounding", "sam", "clip"):
-            if stage in data:
-                data[stage].pop("resources")
-        data["cpu"] = None
-        for branch in ("imgsyn", "masksyn"):  # keep the hashes of datasets made before first_copy existed
-            if data[branch]["first_copy"] == 0:
-                data[branch].pop("first_copy")
+        data["cpu"] = None  # CPU task sizes never change bytes; the key stays for the old hashes
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys of every graph's hash; each graph adds its own sections (pipelines.graphs.GraphSpec).
+HASH_COMMON = ("pipeline", "preset", "seed", "palette", "source", "output", "validation", "cpu")
+
+
+def _hash_view(model: BaseModel) -> dict[str, Any]:
+    """``model_dump(mode="json")`` less ``resources`` and omit-default fields at their default."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name == "resources":
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("hash") == "omit_default" and value == info.get_default(call_default_factory=True):
+            continue
+        out[name] = _hash_view(value) if isinstance(value, BaseModel) else model.model_dump(
+            mode="json", include={name})[name]
+    return out
 
 
 # --- loading ------------------------------------------------------------------------------

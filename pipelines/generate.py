@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from pipelines import schema as S
 from pipelines.config import GenerateConfig
-from pipelines.graph import RunContext, build_dataset, stage_plan
+from pipelines.graphs import RunContext, get_graph, stage_plan
+from pipelines.graphs.base import build_dataset
 from pipelines.runtime import init_ray
 from pipelines.stages import SIBLINGS
 from pipelines.writer import (
@@ -48,7 +49,7 @@ def index_rows(cfg: GenerateConfig):
     from pipelines.sources import index_source
 
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
-                         require_masks=cfg.pipeline != "factory")  # the factory draws masks with SAM
+                         require_masks=get_graph(cfg.pipeline).needs_masks)
     rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
     if cfg.source.limit:
         rows = rows[: cfg.source.limit]
@@ -86,10 +87,10 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     stage_seconds: dict[str, float] = {}
     if todo:
         init_ray(cfg.ray)
-        from cluster.prefetch import prefetch_models  # real presets: weights once per node
+        from pipelines.prefetch import prefetch_models  # real presets: weights once per node
 
-        prefetch_models(cfg)
         plan = stage_plan(cfg, ctx, cfg.source.format)
+        prefetch_models(cfg, stage_names={s.name for s in plan})
         ds = build_dataset(todo, plan)
         per_shard: dict[int, int] = {}
         for r in todo:

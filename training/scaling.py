@@ -197,10 +197,12 @@ def _extension(root: Path, parts: list[Path], missing: int):
     """Config of the next extension: the dataset's own graph with copies numbered on from the
     last ones, enough of them for ``missing`` more samples."""
     from pipelines.config import GenerateConfig
+    from pipelines.graphs import get_graph
 
     base = GenerateConfig.model_validate(_manifest(root)["config"])
-    counts = {"imgsyn": base.imgsyn.samples_per_source, "masksyn": base.masksyn.samples_per_caption}
-    branches = [b for b in ("imgsyn", "masksyn") if counts[b] and base.pipeline in (b, "seggen")]
+    # the graph's extendable methods: {method: (config section, key of its copy count)}
+    keys = {sec: (sec, key) for sec, key in get_graph(base.pipeline).extendable}
+    branches = [b for b, (sec, key) in keys.items() if getattr(getattr(base, sec), key)]
     if not branches:
         raise ConfigError(f"synthetic: {root} was made by the {base.pipeline} graph, which cannot be extended; "
                           f"{missing} samples are missing (lower volumes or generate a bigger dataset)")
@@ -210,8 +212,8 @@ def _extension(root: Path, parts: list[Path], missing: int):
         m = _manifest(part)
         pc = GenerateConfig.model_validate(m["config"])
         for b in branches:
-            n = pc.imgsyn.samples_per_source if b == "imgsyn" else pc.masksyn.samples_per_caption
-            first = pc.imgsyn.first_copy if b == "imgsyn" else pc.masksyn.first_copy
+            sec, key = keys[b]
+            n, first = getattr(getattr(pc, sec), key), getattr(pc, sec).first_copy
             rows[b] += m.get("rows_per_method", {}).get(b, 0)
             next_copy[b] = max(next_copy[b], first + n)
     per_level = sum(rows[b] / next_copy[b] for b in branches)  # samples one more copy of each branch adds
@@ -219,8 +221,7 @@ def _extension(root: Path, parts: list[Path], missing: int):
     first = min(next_copy.values())
     update: dict[str, Any] = {"output": {"path": str(root / "extensions" / f"copies-{first}-{first + levels - 1}")}}
     for b in branches:
-        key = "samples_per_source" if b == "imgsyn" else "samples_per_caption"
-        update[b] = {key: levels, "first_copy": next_copy[b]}
+        update[keys[b][0]] = {keys[b][1]: levels, "first_copy": next_copy[b]}
     return GenerateConfig.model_validate(merge(base.model_dump(mode="json"), update))
 
 
