@@ -36,7 +36,10 @@ class ModelStage:
     models: Callable[[GenerateConfig], list[ModelRef]]  # weights it loads under cfg.preset
 
     def resources(self, cfg: GenerateConfig) -> Resources:
-        return getattr(cfg, self.section).resources
+        node = cfg
+        for part in self.section.split("."):  # a nested section, e.g. "aligndiff.fss"
+            node = getattr(node, part)
+        return node.resources
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class GraphSpec:
 
 
 _REGISTRY: dict[str, GraphSpec] = {}
-_BUILTIN = ("pipelines.graphs.seggen", "pipelines.graphs.factory")
+_BUILTIN = ("pipelines.graphs.seggen", "pipelines.graphs.factory", "pipelines.graphs.aligndiff")
 _loaded = False
 
 

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from pipelines.config import RayConfig, SourceConfig, Strict
 
-KINDS = ("text2mask", "mask2img", "lora")
+KINDS = ("text2mask", "mask2img", "lora", "textual_inversion")
 
 
 class BaseModelSpec(Strict):
@@ -71,6 +71,22 @@ class LoraConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
 
 
+class TextualInversionConfig(Strict):
+    """AlignDiff's normalized masked textual inversion (seed 000, Sec. 3.4): one adjective
+    embedding per given instance (a source row x a class in its mask)."""
+
+    bg_weight: float = Field(0.6, ge=0, description="lambda of Eq. 3: weight of the background-averaged loss "
+                             "(the authors' code default 0.6)")
+    template: str = Field("a photo of a {}", description="prompt; '{}' becomes '<v*> <class name>' (the paper's)")
+    ids: list[str] | None = Field(None, description="train only these source ids (the few given pairs); None = all "
+                                  "rows (after source.limit)")
+    classes: list[str] | None = Field(None, description="only instances of these class names; None = every "
+                                      "non-background class present")
+    min_fraction: float = Field(0.001, ge=0, le=1, description="least share of the image a class must cover to "
+                                "become an instance")
+    bank_name: str = Field("bank.safetensors", description="file name of the embedding bank in output.path")
+
+
 class EmaConfig(Strict):
     enabled: bool = Field(False, description="keep an EMA of the trained weights (diffusers EMAModel); the output is the EMA")
     decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay")
@@ -107,8 +123,9 @@ class DebugConfig(Strict):
 class FinetuneConfig(Strict):
     """One fine-tuning run: which generator (``kind``) from which weights (``preset``)."""
 
-    kind: Literal["text2mask", "mask2img", "lora"] = Field("text2mask", description="text2mask = UNet on [caption -> colour map]; "
-                                                          "mask2img = ControlNet on [caption, colour map -> image]; lora = peft LoRA on the UNet")
+    kind: Literal["text2mask", "mask2img", "lora", "textual_inversion"] = Field(
+        "text2mask", description="text2mask = UNet on [caption -> colour map]; mask2img = ControlNet on [caption, colour map "
+        "-> image]; lora = peft LoRA on the UNet; textual_inversion = AlignDiff instance embeddings (an embedding bank)")
     preset: Literal["tiny", "sdxl", "sd15", "sdxl-random"] = Field("tiny", description="which weights the base is built from")
     family: Literal["sdxl", "sd15"] | None = Field(None, description="architecture family; None = the preset's (tiny: sdxl)")
     model: BaseModelSpec = Field(default_factory=BaseModelSpec, description="base weights")
@@ -128,6 +145,8 @@ class FinetuneConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter (kind=lora)")
     ema: EmaConfig = Field(default_factory=EmaConfig, description="EMA of the trained weights")
+    textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig,
+                                                      description="AlignDiff textual inversion (kind=textual_inversion)")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train workers")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="periodic validation")
     output: OutputConfig = Field(default_factory=OutputConfig, description="run directory")

@@ -212,6 +212,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from training.finetune.recipes import RECIPES
 
     check_inputs(cfg)
+    if cfg.kind == "textual_inversion":  # AlignDiff: its own loop (masked loss, embeddings only)
+        from training.finetune.textual_inversion import run_textual_inversion
+
+        return run_textual_inversion(cfg)
     run_dir = Path(cfg.output.path).expanduser().resolve()
     started = time.time()
     existing = checkpoints(run_dir)
