@@ -119,5 +119,25 @@ def test_tiny_run_writes_rounds_that_follow_the_rule(ray_local, toy_source, tmp_
             assert np.array_equal(mask, coarse)
         rounds[r[S.ALIGNDIFF_ROUND]] += 1
         assert r[S.METHOD] == "aligndiff" and r[S.PROMPT].startswith("a photo of a ")
+    # Round 2 = the FSS conditioned on the given pairs + the round-1 samples with their coarse
+    # masks (the aggregate), recomputed here without Ray.
+    from actors.fss_prototype import PrototypeFSS
+    from pipelines.generate import index_rows
+    from pipelines.sources import load_pixels
+
+    fss = PrototypeFSS("tiny", background=0, device="cpu", image_size=32)
+    _, given = index_rows(cfg)
+    pairs = [load_pixels(g, "voc", len(manifest["classes"])) for g in given]
+    state = fss.condition([p[0] for p in pairs], [p[1] for p in pairs], len(manifest["classes"]))
+    good = [r for r in rows if r[S.ALIGNDIFF_ROUND] == 1]
+    if good:
+        fss.condition([_png(r[S.IMAGE]) for r in good], [_png(r[S.ALIGNDIFF_COARSE_MASK]) for r in good],
+                      len(manifest["classes"]), state)
+    for r in rows:
+        if r[S.ALIGNDIFF_ROUND] == 2:
+            target = manifest["classes"].index(r[S.PROMPT].split()[-1])
+            image = _png(r[S.IMAGE])
+            expected, = fss.predict(fss.features([image]), state, [target], [image.shape[:2]])
+            assert (expected == _png(r[S.MASK])).mean() > 0.99   # batch-of-4 vs 1 float noise at ties
     print(f"\naligndiff tiny: rounds {rounds}, pass rate {rounds[1] / len(rows):.3f}, "
           f"{len(rows) / wall:.3f} samples/s ({wall:.1f} s)")

@@ -1,5 +1,5 @@
-"""Algorithm 1 on Ray Data: round assignment, consensus scores and the re-conditioning aggregate
-recomputed independently from the rows that come out."""
+"""Algorithm 1 stage by stage (as ``refine`` wires them on Ray Data): round assignment, consensus
+scores and the re-conditioning aggregate recomputed independently from the rows that come out."""
 
 from __future__ import annotations
 
@@ -69,22 +69,45 @@ def _synthetic_rows():
     return rows
 
 
-def _run(ray, given, relabel):
-    fss = {"preset": "tiny", "background": 0, "device": "cpu", "image_size": 32}
-    pool = {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=1), "batch_size": 4,
-            "num_cpus": 0.25, "batch_format": "numpy"}
-    ds = ray.data.from_items(_synthetic_rows(), override_num_blocks=3)
-    out = R.refine(ds, given_rows=given, source_format="folder", num_classes=2, mask_dtype="|u1",
-                   fss_kwargs=fss, pool=pool, cpu={"num_cpus": 0.25, "batch_format": "numpy"},
-                   alpha=ALPHA, relabel=relabel, keep_masks=True)
-    return sorted(out.take_all(), key=lambda r: int(r[S.SAMPLE_ID].rsplit("/", 1)[1]))
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for k in rows[0]:
+        values = [r[k] for r in rows]
+        if isinstance(values[0], (int, np.integer)):
+            out[k] = np.array(values, np.int64)
+        else:
+            out[k] = np.empty(len(values), dtype=object)
+            out[k][:] = values
+    return out
 
 
-def test_two_rounds_match_algorithm_1(ray_local, given):
+def _run(given):
+    """The stages of ``refine`` in order, in process (the Ray wiring runs in test_graph)."""
     import torch
 
     torch.set_num_threads(1)
-    rows = _run(ray_local, given, relabel=True)
+    host = {"fss_kwargs": {"preset": "tiny", "background": 0, "device": "cpu", "image_size": 32},
+            "num_classes": 2, "mask_dtype": "|u1"}
+    cond = R.ConditionPool(**host, source_format="folder")(_batch(given))
+    state0 = R._from_dense(cond[R._PARTIAL][0], 2)
+    assert int(cond["pairs"][0]) == 2
+    rows = _synthetic_rows()
+    first = [R.ConsensusRound1(**host, state=state0.to_dict(), alpha=ALPHA)(_batch(rows[i:i + 4]))
+             for i in range(0, len(rows), 4)]                      # three blocks, as Ray would split
+    delta = None
+    for block in first:                                           # per-block partials, then their sum
+        part = R._from_dense(R.reduce_contributions(block, num_classes=2, dim=state0.sums.shape[1])[R._PARTIAL][0], 2)
+        delta = part if delta is None else delta.merged(part)
+    state1 = state0.merged(delta)
+    out = []
+    for block in first:
+        done = R.ConsensusRound2(**host, state=state1.to_dict(), relabel=True, keep_masks=True)(block)
+        out += [{k: v[i] for k, v in done.items()} for i in range(len(done[S.SAMPLE_ID]))]
+    return out
+
+
+def test_two_rounds_match_algorithm_1(given):
+    rows = _run(given)
     assert len(rows) == 12
     dropped, live = rows[11], rows[:11]
     assert dropped[R.ROUND] == 0 and np.isnan(dropped[R.SCORE_CONSENSUS_IOU])
