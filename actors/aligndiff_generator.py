@@ -5,8 +5,9 @@ of the pipeline's tokenizer(s) once per actor, so a prompt "a photo of a <alignd
 uses them; a plain "a photo of a sofa" does not. While the pipeline samples, the UNet's
 cross-attention to the class noun's tokens is captured (``actors.attention_capture``, the
 approach of Hertz et al. that AlignDiff builds its coarse masks on): the map is averaged over
-the chosen UNet levels and steps, scaled to [0, 1] by its maximum, upsampled bilinearly to the
-image and thresholded — the coarse mask holds the target class where the map exceeds
+the chosen UNet levels and steps, min-max scaled to [0, 1] (a softmax over the prompt's tokens
+has a floor: dividing by the maximum alone would put most of a flat map above any threshold),
+upsampled bilinearly to the image and thresholded — the coarse mask holds the target class where the map exceeds
 ``coarse_threshold``, else the background id. The refinement (``pipelines.aligndiff_refine``)
 fixes what this gets wrong.
 """
@@ -50,7 +51,8 @@ def noun_positions(tokenizer: Any, prompt: str, noun: str) -> list[int]:
 
 def coarse_masks(maps: np.ndarray, targets: Sequence[int], background: int, size: tuple[int, int],
                  threshold: float, dtype: str) -> list[np.ndarray]:
-    """(B, h, w) attention maps -> (H, W) class-id masks: target where map / max > threshold."""
+    """(B, h, w) attention maps -> (H, W) class-id masks: target where the min-max scaled map
+    exceeds ``threshold`` (a constant map gives no foreground)."""
     import torch
     import torch.nn.functional as F
 
@@ -58,8 +60,8 @@ def coarse_masks(maps: np.ndarray, targets: Sequence[int], background: int, size
                        mode="bilinear", align_corners=False)[:, 0].numpy()
     out = []
     for m, t in zip(up, targets, strict=True):
-        peak = float(m.max())
-        fg = m / peak > threshold if peak > 0 else np.zeros_like(m, bool)
+        low, span = float(m.min()), float(m.max() - m.min())
+        fg = (m - low) / span > threshold if span > 0 else np.zeros_like(m, bool)
         out.append(np.where(fg, int(t), background).astype(dtype))
     return out
 

@@ -254,8 +254,8 @@ class AlignDiffConfig(Strict):
     attention_factors: list[int] = Field([4], description="latent downsampling factors whose cross-attention makes "
                                          "the coarse mask (4 = SD1.5's 16x16 level at 512 px, prompt-to-prompt's)")
     attention_steps: tuple[int, int] | None = Field(None, description="(start, stop) sampling steps captured; None = all")
-    coarse_threshold: float = Field(0.5, ge=0, le=1, description="attention map / its max above this is the class "
-                                    "(the paper does not say)")
+    coarse_threshold: float = Field(0.5, ge=0, le=1, description="the min-max scaled attention map above this is "
+                                    "the class (the paper does not say)")
     alpha: float = Field(0.8, ge=0, le=1, description="IoU consensus threshold of Algorithm 1 (authors' default 0.8)")
     relabel: bool = Field(True, description="round 2 relabels samples below alpha with the re-conditioned FSS (the "
                           "paper); false drops them as low_consensus_iou")
