@@ -81,6 +81,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     _write_index_problems(out, config_hash, index.problems)
     todo = [r for r in rows if r[S.SHARD] not in done]
     ctx = resolve_context(cfg, index)
+    ctx.uncaptioned = sum(1 for r in todo if not r.get(S.CAPTION))  # 0: no captioner pool
     log.info("%d source rows in %d shards; %d shards already complete", len(rows),
              len({r[S.SHARD] for r in rows}), len(done))
 
@@ -88,9 +89,12 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     if todo:
         init_ray(cfg.ray)
         from pipelines.prefetch import prefetch_models  # real presets: weights once per node
+        from pipelines.resources import check_cluster
 
+        names = {s.name for s in stage_plan(cfg, ctx, cfg.source.format)}
+        cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
         plan = stage_plan(cfg, ctx, cfg.source.format)
-        prefetch_models(cfg, stage_names={s.name for s in plan})
+        prefetch_models(cfg, stage_names=names)
         ds = build_dataset(todo, plan)
         per_shard: dict[int, int] = {}
         for r in todo:
