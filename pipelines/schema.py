@@ -51,13 +51,22 @@ CLIP_SOURCE_EMBEDDING = "clip_source_embedding"  # bytes, float32 unit vector of
 SCORE_CLIP_SIMILARITY = SCORE_PREFIX + "clip_similarity"
 SCORE_RESEG_MIOU = SCORE_PREFIX + "reseg_miou"
 PROMPT_TRUNCATED = "prompt_truncated"  # bool: the model cut the prompt to its tokenizer's limit
+# attn2mask graph working columns
+CLASS_SPANS = "class_spans"  # str, JSON [[class_id, start, end], ...]: character spans of class words in prompt
+ATTN_RAW = "attn_raw"  # bytes, float32 G*h*w cross-attention maps, one per class of attn_class_ids
+ATTN_HEIGHT = "attn_height"  # int, h of attn_raw
+ATTN_WIDTH = "attn_width"  # int, w of attn_raw
+ATTN_CLASS_IDS = "attn_class_ids"  # bytes, int32 G class ids of the maps
+SCORE_RELIABLE_FRACTION = SCORE_PREFIX + "reliable_fraction"  # share of pixels not marked 255
+SCORE_RELIABLE_FOREGROUND = SCORE_PREFIX + "reliable_foreground_fraction"  # share of reliable object pixels
 
 # Drop reasons of quality filters: expected losses, counted apart from errors and bad input
 # (they do not count towards validation.max_rejected_fraction).
 LOW_SIMILARITY = "low_similarity"
 LOW_RESEG_MIOU = "low_reseg_miou"
+NO_RELIABLE_FOREGROUND = "no_reliable_foreground"  # attn2mask: no object pixel survived the reliability map
 LOW_CONSENSUS_IOU = "low_consensus_iou"  # aligndiff with relabelling off
-FILTER_REASONS = frozenset({LOW_SIMILARITY, LOW_RESEG_MIOU, LOW_CONSENSUS_IOU})
+FILTER_REASONS = frozenset({LOW_SIMILARITY, LOW_RESEG_MIOU, NO_RELIABLE_FOREGROUND, LOW_CONSENSUS_IOU})
 
 # Optional columns a graph writes when its rows carry them (besides score_*).
 ALIGNDIFF_ROUND = "aligndiff_round"  # 1: coarse mask kept (consensus), 2: relabelled by the re-conditioned FSS
