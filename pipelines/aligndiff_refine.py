@@ -243,12 +243,13 @@ def _sum_partials(ds, num_classes: int):
 
 
 def refine(ds, *, given_rows: list[dict[str, Any]] | None = None, cfg: Any = None, source_format: str,
-           num_classes: int, mask_dtype: str, fss_kwargs: dict[str, Any], pool: dict[str, Any],
-           cpu: dict[str, Any], alpha: float, relabel: bool, keep_masks: bool):
+           num_classes: int, mask_dtype: str, fss_kwargs: dict[str, Any], cpu: dict[str, Any], alpha: float,
+           relabel: bool, keep_masks: bool, **pool: Any):
     """Algorithm 1 on a Dataset of generated rows (image_raw, coarse mask_raw, aligndiff_class).
 
     ``given_rows`` are the source index rows (D_good); None re-reads them from ``cfg``'s
-    source. ``pool``: map_batches arguments of the FSS actor pools; ``cpu``: of CPU tasks.
+    source. ``pool``: map_batches arguments of the FSS actor pools (``compute``, ``batch_size``,
+    ``num_gpus``...: the plan's dry run reads them like any pool's); ``cpu``: of CPU tasks.
     Returns the round-2 Dataset (lazy); conditioning and round 1 run here.
     """
     import ray

@@ -339,7 +339,6 @@ class AlignDiffConfig(Strict):
                           "paper); false drops them as low_consensus_iou")
     keep_masks: bool = Field(False, description="also write the coarse and round-1 FSS masks (aligndiff_coarse_mask, "
                              "aligndiff_fss_mask PNG columns) for audit")
-    fss: FssStage = Field(default_factory=FssStage, description="few-shot segmenter")
     resources: Resources = Field(default_factory=lambda: Resources(num_gpus=1), description="generator pool and batch")
 
 
@@ -383,6 +382,7 @@ class GenerateConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime settings")
     faults: FaultConfig = Field(default_factory=FaultConfig, description="fault injection (tests only)")
     aligndiff: AlignDiffConfig = Field(default_factory=AlignDiffConfig, description="AlignDiff graph settings")
+    fss: FssStage = Field(default_factory=FssStage, description="few-shot segmenter stage (aligndiff)")
 
     @field_validator("pipeline")
     @classmethod

@@ -38,10 +38,7 @@ class ModelStage:
     models: Callable[[GenerateConfig], list[ModelRef]]  # weights it loads under cfg.preset
 
     def resources(self, cfg: GenerateConfig) -> Resources:
-        node = cfg
-        for part in self.section.split("."):  # a nested section, e.g. "aligndiff.fss"
-            node = getattr(node, part)
-        return node.resources
+        return getattr(cfg, self.section).resources
 
 
 @dataclass(frozen=True)

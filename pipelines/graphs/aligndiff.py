@@ -34,7 +34,7 @@ from pipelines.graphs.base import (
 )
 
 PRESETS = ("tiny", "sd15", "sdxl")
-HASH_SECTIONS = ("aligndiff",)
+HASH_SECTIONS = ("aligndiff", "fss")
 CLASS_NAME = "aligndiff_class_name"
 NO_BANK_ENTRY = "no_bank_entry"
 _COLUMNS: dict[str, Any] = {
@@ -125,7 +125,7 @@ def generator_kwargs(cfg: GenerateConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def fss_kwargs(cfg: GenerateConfig, ctx: RunContext) -> dict[str, Any]:
-    f = cfg.aligndiff.fss
+    f = cfg.fss
     return {"preset": cfg.preset, "background": ctx.background, "model_id": f.model.id, "revision": f.model.revision,
             "local_path": f.model.local_path, "dtype": f.model.dtype, "image_size": f.image_size}
 
@@ -149,7 +149,7 @@ def plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage
             "redo_if": partial(stages.image_needs_redo, min_image_std=cfg.validation.min_image_std)}}),
         Stage("refine", aligndiff_refine.refine, {
             "cfg": cfg, "source_format": source_format, "num_classes": len(ctx.classes), "mask_dtype": ctx.mask_dtype,
-            "fss_kwargs": fss_kwargs(cfg, ctx), "pool": pool_args(a.fss.resources), "cpu": cpu, "alpha": a.alpha,
+            "fss_kwargs": fss_kwargs(cfg, ctx), **pool_args(cfg.fss.resources), "cpu": cpu, "alpha": a.alpha,
             "relabel": a.relabel, "keep_masks": a.keep_masks}, kind="dataset"),
         Stage("finalize", stages.finalize, {**cpu, "fn_kwargs": {
             "image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality,
@@ -162,11 +162,11 @@ def _generator_models(cfg: GenerateConfig) -> list[ModelRef]:
 
 
 def _fss_models(cfg: GenerateConfig) -> list[ModelRef]:
-    return [transformers_ref("aligndiff.fss.model", cfg.aligndiff.fss.model)] if cfg.preset in REAL_PRESETS else []
+    return [transformers_ref("fss.model", cfg.fss.model)] if cfg.preset in REAL_PRESETS else []
 
 
 GENERATOR = ModelStage("generate", "aligndiff", "actors.aligndiff_generator:AlignDiffGenerator", _generator_models)
-FSS = ModelStage("refine", "aligndiff.fss", "actors.fss_prototype:PrototypeFSS", _fss_models)
+FSS = ModelStage("refine", "fss", "actors.fss_prototype:PrototypeFSS", _fss_models)
 
 register(GraphSpec(
     name="aligndiff", description="AlignDiff: bank embeddings + coarse attention masks refined by a few-shot "

@@ -50,7 +50,7 @@ def test_plan_and_config_errors(toy_source, tmp_path):
     assert [s.kind for s in plan] == ["map_batches", "map_batches", "dataset", "map_batches"]
     refine = plan[2].kwargs
     assert (refine["alpha"], refine["relabel"], refine["keep_masks"]) == (0.8, True, True)
-    assert refine["pool"]["batch_size"] == 4 and refine["fss_kwargs"]["image_size"] == 32
+    assert refine["batch_size"] == 4 and refine["compute"].max_size == 1 and refine["fss_kwargs"]["image_size"] == 32
     assert plan[1].kwargs["fn_constructor_kwargs"]["actor_kwargs"]["family"] == "sd15"
     with pytest.raises(ConfigError, match="aligndiff.bank"):
         stage_plan(load_config(GenerateConfig, CONFIG, []), ctx, "voc")
