@@ -65,7 +65,16 @@ SCORE_RELIABLE_FOREGROUND = SCORE_PREFIX + "reliable_foreground_fraction"  # sha
 LOW_SIMILARITY = "low_similarity"
 LOW_RESEG_MIOU = "low_reseg_miou"
 NO_RELIABLE_FOREGROUND = "no_reliable_foreground"  # attn2mask: no object pixel survived the reliability map
-FILTER_REASONS = frozenset({LOW_SIMILARITY, LOW_RESEG_MIOU, NO_RELIABLE_FOREGROUND})
+LOW_CONSENSUS_IOU = "low_consensus_iou"  # aligndiff with relabelling off
+FILTER_REASONS = frozenset({LOW_SIMILARITY, LOW_RESEG_MIOU, NO_RELIABLE_FOREGROUND, LOW_CONSENSUS_IOU})
+
+# Optional columns a graph writes when its rows carry them (besides score_*).
+ALIGNDIFF_ROUND = "aligndiff_round"  # 1: coarse mask kept (consensus), 2: relabelled by the re-conditioned FSS
+ALIGNDIFF_COARSE_MASK = "aligndiff_coarse_mask"  # PNG: the cross-attention mask (aligndiff.keep_masks)
+ALIGNDIFF_FSS_MASK = "aligndiff_fss_mask"  # PNG: the round-1 FSS prediction (aligndiff.keep_masks)
+EXTRA_COLUMNS: dict[str, pa.DataType] = {
+    ALIGNDIFF_ROUND: pa.int32(), ALIGNDIFF_COARSE_MASK: pa.binary(), ALIGNDIFF_FSS_MASK: pa.binary(),
+}
 
 METHODS = ("imgsyn", "masksyn", "factory", "aligndiff", "attn2mask")
 

@@ -246,6 +246,7 @@ def finalize(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int,
         masks[i] = encode_mask(S.raw_to_array(batch[S.MASK_RAW][i], h, w, mask_dtype))
     out = {col: batch[col] for col in S.DATASET_SCHEMA.names if col in batch}
     out.update({col: batch[col] for col in batch if col.startswith(S.SCORE_PREFIX)})  # filter scores
+    out.update({col: batch[col] for col in batch if col in S.EXTRA_COLUMNS})  # graph-specific columns
     out[S.IMAGE] = _objects(images)
     out[S.MASK] = _objects(masks)
     out[S.DROP_REASON] = _objects(reasons)

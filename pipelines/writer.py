@@ -91,14 +91,16 @@ class ShardWriter:
 
 
 def score_fields(rows: list[dict[str, Any]]) -> list[pa.Field]:
-    """A float64 field per ``score_*`` key of ``rows``; NaN (row not scored) becomes null."""
+    """A float64 field per ``score_*`` key of ``rows`` (NaN, a row not scored, becomes null),
+    then a field per graph-specific column (``schema.EXTRA_COLUMNS``) the rows carry."""
     names = sorted({k for r in rows for k in r if k.startswith(S.SCORE_PREFIX)})
     for r in rows:
         for k in names:
             v = r.get(k)
             if isinstance(v, float) and v != v:
                 r[k] = None
-    return [pa.field(k, pa.float64()) for k in names]
+    extra = sorted({k for r in rows for k in r if k in S.EXTRA_COLUMNS})
+    return [pa.field(k, pa.float64()) for k in names] + [pa.field(k, S.EXTRA_COLUMNS[k]) for k in extra]
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:

@@ -71,6 +71,20 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from training.finetune.config import FinetuneConfig
+    from training.finetune.run import run_finetune
+
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    final = run_finetune(load_config(FinetuneConfig, args.config, overrides))
+    print(f"{final['kind']}: {final['final_step']} steps, {final.get('steps_per_s') or 0:.2f} steps/s, "
+          f"held-out loss {final['val_loss_initial']} -> {final['val_loss_final']}"
+          + (f", colour fidelity {final['val_fidelity']:.3f}" if final.get("val_fidelity") is not None else ""))
+    print(f"model: {final['model']}")
+    return EXIT_OK
+
+
 def add_training_commands(subparsers) -> None:
     """Register ``train`` and ``evaluate`` on the main parser's subparsers."""
     p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
@@ -95,3 +109,10 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--report", default=None, metavar="DIR", help="re-render results.csv, fit.json and scaling.png of a sweep directory")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. volumes=[0,1000] train.iterations=300 output.path=DIR")
     p.set_defaults(func=_cmd_scaling)
+
+    p = subparsers.add_parser("finetune", help="fine-tune a generator (Text2Mask, Mask2Img ControlNet, LoRA) on Ray Train")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. training/configs/text2mask-tiny.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
+    p.add_argument("overrides", nargs="*",
+                   help="key.sub=value overrides, e.g. source.path=DIR source.format=voc output.path=OUT iterations=100")
+    p.set_defaults(func=_cmd_finetune)

@@ -21,11 +21,16 @@ from pipelines.config import GenerateConfig, Resources
 
 @dataclass
 class Stage:
-    """One ``map_batches`` call: the callable and its keyword arguments."""
+    """One ``map_batches`` call: the callable and its keyword arguments.
+
+    ``kind="dataset"``: ``fn(ds, **kwargs)`` returns the next Dataset — for a step that needs
+    the whole stream, such as AlignDiff's two rounds with an aggregate between them.
+    """
 
     name: str
     fn: Any
     kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str = "map_batches"
 
 
 @dataclass
@@ -197,7 +202,7 @@ def build_dataset(rows: list[dict[str, Any]], plan: list[Stage]):
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
     for stage in plan:
-        ds = ds.map_batches(stage.fn, **stage.kwargs)
+        ds = stage.fn(ds, **stage.kwargs) if stage.kind == "dataset" else ds.map_batches(stage.fn, **stage.kwargs)
     return ds
 
 

@@ -1,0 +1,295 @@
+"""The driver side of ``segfactory finetune``: pairs, latent cache, TorchTrainer, export.
+
+Run directory (``output.path``)::
+
+    config.yaml            resolved config
+    cache/{train,val}/     Parquet: latents (+ flipped), text embeddings, colour maps (cache_latents)
+    metrics.csv            step, loss, lr, timings, val_loss, val_fidelity (live)
+    samples/step_*.png     validation sample grids
+    checkpoint_NNNNNNN/    trained.safetensors (+ ema.safetensors), train_state.pt, segfactory.json
+    model/                 the diffusers folder to point generation at (+ segfactory.json: palette)
+    final.json             loss before/after, throughput, where the model is
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import ConfigError
+from training.finetune.config import FinetuneConfig
+from training.finetune.worker import EMA_FILE, META_FILE, STATE_FILE, WEIGHTS_FILE, finetune_loop
+
+log = logging.getLogger("segfactory.finetune")
+
+CSV_COLUMNS = ["step", "loss", "lr", "data_wait_fraction", "step_time_s", "steps_per_s", "val_loss",
+               "val_fidelity", "elapsed_s"]
+
+
+def check_inputs(cfg: FinetuneConfig) -> None:
+    if not cfg.output.path:
+        raise ConfigError("output.path: required (the run directory)")
+    if not cfg.source.path:
+        raise ConfigError("source.path: required (the training pairs)")
+    if cfg.source.format == "captions":
+        raise ConfigError("source.format: captions has no masks or images to train on")
+    if cfg.workers.strategy == "fsdp" and (cfg.kind == "lora" or cfg.ema.enabled):
+        raise ConfigError("workers.strategy: fsdp is for full fine-tuning without EMA (lora/ema use ddp)")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return sorted((p for p in run_dir.glob("checkpoint_*") if (p / STATE_FILE).is_file()), key=lambda p: p.name)
+
+
+def build_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Arguments of ``models.build_components`` (the same base for the cache and the workers)."""
+    return {"preset": cfg.preset, "family": cfg.resolved_family, "model_id": cfg.model.id,
+            "revision": cfg.model.revision, "local_path": cfg.model.local_path, "seed": cfg.seed}
+
+
+# --- metrics.csv --------------------------------------------------------------------------
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Keep rows up to ``after_step`` (a resumed or restarted run re-does later steps)."""
+    rows = [r for r in _rows(path) if int(r["step"]) <= after_step]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def append_metrics(path: Path, m: dict[str, Any]) -> None:
+    rows = _rows(path)
+    if rows and int(rows[-1]["step"]) >= m["step"]:
+        truncate_metrics(path, m["step"] - 1)
+    with path.open("a", newline="") as f:
+        csv.DictWriter(f, CSV_COLUMNS).writerow(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in m.items() if k in CSV_COLUMNS})
+
+
+def _callback(run_dir: Path):
+    from ray.train.v2.api.callback import UserCallback
+
+    class MetricsLog(UserCallback):
+        """On the Train controller: metrics.csv and progress lines, like ``segfactory train``."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not log.handlers and not logging.getLogger().handlers:  # the controller's own process
+                handler = logging.StreamHandler()
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                log.addHandler(handler)
+                log.setLevel(logging.INFO)
+            m = metrics[0]
+            if "step" not in m:
+                return
+            append_metrics(run_dir / "metrics.csv", m)
+            msg = f"[finetune] step {m['step']}/{m['iterations']}"
+            if "loss" in m:
+                msg += (f" loss {m['loss']:.4f} lr {m['lr']:.2e} {m['steps_per_s']:.2f} it/s "
+                        f"data-wait {m['data_wait_fraction']:.0%}")
+            if "val_loss" in m:
+                msg += f" | val loss {m['val_loss']:.4f}"
+            if "val_fidelity" in m:
+                msg += f" colour fidelity {m['val_fidelity']:.3f}"
+            log.info(msg)
+
+    return MetricsLog()
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def resolve_palette(cfg: FinetuneConfig, index: Any) -> tuple[str, Any]:
+    """The palette ``generate`` would use for this source and config (same resolution rule)."""
+    from actors.colormap import palette_by_name
+
+    name = cfg.palette or index.palette_hint or "auto"
+    return name, palette_by_name(name, len(index.classes))
+
+
+def pair_datasets(cfg: FinetuneConfig, palette: Any, index: Any, val_rows: list[dict]) -> dict[str, Any]:
+    """Ray Datasets of pairs (pixels): ``train`` and ``val`` (bad rows filtered out)."""
+    import ray
+
+    from training.finetune.pairs import DROP, make_pairs
+
+    rows = sorted(index.rows, key=lambda r: r["source_id"])[: cfg.source.limit or None]
+    kwargs = {"format": index.format, "classes": list(index.classes), "background": index.background_index,
+              "palette": palette.tolist(), "resolution": cfg.data.resolution,
+              "caption_source": cfg.captions.source, "template": cfg.captions.template}
+    out = {}
+    for name, part in (("train", rows), ("val", val_rows)):
+        ds = ray.data.from_items(part, override_num_blocks=max(1, min(len(part), 64)))
+        ds = ds.map_batches(make_pairs, fn_kwargs=kwargs, batch_size=8, num_cpus=cfg.data.encode_num_cpus,
+                            batch_format="numpy")
+        out[name] = ds.filter(lambda r: not r[DROP]).drop_columns([DROP])
+    return out
+
+
+def cache_key(cfg: FinetuneConfig, palette: Any, target_key: str) -> str:
+    """What the cached latents depend on: base weights, source, pairs, flips, palette, seed."""
+    data = {"build": build_kwargs(cfg), "source": cfg.source.model_dump(), "captions": cfg.captions.model_dump(),
+            "resolution": cfg.data.resolution, "flip": cfg.data.flip, "val": [cfg.data.val_split, cfg.data.val_count],
+            "palette": palette.tolist(), "target": target_key}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], run_dir: Path, key: str, target_key: str) -> dict[str, Any]:
+    """Encode once with an actor pool (Ray Data ``map_batches``), write Parquet, read it back.
+
+    A cache whose ``key.json`` matches (same base, source, pairs) is reused as it is."""
+    import ray
+
+    from training.finetune.pairs import EncodeActor
+
+    root = run_dir / "cache"
+    marker = root / "key.json"
+    if not (marker.is_file() and json.loads(marker.read_text()).get("key") == key):
+        started = time.perf_counter()
+        d = cfg.data
+        for name, ds in pairs.items():
+            enc = ds.map_batches(
+                EncodeActor, batch_size=d.encode_batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.encode_actors),
+                num_gpus=d.encode_num_gpus, num_cpus=d.encode_num_cpus,
+                fn_constructor_kwargs={"build": build_kwargs(cfg), "family": cfg.resolved_family,
+                                       "target_key": target_key, "flip": d.flip, "seed": cfg.seed})
+            enc.write_parquet(str(root / name), mode="overwrite")
+        marker.write_text(json.dumps({"key": key, "encode_s": round(time.perf_counter() - started, 3)}))
+        log.info("latent cache written to %s in %.1f s", root, time.perf_counter() - started)
+    else:
+        log.info("reusing the latent cache in %s", root)
+    return {name: ray.data.read_parquet(str(root / name)) for name in ("train", "val")}
+
+
+# --- run ----------------------------------------------------------------------------------
+
+
+def export_model(cfg: FinetuneConfig, ckpt: Path, out: Path) -> None:
+    """Build the base on CPU, load the checkpoint's trained (EMA if any) weights, save the
+    diffusers folder. Runs in the driver so DDP and FSDP runs export the same way."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from training.finetune.models import build_components
+    from training.finetune.recipes import make_recipe
+
+    comps = build_components(**build_kwargs(cfg), device="cpu")
+    recipe = make_recipe(cfg.kind, comps, cfg.resolved_family, cfg.data.resolution, lora=cfg.lora,
+                         controlnet_path=cfg.model.controlnet_local_path)
+    weights = ckpt / (EMA_FILE if (ckpt / EMA_FILE).is_file() else WEIGHTS_FILE)
+    recipe.load_state_dict(recipe.module, load_file(str(weights)))
+    meta = json.loads((ckpt / META_FILE).read_text())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    recipe.export(tmp, meta)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``."""
+    from actors.colormap import default_ignore_color
+    from pipelines.runtime import init_ray
+    from pipelines.sources import SourceError, index_source
+    from training.finetune.recipes import RECIPES
+
+    check_inputs(cfg)
+    if cfg.kind == "textual_inversion":  # AlignDiff: its own loop (masked loss, embeddings only)
+        from training.finetune.textual_inversion import run_textual_inversion
+
+        return run_textual_inversion(cfg)
+    run_dir = Path(cfg.output.path).expanduser().resolve()
+    started = time.time()
+    existing = checkpoints(run_dir)
+    if existing and not cfg.resume:
+        raise ConfigError(f"output.path: {run_dir} already has checkpoints; pass resume=true (--resume) or a new output.path")
+    try:
+        index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes)
+        try:
+            held = index_source(cfg.source.path, cfg.source.format, split=cfg.data.val_split, classes=cfg.source.classes)
+            val_rows = sorted(held.rows, key=lambda r: r["source_id"])[: cfg.data.val_count]
+        except SourceError:
+            val_rows = []
+    except SourceError as exc:
+        raise ConfigError(f"source.path: {exc}") from None
+    if not val_rows:  # no val split: hold out the last training rows
+        rows = sorted(index.rows, key=lambda r: r["source_id"])
+        index.rows, val_rows = rows[: -cfg.data.val_count], rows[-cfg.data.val_count:]
+    if not index.rows:
+        raise ConfigError(f"source.path: {cfg.source.path} has no training rows with masks")
+    palette_name, palette = resolve_palette(cfg, index)
+    init_ray(cfg.ray)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    target_key = RECIPES[cfg.kind].target_key
+    pairs = pair_datasets(cfg, palette, index, val_rows)
+    datasets = cached_datasets(cfg, pairs, run_dir, cache_key(cfg, palette, target_key), target_key) \
+        if cfg.data.cache_latents else pairs
+    resume_from, step = None, 0
+    if cfg.resume and existing:
+        resume_from = existing[-1]
+        step = json.loads((resume_from / META_FILE).read_text())["step"]
+        log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
+    truncate_metrics(run_dir / "metrics.csv", step if resume_from else -1)
+    out_meta = {"palette": palette.tolist(), "palette_name": palette_name, "classes": list(index.classes),
+                "ignore_color": list(default_ignore_color(palette)), "family": cfg.resolved_family,
+                "resolution": cfg.data.resolution, "base": cfg.model.local_path or cfg.model.id or f"{cfg.preset}-random"}
+    meta = {"run_dir": str(run_dir), "build": build_kwargs(cfg), "palette": palette.tolist(),
+            "resume_from": str(resume_from) if resume_from else None, "out_meta": out_meta}
+    trainer = make_trainer(cfg, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir)
+    log.info("fine-tuning %s (%s, %s) for %d steps x %d pairs x %d workers -> %s", cfg.kind, cfg.preset,
+             cfg.resolved_family, cfg.iterations, cfg.batch_size * cfg.grad_accum, cfg.workers.num_workers, run_dir)
+    trainer.fit()
+    ckpt = checkpoints(run_dir)[-1]
+    export_model(cfg, ckpt, run_dir / "model")
+    rows = [r for r in _rows(run_dir / "metrics.csv") if r.get("val_loss")]
+    sps = sorted(float(r["steps_per_s"]) for r in _rows(run_dir / "metrics.csv") if r.get("steps_per_s"))
+    final = {"kind": cfg.kind, "final_step": json.loads((ckpt / META_FILE).read_text())["step"],
+             "iterations": cfg.iterations, "model": str(run_dir / "model"), "checkpoint": str(ckpt),
+             "val_loss_initial": float(rows[0]["val_loss"]) if rows and rows[0]["step"] == "0" else None,
+             "val_loss_final": float(rows[-1]["val_loss"]) if rows else None,
+             "val_fidelity": float(rows[-1]["val_fidelity"]) if rows and rows[-1].get("val_fidelity") else None,
+             "steps_per_s": sps[len(sps) // 2] if sps else None, "palette_name": palette_name,
+             "restarts": len(list(run_dir.glob(".failed_at_*"))), "wall_s": round(time.time() - started, 3)}
+    tmp = run_dir / "final.json.tmp"
+    tmp.write_text(json.dumps(final, indent=1))
+    tmp.replace(run_dir / "final.json")
+    log.info("%s done: step %d, held-out loss %s -> %s, model in %s", cfg.kind, final["final_step"],
+             final["val_loss_initial"], final["val_loss_final"], final["model"])
+    return final
+
+
+def make_trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: Path):
+    """TorchTrainer with fractional worker CPUs, FailureConfig and checkpoints in ``run_dir``;
+    ``train`` is split across workers, ``val`` is given whole to each."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    w = cfg.workers
+    resources = {"CPU": w.cpus_per_worker, **({"GPU": 1} if w.use_gpu else {})}
+    return TorchTrainer(
+        finetune_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+                             callbacks=[_callback(run_dir)]),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
