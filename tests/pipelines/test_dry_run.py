@@ -17,6 +17,9 @@ from segfactory.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 REAL = [p for p in CONFIGS if "-sd" in p.name]
+# keys a config leaves to the user (its first line names them): the aligndiff graphs need a bank
+USER_KEYS = {"aligndiff-tiny": ["aligndiff.bank=/data/bank.safetensors"],
+             "aligndiff-sd15": ["aligndiff.bank=/data/bank.safetensors"]}
 
 
 def _cfg(path, *overrides) -> GenerateConfig:
@@ -27,9 +30,10 @@ def _cfg(path, *overrides) -> GenerateConfig:
 def test_dry_run_json_of_every_shipped_config(path, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("pipelines.dryrun.detect_gpus", lambda cfg: (1, "a one-GPU box", "test"))
-    code = main(["generate", "--config", str(path), "--dry-run", "--format", "json"])
+    extra = USER_KEYS.get(path.stem, [])
+    code = main(["generate", "--config", str(path), *extra, "--dry-run", "--format", "json"])
     plan = json.loads(capsys.readouterr().out)
-    cfg = _cfg(path)
+    cfg = _cfg(path, *extra)
     assert {"stages", "models", "min_gpus", "problems"} <= set(plan)
     pools = [s for s in plan["stages"] if s["kind"] == "pool"]
     assert [s["name"] for s in pools] == [m.name for m in get_graph(cfg.pipeline).model_stages(cfg)]

@@ -176,7 +176,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
     state: dict[str, Any] | None = None
     if resume:
         recipe.load_state_dict(recipe.module, load_file(str(Path(resume) / WEIGHTS_FILE), device=str(device)))
-        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)  # plain state dicts only: no pickled code
     strategy = cfg.workers.strategy if world > 1 or cfg.workers.strategy == "fsdp" else "ddp"
     model = ray.train.torch.prepare_model(recipe.module, parallel_strategy=strategy) if world > 1 else recipe.module
     params = recipe.parameters(recipe.module)
