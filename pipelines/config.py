@@ -48,6 +48,8 @@ class ModelSpec(Strict):
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
     family: Literal["sdxl", "sd15"] = Field("sdxl", description="architecture family")
+    lora_path: str | None = Field(None, description="LoRA adapter weights (segfactory finetune kind=lora: OUT/model) "
+                                  "loaded into this base UNet with load_lora_weights; base models only, any preset")
 
 
 class Text2MaskStage(Strict):
@@ -258,6 +260,10 @@ class GenerateConfig(Strict):
             if stage in data:
                 data[stage].pop("resources")
         data["cpu"] = None
+        for stage in ("text2mask", "mask2img"):  # keep the hashes of configs made before lora_path existed
+            for spec in ("model", "controlnet"):
+                if spec in data.get(stage, {}) and data[stage][spec].get("lora_path") is None:
+                    data[stage][spec].pop("lora_path", None)
         for branch in ("imgsyn", "masksyn"):  # keep the hashes of datasets made before first_copy existed
             if data[branch]["first_copy"] == 0:
                 data[branch].pop("first_copy")

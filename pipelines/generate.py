@@ -43,6 +43,18 @@ def resolve_context(cfg: GenerateConfig, index) -> RunContext:
                       background=index.background_index)
 
 
+def _check_text2mask_palette(cfg: GenerateConfig, ctx: RunContext) -> None:
+    """A fine-tuned Text2Mask records its palette: refuse one that differs, in one line."""
+    from actors.diffusion_models import check_palette
+    from pipelines.config import ConfigError
+
+    if cfg.preset != "toy" and cfg.pipeline in ("masksyn", "seggen") and cfg.masksyn.samples_per_caption:
+        try:
+            check_palette(cfg.text2mask.model.local_path, ctx.palette)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def index_rows(cfg: GenerateConfig):
     """The source's rows in a stable order, each tagged with its shard."""
     from pipelines.sources import index_source
@@ -80,6 +92,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     _write_index_problems(out, config_hash, index.problems)
     todo = [r for r in rows if r[S.SHARD] not in done]
     ctx = resolve_context(cfg, index)
+    _check_text2mask_palette(cfg, ctx)
     log.info("%d source rows in %d shards; %d shards already complete", len(rows),
              len({r[S.SHARD] for r in rows}), len(done))
 

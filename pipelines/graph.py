@@ -83,7 +83,7 @@ def _model_actors(cfg: GenerateConfig, ctx: RunContext) -> tuple[tuple[type, dic
 
 
 def _model_kwargs(spec, prefix: str = "") -> dict[str, Any]:
-    keys = ("id", "revision", "local_path") if prefix else ("id", "revision", "local_path", "dtype")
+    keys = ("id", "revision", "local_path") if prefix else ("id", "revision", "local_path", "dtype", "lora_path")
     names = {"id": "model_id"} if not prefix else {}
     return {f"{prefix}{names.get(k, k)}": getattr(spec, k) for k in keys}
 
