@@ -87,12 +87,12 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     if not cfg.output.path:
         raise ValueError("output.path: required")
     index, rows = index_rows(cfg)
+    _check_text2mask_palette(cfg, resolve_context(cfg, index))  # before anything is written
     config_hash = cfg.config_hash()
     done = prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite)
     _write_index_problems(out, config_hash, index.problems)
     todo = [r for r in rows if r[S.SHARD] not in done]
     ctx = resolve_context(cfg, index)
-    _check_text2mask_palette(cfg, ctx)
     log.info("%d source rows in %d shards; %d shards already complete", len(rows),
              len({r[S.SHARD] for r in rows}), len(done))
 
