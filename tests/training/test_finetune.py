@@ -236,3 +236,30 @@ def test_text2mask_on_ray_train_resumes_and_its_outputs_generate(ray_local, toy_
     with pytest.raises(ConfigError, match="trained with another palette"):
         run_generate(bad)
     assert not (tmp_path / "gen2").exists()
+
+
+def test_sd15_mask2img_from_pixels_exports_a_controlnet_generate_loads(toy_source, tmp_path):
+    """cache_latents=false (VAE/text encoders at every step) on the SD1.5 family; the exported
+    ControlNet is what Mask2Img loads through controlnet_local_path with the tiny preset."""
+    import torch
+
+    from actors.mask2img import Mask2Img
+    from training.finetune.local import pairs_from_source, train_steps
+    from training.finetune.models import PairEncoder, build_components
+    from training.finetune.recipes import make_recipe
+    from training.finetune.run import build_kwargs
+
+    cfg = quick_cfg("mask2img", toy_source, "", "family=sd15", "data.cache_latents=false")
+    pairs, palette, _ = pairs_from_source(cfg, "train", 8)
+    comps = build_components(**build_kwargs(cfg))
+    recipe = make_recipe("mask2img", comps, "sd15", cfg.data.resolution)
+    stats = train_steps(cfg, recipe, pairs, 3, encoder=PairEncoder(comps, "sd15"))
+    assert len(stats["losses"]) == 3 and np.isfinite(stats["losses"]).all()
+    recipe.export(tmp_path / "cn", {"palette": palette.tolist()})
+    m2i = Mask2Img("tiny", family="sd15", steps=2, resolution=32, controlnet_local_path=str(tmp_path / "cn"), device="cpu")
+    trained = recipe.module.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in m2i.pipe.controlnet.state_dict().items())
+    out = m2i({"sample_id": np.array(["a"], object), "prompt": np.array(["a photo"], object), "seed": np.array([1]),
+               "color_raw": np.array([pairs["cond"][0].tobytes()], object), "height": np.array([32]),
+               "width": np.array([32])})
+    assert len(out["image_raw"][0]) == 32 * 32 * 3 and out["generator"][0] == f"tiny-random+local:{tmp_path / 'cn'}"
