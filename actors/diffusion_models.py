@@ -280,11 +280,14 @@ def build_pipeline(task: str, preset: str, family: str | None = None, model_id: 
                    controlnet_local_path: str | None = None, device: str | None = None,
                    sampler: str = DEFAULT_SAMPLER, seed: int = 0, variant: str | None = None,
                    controlnet_variant: str | None = None,
-                   vae: Mapping[str, Any] | None = None) -> Any:
+                   vae: Mapping[str, Any] | None = None, lora_path: str | None = None) -> Any:
     """A ready pipeline for ``task`` (``text2img`` or ``controlnet``) on the chosen device.
 
     ``sampler``: a name of ``actors.samplers.SAMPLERS``; ``variant``/``controlnet_variant``:
     weight file variants (real presets); ``vae``: a VAE override (see :func:`load_vae`).
+    ``local_path`` / ``controlnet_local_path`` load those folders with every preset (with
+    ``tiny``/``sdxl-random`` they replace the random components); ``lora_path`` loads LoRA
+    adapter weights (``segfactory finetune`` kind=lora) into the UNet.
     """
     family = resolve_family(preset, family)
     dev = pick_device(device)
@@ -295,9 +298,10 @@ def build_pipeline(task: str, preset: str, family: str | None = None, model_id: 
             comps = tiny_components(family, controlnet=task == "controlnet", seed=seed)
         else:
             comps = sdxl_random_components(controlnet=task == "controlnet")
-            for name, comp in comps.items():
-                if hasattr(comp, "to_empty"):
-                    comps[name] = materialize(comp, dev, torch_dtype, seed=seed)
+        comps = local_overrides(comps, task, family, local_path, controlnet_local_path, torch_dtype)
+        for name, comp in comps.items():
+            if _is_meta(comp):
+                comps[name] = materialize(comp, dev, torch_dtype, seed=seed)
         pipe = cls(**comps, **_extras(family))
     else:
         pipe = _load_real(task, preset, family, cls, torch_dtype, model_id, revision, local_path,
@@ -305,26 +309,82 @@ def build_pipeline(task: str, preset: str, family: str | None = None, model_id: 
                           controlnet_variant, vae)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe = pipe.to(dev)  # dtypes were set at construction or load time
+    if lora_path:
+        load_lora(pipe, lora_path)
     pipe.set_progress_bar_config(disable=True)
     log.info("built %s %s pipeline (%s, sampler %s) on %s/%s", preset, task, cls.__name__, sampler,
              dev, torch_dtype)
     return pipe
 
 
+def _is_meta(comp: Any) -> bool:
+    params = getattr(comp, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first is not None and first.is_meta
+
+
+def local_overrides(comps: dict, task: str, family: str, local_path: str | None,
+                    controlnet_local_path: str | None, dtype: Any) -> dict:
+    """Random (tiny / sdxl-random) components with the given local folders loaded in their
+    place: a pipeline folder replaces the base models (UNet, VAE, text encoders, tokenizers,
+    scheduler), a ControlNet folder the ControlNet. Safetensors only, offline."""
+    if local_path:
+        base = _from_pretrained(_pipeline_class("text2img", family), None, None, local_path, dtype,
+                                "local_path", **_extras(family))
+        comps = dict(comps)
+        comps.update({k: v for k, v in base.components.items() if k in comps and v is not None})
+        comps["scheduler"] = base.scheduler  # build_pipeline sets the configured sampler on its config
+    if controlnet_local_path and task == "controlnet":
+        from diffusers import ControlNetModel
+
+        comps = dict(comps)
+        comps["controlnet"] = _from_pretrained(ControlNetModel, None, None, controlnet_local_path, dtype, "controlnet")
+    return comps
+
+
+def load_lora(pipe: Any, lora_path: str) -> None:
+    """LoRA adapter weights (a folder or file, safetensors) into the pipeline's UNet."""
+    import os
+
+    if not os.path.exists(lora_path):
+        raise FileNotFoundError(f"lora_path: {lora_path} not found")
+    pipe.load_lora_weights(lora_path, adapter_name="segfactory")
+    log.info("loaded LoRA adapter %s", lora_path)
+
+
+def check_palette(local_path: str | None, palette: Any) -> None:
+    """Refuse a fine-tuned Text2Mask whose recorded palette (``segfactory.json``, written by
+    ``segfactory finetune``) differs from this run's: its colours would decode to wrong classes."""
+    import json
+
+    if not local_path or not os.path.isfile(os.path.join(local_path, "segfactory.json")):
+        return
+    with open(os.path.join(local_path, "segfactory.json"), encoding="utf-8") as f:
+        recorded = json.load(f).get("palette")
+    ours = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
+    if recorded is not None and (np.asarray(recorded).shape != ours.shape or (np.asarray(recorded) != ours).any()):
+        raise ValueError(f"text2mask.model.local_path: {local_path} was trained with another palette "
+                         f"({len(recorded)} colours, first {recorded[:2]}) than this run's ({len(ours)} colours, "
+                         f"first {ours[:2].tolist()}); set `palette` to match the fine-tuning run")
+
+
 def generator_name(preset: str, model_id: str | None = None, revision: str | None = None,
                    local_path: str | None = None, controlnet_id: str | None = None,
                    controlnet_revision: str | None = None,
                    controlnet_local_path: str | None = None,
-                   vae: Mapping[str, Any] | None = None) -> str:
+                   vae: Mapping[str, Any] | None = None, lora_path: str | None = None) -> str:
     """Provenance for the ``generator`` column: ``id@revision`` (``+controlnet@rev`` if any,
-    ``+vae:id@rev`` with a VAE override)."""
-    if preset in ("tiny", "sdxl-random"):
+    ``+vae:id@rev`` with a VAE override, ``+lora:path`` with an adapter)."""
+    if preset in ("tiny", "sdxl-random") and not (local_path or controlnet_local_path or lora_path):
         return f"{preset}-random" if preset == "tiny" else preset
 
     def one(mid: str | None, rev: str | None, path: str | None) -> str:
         return f"{mid}@{rev or 'main'}" if mid else f"local:{path}"
 
-    name = one(model_id, revision, local_path)
+    random_base = {"tiny": "tiny-random", "sdxl-random": "sdxl-random"}.get(preset)
+    name = random_base if random_base and not local_path else one(model_id, revision, local_path)
+    if lora_path:
+        name += f"+lora:{lora_path}"
     if controlnet_id or controlnet_local_path:
         name += "+" + one(controlnet_id, controlnet_revision, controlnet_local_path)
     if vae:

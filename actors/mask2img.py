@@ -68,6 +68,7 @@ class Mask2Img:
         max_rows_per_call: int | None = None,
         size_multiple: int | None = None,
         pipeline: Any = None,
+        lora_path: str | None = None,
     ) -> None:
         """Build the ControlNet pipeline once (or take ``pipeline``, ready built — convention 2).
 
@@ -80,7 +81,7 @@ class Mask2Img:
         self.max_rows_per_call = max_rows_per_call
         model = {"model_id": model_id, "revision": revision, "local_path": local_path,
                  "controlnet_id": controlnet_id, "controlnet_revision": controlnet_revision,
-                 "controlnet_local_path": controlnet_local_path}
+                 "controlnet_local_path": controlnet_local_path, "lora_path": lora_path}
         self.generator_name = dm.generator_name(preset, **model, vae=vae)
         self.pipe = pipeline if pipeline is not None else dm.build_pipeline(
             "controlnet", preset, family=family, dtype=dtype, device=device, sampler=sampler,

@@ -64,6 +64,7 @@ class Text2Mask:
         ignore_color: Sequence[int] | None = None,
         max_distance: float | None = None,
         pipeline: Any = None,
+        lora_path: str | None = None,
     ) -> None:
         """Build the pipeline once (or take ``pipeline``, ready built — convention 2).
 
@@ -76,10 +77,11 @@ class Text2Mask:
         self.steps, self.guidance_scale, self.resolution = steps, guidance_scale, resolution
         self.max_rows_per_call = max_rows_per_call
         self.ignore_color, self.max_distance = ignore_color, max_distance
+        dm.check_palette(local_path, self.palette)  # a fine-tuned Text2Mask speaks one palette
         self.pipe = pipeline if pipeline is not None else dm.build_pipeline(
             "text2img", preset, family=family, model_id=model_id, revision=revision,
             local_path=local_path, dtype=dtype, device=device, sampler=sampler, variant=variant,
-            vae=vae)
+            vae=vae, lora_path=lora_path)
         self.multiple = size_multiple or dm.size_multiple(self.pipe)
         self.calls = 0  # pipeline calls made, for logs and tests
 

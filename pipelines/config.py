@@ -61,6 +61,9 @@ class ModelSpec(Strict):
     family: Literal["sdxl", "sd15"] = Field("sdxl", description="architecture family")
     variant: str | None = Field(None, json_schema_extra=OMIT_DEFAULT, description="weights variant, e.g. 'fp16': "
                                 "only the *.fp16.safetensors files are loaded and prefetched; None = the plain files")
+    lora_path: str | None = Field(None, json_schema_extra=OMIT_DEFAULT, description="LoRA adapter weights (segfactory "
+                                  "finetune kind=lora: OUT/model) loaded into this base UNet with load_lora_weights; "
+                                  "base models only, any preset")
 
 
 class VaeSpec(Strict):

@@ -44,6 +44,18 @@ def resolve_context(cfg: GenerateConfig, index) -> RunContext:
     return RunContext(classes=list(index.classes), palette=palette, background=index.background_index)
 
 
+def _check_text2mask_palette(cfg: GenerateConfig, ctx: RunContext) -> None:
+    """A fine-tuned Text2Mask records its palette: refuse one that differs, in one line."""
+    from actors.diffusion_models import check_palette
+    from pipelines.config import ConfigError
+
+    if cfg.preset != "toy" and cfg.pipeline in ("masksyn", "seggen") and cfg.masksyn.samples_per_caption:
+        try:
+            check_palette(cfg.text2mask.model.local_path, ctx.palette)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def index_rows(cfg: GenerateConfig):
     """The source's rows in a stable order, each tagged with its shard."""
     from pipelines.sources import index_source
@@ -76,6 +88,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     if not cfg.output.path:
         raise ValueError("output.path: required")
     index, rows = index_rows(cfg)
+    _check_text2mask_palette(cfg, resolve_context(cfg, index))  # before anything is written
     config_hash = cfg.config_hash()
     done = prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite)
     _write_index_problems(out, config_hash, index.problems)

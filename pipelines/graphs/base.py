@@ -154,7 +154,8 @@ def _sampling_kwargs(stage) -> dict[str, Any]:
 
 
 def _model_kwargs(spec, prefix: str = "") -> dict[str, Any]:
-    keys = ("id", "revision", "local_path", "variant") if prefix else ("id", "revision", "local_path", "dtype", "variant")
+    keys = ("id", "revision", "local_path", "variant") if prefix else \
+        ("id", "revision", "local_path", "dtype", "variant", "lora_path")
     names = {"id": "model_id"} if not prefix else {}
     return {f"{prefix}{names.get(k, k)}": getattr(spec, k) for k in keys}
 

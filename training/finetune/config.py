@@ -48,6 +48,8 @@ class FinetuneData(Strict):
     encode_actors: int = Field(1, ge=1, description="encoder actor pool size in the caching pass")
     encode_num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (fractional shares one)")
     encode_num_cpus: float = Field(0.5, gt=0, description="CPUs per encoder actor / decode task")
+    in_memory: bool = Field(False, description="keep each worker's share of the (cached) training rows in memory after "
+                            "the first epoch instead of re-reading it every epoch; for small datasets only")
     shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer (rows) of the training stream; 0 = off")
 
 

@@ -232,7 +232,8 @@ def ti_loop(config: dict[str, Any]) -> None:
 
     start_loss = eval_loss()
     ray.train.report({"step": 0, "iterations": cfg.iterations, "val_loss": start_loss})
-    batches = _epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer, cfg.seed)
+    batches = _epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer, cfg.seed,
+                      cfg.data.in_memory)
     gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
     window, t0, started = [], time.perf_counter(), time.perf_counter()
     for step in range(1, cfg.iterations + 1):

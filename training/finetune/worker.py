@@ -61,24 +61,50 @@ def to_device(batch: dict[str, np.ndarray], device: Any, flips: np.ndarray | Non
     return out
 
 
-def _epochs(shard: Any, batch_size: int, shuffle: int, seed: int):
-    """Endless batches: one pass of the shard per epoch (a fresh local shuffle each)."""
-    epoch = 0
+def _epochs(shard: Any, batch_size: int, shuffle: int, seed: int, in_memory: bool):
+    """Endless batches: one pass of the shard per epoch (a fresh local shuffle each). With
+    ``in_memory`` the first pass is kept and later epochs reshuffle it in the worker (no Ray
+    Data execution per epoch: small datasets, e.g. the tiny recipes and few-shot sets)."""
+    epoch, kept = 0, []
     while True:
         got = 0
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=shuffle or None,
                                         local_shuffle_seed=(seed + epoch) if shuffle else None):
             got += 1
+            if in_memory:
+                kept.append(batch)
             yield batch
         if not got:
             raise RuntimeError(f"training data: no full batch of {batch_size} rows on this worker")
         epoch += 1
+        if in_memory:
+            break
+    rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+    n = len(rows["caption"])
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for s in range(0, n - batch_size + 1, batch_size):
+            idx = order[s:s + batch_size]
+            yield {k: v[idx] for k, v in rows.items()}
 
 
 def _whole(shard: Any) -> dict[str, np.ndarray]:
     parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def denoising_loss(recipe: Any, model: Any, batch: dict[str, Any], scheduler: Any, gen: Any = None) -> Any:
+    """One training loss: noise at uniform timesteps, MSE of the prediction against the
+    noise (epsilon) or the velocity (v) as the scheduler's ``prediction_type`` says."""
+    import torch
+
+    from training.finetune.models import draw_noise, target_for
+
+    noisy, noise, ts = draw_noise(batch["latents"], scheduler, gen)
+    pred = recipe.predict(model, noisy, ts, batch)
+    return torch.nn.functional.mse_loss(pred.float(), target_for(scheduler, batch["latents"], noise, ts).float())
 
 
 def make_optimizer(cfg: FinetuneConfig, params: list[Any]):
@@ -147,10 +173,8 @@ def finetune_loop(config: dict[str, Any]) -> None:
     from training.finetune.models import (
         PairEncoder,
         build_components,
-        draw_noise,
         eval_timesteps,
         noise_scheduler,
-        target_for,
     )
     from training.finetune.recipes import make_recipe
     from training.finetune.validate import color_fidelity, held_out_loss, sample_grid
@@ -202,7 +226,8 @@ def finetune_loop(config: dict[str, Any]) -> None:
     val = to_device(val_np, device, None, encoder, recipe.target_key, torch.Generator(str(device)).manual_seed(cfg.seed))
     ts_eval = eval_timesteps(scheduler, cfg.validation.timesteps)
     palette = np.asarray(meta["palette"], np.uint8)
-    batches = _epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer, cfg.seed + step)
+    batches = _epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer, cfg.seed + step,
+                      cfg.data.in_memory)
     rng = np.random.default_rng((cfg.seed, rank, step))
     gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank * 100003 + step)
 
@@ -232,11 +257,9 @@ def finetune_loop(config: dict[str, Any]) -> None:
             flips = rng.random(len(nb["caption"])) < 0.5 if cfg.data.flip else None
             batch = to_device(nb, device, flips, encoder, recipe.target_key, gen if device.type == "cpu" else None)
             wait += time.perf_counter() - tw
-            noisy, noise, ts = draw_noise(batch["latents"], scheduler, gen)
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, cfg.workers.bf16):
-                pred = recipe.predict(model, noisy, ts, batch)
-                loss = torch.nn.functional.mse_loss(pred.float(), target_for(scheduler, batch["latents"], noise, ts).float())
+                loss = denoising_loss(recipe, model, batch, scheduler, gen)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
         if cfg.optim.grad_clip:
