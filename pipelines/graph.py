@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from pipelines import schema as S
@@ -130,9 +131,13 @@ def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list
     return plan
 
 
-def build_dataset(rows: list[dict[str, Any]], plan: list[Stage]) -> ray.data.Dataset:
-    """Source rows (ids, paths, captions, shard) → the stream of finished rows."""
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+def build_dataset(rows: list[dict[str, Any]] | pa.Table, plan: list[Stage]) -> ray.data.Dataset:
+    """Source rows (ids, paths, captions, shard; dicts or an Arrow table) → the stream of finished rows."""
+    if isinstance(rows, pa.Table):  # columns, zero-copy slices: no Python object per row
+        step = max(1, -(-rows.num_rows // 200))
+        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, max(rows.num_rows, 1), step)])
+    else:
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
     for stage in plan:
         ds = ds.map_batches(stage.fn, **stage.kwargs)
     return ds

@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - a named error is better than a traceback for users
         from pipelines.sources import SourceError
+        from pipelines.storage import StorageError
         from pipelines.writer import OutputConflict
 
-        if isinstance(exc, OutputConflict | SourceError):  # the user's input, named in the message
+        if isinstance(exc, OutputConflict | SourceError | StorageError):  # the user's input, named in the message
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         logging.getLogger("segfactory").exception("failed: %s", exc)
