@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import schema as S
+from pipelines import storage
 from pipelines.stages import decode_png
+from pipelines.storage import Location
 
 
 def print_generate_summary(result) -> None:
@@ -32,18 +34,20 @@ def print_generate_summary(result) -> None:
     print("\n".join(lines))
 
 
-def read_manifest(dataset: Path) -> dict:
+def read_manifest(dataset: Location | str | os.PathLike) -> dict:
+    dataset = storage.resolve(dataset, "dataset")
     path = dataset / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; is {dataset} a segfactory dataset?")
-    return json.loads(path.read_text())
+    if not storage.is_file(path):
+        raise storage.StorageError(f"{path}: no manifest; is {dataset} a segfactory dataset?")
+    return json.loads(storage.read_text(path))
 
 
-def class_frequencies(dataset: Path, num_classes: int) -> np.ndarray:
+def class_frequencies(dataset: Location | str | os.PathLike, num_classes: int) -> np.ndarray:
     """Pixel share of each class over all kept masks (ignore excluded)."""
+    dataset = storage.resolve(dataset, "dataset")
     counts = np.zeros(num_classes, dtype=np.int64)
-    for f in sorted((dataset / "shards").glob("*.parquet")):
-        for mask_png in pq.read_table(f, columns=[S.MASK]).column(S.MASK).to_pylist():
+    for f in storage.listdir(dataset / "shards", ".parquet"):
+        for mask_png in pq.read_table(f.path, columns=[S.MASK], filesystem=f.fs).column(S.MASK).to_pylist():
             mask = decode_png(mask_png)
             counts += np.bincount(mask[mask != S.IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
     total = counts.sum()
@@ -58,11 +62,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     return np.where(valid[..., None], out, image).astype(np.uint8)
 
 
-def contact_sheet(dataset: Path, palette: np.ndarray, n: int, tile: int = 160) -> Image.Image:
+def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n: int, tile: int = 160) -> Image.Image:
     """Rows of ``image | mask overlay`` for the first ``n`` samples (sorted by sample_id)."""
+    dataset = storage.resolve(dataset, "dataset")
     samples = []
-    for f in sorted((dataset / "shards").glob("*.parquet")):
-        samples += pq.read_table(f, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK]).to_pylist()
+    for f in storage.listdir(dataset / "shards", ".parquet"):
+        samples += pq.read_table(f.path, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK], filesystem=f.fs).to_pylist()
         if len(samples) >= n:
             break
     samples = samples[:n]
@@ -79,8 +84,9 @@ def contact_sheet(dataset: Path, palette: np.ndarray, n: int, tile: int = 160) -
     return sheet
 
 
-def inspect_dataset(dataset: Path, n_samples: int = 16, sheet: str | None = None) -> dict:
-    """Print counts and class frequencies; write the contact sheet PNG."""
+def inspect_dataset(dataset: Location | str | os.PathLike, n_samples: int = 16, sheet: str | None = None) -> dict:
+    """Print counts and class frequencies; write the contact sheet PNG (beside the data, any URI)."""
+    dataset = storage.resolve(dataset, "dataset")
     m = read_manifest(dataset)
     classes, palette = m["classes"], np.array(m["palette"], dtype=np.uint8)
     freq = class_frequencies(dataset, len(classes))
@@ -94,8 +100,10 @@ def inspect_dataset(dataset: Path, n_samples: int = 16, sheet: str | None = None
     for name, share in sorted(zip(classes, freq, strict=True), key=lambda t: -t[1]):
         if share > 0:
             print(f"  {name:<20} {share:.3f}")
-    sheet_path = Path(sheet) if sheet else dataset / "contact_sheet.png"
-    contact_sheet(dataset, palette, n_samples).save(sheet_path)
+    sheet_path = storage.resolve(sheet, "--sheet") if sheet else dataset / "contact_sheet.png"
+    png = io.BytesIO()
+    contact_sheet(dataset, palette, n_samples).save(png, format="PNG")
+    storage.write_bytes(sheet_path, png.getvalue())
     print(f"contact sheet: {sheet_path}")
     return {"class_frequencies": dict(zip(classes, freq.tolist(), strict=True)), "sheet": str(sheet_path),
             "counts": Counter(m["rows_per_method"])}

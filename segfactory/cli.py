@@ -87,7 +87,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from pipelines.report import inspect_dataset
 
-    inspect_dataset(Path(args.dataset), n_samples=args.samples, sheet=args.sheet)
+    inspect_dataset(args.dataset, n_samples=args.samples, sheet=args.sheet)
     return EXIT_OK
 
 
