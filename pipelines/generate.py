@@ -104,7 +104,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
              len(done), out)
 
     stage_seconds: dict[str, float] = {}
-    nodes: list[str] = []
+    per_node: dict[str, int] = {}
     if todo.num_rows:
         init_ray(cfg.ray)
         from cluster.prefetch import prefetch_models  # real presets: weights once per node
@@ -129,7 +129,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         if missing:
             raise RuntimeError(f"shards {missing[:20]} never completed: rows were lost in the graph")
         stage_seconds = _stage_seconds(ds)
-        nodes = sorted(progress.nodes)
+        per_node = dict(sorted(progress.shards_per_node.items()))
 
     summary = summarize_output(out)
     total = summary["rows"] + summary["rejected_rows"]
@@ -150,7 +150,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         "versions": _versions(),
         "timings": {"wall_s": round(wall, 3), "stage_busy_s": stage_seconds,
                     "samples_per_s": round(summary["rows"] / wall, 4) if wall else 0.0,
-                    "writer_nodes": len(nodes)},
+                    "shards_per_writer_node": per_node},  # this run's shards, by the node that wrote them
         "columns": {"per_row_extra_in_rejected": [S.SOURCE_PATH], "siblings": SIBLINGS},
     }
     write_manifest(out, manifest)

@@ -21,7 +21,7 @@ class Progress:
     def __init__(self, total_shards: int, done_before: int, interval_s: float):
         self.total, self.done_before, self.interval_s = total_shards, done_before, interval_s
         self.shards = self.kept = self.rejected = 0
-        self.nodes: set[str] = set()
+        self.shards_per_node: dict[str, int] = {}  # bounded by the cluster's nodes, not the job
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -32,8 +32,8 @@ class Progress:
             self.shards += 1
             self.kept += int(rec["kept"])
             self.rejected += int(rec["rejected"])
-            if rec.get("node"):
-                self.nodes.add(rec["node"])
+            node = rec.get("node") or "?"
+            self.shards_per_node[node] = self.shards_per_node.get(node, 0) + 1
 
     def line(self) -> str:
         with self._lock:

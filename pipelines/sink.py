@@ -8,7 +8,7 @@ shards, writes a shard once every source row is accounted for (:class:`ShardWrit
 returns a small completion record. The blocks travel worker → actor through the object store;
 the driver's stream carries only completion records (a few dozen bytes per shard).
 
-Writer actors are spread over the nodes (``SPREAD``); they hold the rows of their unfinished
+Writer actors are spread over the nodes (round-robin); they hold the rows of their unfinished
 shards only, so memory is bounded by shards in flight, not by the job.
 """
 
@@ -57,7 +57,7 @@ class ShardWriterActor:
 
 def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, count: int, num_cpus: float,
                  hang_after_shards: int | None = None) -> list:
-    """Start ``count`` writer actors spread over the cluster's nodes.
+    """Start ``count`` writer actors, round-robin over the cluster's nodes.
 
     With the test-only ``hang_after_shards`` fault there is one writer, so "after N shards" is a
     global count and nothing else writes once it froze.
@@ -66,9 +66,18 @@ def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, count:
 
     if hang_after_shards is not None:
         count = 1
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     target = out.path if out.is_local else out.uri  # a worker's cwd is not the driver's
-    cls = ray.remote(ShardWriterActor).options(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_restarts=0)
-    return [cls.remote(target, config_hash, n_rows, rows_per_shard, i, hang_after_shards) for i in range(count)]
+    # Round-robin over the nodes that run work (CPU > 0; a KubeRay head often has none), soft so
+    # a lost node does not block. (Ray's "SPREAD" left zero-CPU actors on one node in tests.)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = sorted(n["NodeID"] for n in alive if n.get("Resources", {}).get("CPU", 0) > 0) or \
+        sorted(n["NodeID"] for n in alive)
+    cls = ray.remote(ShardWriterActor)
+    return [cls.options(num_cpus=num_cpus, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        nodes[i % len(nodes)], soft=True)).remote(target, config_hash, n_rows, rows_per_shard, i, hang_after_shards)
+        for i in range(count)]
 
 
 def route_to_writers(batch: pa.Table, writers: list) -> pa.Table:
