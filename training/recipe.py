@@ -34,12 +34,27 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Config combinations a field validator cannot see; raises ConfigError naming the key."""
     if not cfg.output.path:
         raise ConfigError("output.path: required (the run directory)")
+    _require_local("output.path", cfg.output.path)
     if not cfg.real.path:
         raise ConfigError("real.path: required (evaluation always uses the real val split)")
     if cfg.strategy != "real_only" and not (cfg.synthetic.paths or cfg.synthetic.live):
         raise ConfigError(f"synthetic.paths: strategy={cfg.strategy} needs synthetic.paths or synthetic.live")
     if cfg.synthetic.live is not None and not cfg.synthetic.live.config:
         raise ConfigError("synthetic.live.config: required (a generation YAML)")
+
+
+def _require_local(key: str, path: str) -> None:
+    """Run directories (checkpoints, metrics, final.json) are local or on a shared mount for now;
+    an object-store URI is a clear error instead of a local folder named ``s3:``."""
+    from pipelines import storage
+
+    try:
+        loc = storage.resolve(path, key)
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+    if not loc.is_local:
+        raise ConfigError(f"{key}={path}: a training run directory must be a local path or a shared mount "
+                          "(datasets may be URIs: real.path, synthetic.paths, --data)")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
