@@ -44,5 +44,5 @@ def test_train_then_evaluate_with_datasets_on_s3(train_ray, s3_inputs, quick, tm
 def test_a_run_directory_on_object_storage_is_a_clear_error(s3_server, small_real, quick):
     cfg = load_config(TrainConfig, ROOT / "training" / "configs" / "toy.yaml",
                       quick(small_real, "s3://train-in/run"))
-    with pytest.raises(ConfigError, match="output.path=s3://train-in/run: a training run directory must be local"):
+    with pytest.raises(ConfigError, match="output.path=s3://train-in/run: a training run directory must be a local path"):
         run_train(cfg)
