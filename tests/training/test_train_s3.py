@@ -46,3 +46,10 @@ def test_a_run_directory_on_object_storage_is_a_clear_error(s3_server, small_rea
                       quick(small_real, "s3://train-in/run"))
     with pytest.raises(ConfigError, match="output.path=s3://train-in/run: a training run directory must be a local path"):
         run_train(cfg)
+
+
+def test_a_checkpoint_on_object_storage_is_a_clear_error(s3_server):
+    from training.recipe import resolve_checkpoint
+
+    with pytest.raises(ConfigError, match="--checkpoint=s3://b/run: a training run directory must be a local path"):
+        resolve_checkpoint("s3://b/run")
