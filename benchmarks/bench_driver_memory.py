@@ -8,6 +8,11 @@ Each run is a fresh process with its own 2-CPU Ray; the driver's peak RSS is tha
 commit, e.g. ``git -C /work/main archive HEAD | tar -x -C DIR``) it also runs the small size
 with that code at the large size (where start-up matters least) and prints samples/s new/old,
 measured in this one run.
+
+Measured on the 2-core build machine (shared, load ~70), ``--small 1000 --large 10000``: driver
+peak RSS 246.8 MB vs 259.9 MB, ratio 1.053; toy 70.33 samples/s vs the previous driver-writer
+code's 69.81 at 10000 samples (new/old 1.007; the old driver peaked at 268.8 MB there). An earlier
+300/3000 run: ratio 1.053 too.
 """
 
 from __future__ import annotations
