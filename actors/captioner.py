@@ -84,6 +84,7 @@ class Captioner:
         model_id: str | None = None,
         revision: str | None = None,
         local_path: str | None = None,
+        variant: str | None = None,
         dtype: str = "float16",
         device: str | None = None,
         prompt: str | None = None,
@@ -104,13 +105,13 @@ class Captioner:
                                 "num_beams": num_beams, "do_sample": False}
         self.device, self.dtype = vm.device_and_dtype(preset, device, dtype)
         if model is None or processor is None:
-            model, processor = self._build(preset, model_id, revision, local_path)
+            model, processor = self._build(preset, model_id, revision, local_path, variant)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.calls = 0  # generate calls made, for logs and tests
 
     def _build(self, preset: str, model_id: str | None, revision: str | None,
-               local_path: str | None) -> tuple[Any, Any]:
+               local_path: str | None, variant: str | None = None) -> tuple[Any, Any]:
         if preset == "tiny":
             return tiny_captioner(self.kind)
         from transformers import (
@@ -120,7 +121,8 @@ class Captioner:
         )
 
         cls = BlipForConditionalGeneration if self.kind == "blip" else Blip2ForConditionalGeneration
-        model = vm.load_pretrained(cls, model_id, revision, local_path, "captioner", dtype=self.dtype)
+        model = vm.load_pretrained(cls, model_id, revision, local_path, "captioner", dtype=self.dtype,
+                                   variant=variant)
         processor = vm.load_pretrained(AutoProcessor, model_id, revision, local_path, "captioner", weights=False)
         if self.kind == "blip2" and getattr(processor, "num_query_tokens", None) is None:
             processor.num_query_tokens = model.config.num_query_tokens  # older processor configs

@@ -46,6 +46,7 @@ class ClipEmbedder:
         model_id: str | None = None,
         revision: str | None = None,
         local_path: str | None = None,
+        variant: str | None = None,
         dtype: str = "float16",
         device: str | None = None,
         columns: Mapping[str, str] | None = None,
@@ -62,7 +63,7 @@ class ClipEmbedder:
                 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
                 model = vm.load_pretrained(CLIPVisionModelWithProjection, model_id, revision, local_path, "clip",
-                                           dtype=self.dtype)
+                                           dtype=self.dtype, variant=variant)
                 processor = vm.load_pretrained(CLIPImageProcessor, model_id, revision, local_path, "clip",
                                                weights=False)
         self.model, self.processor = model.to(self.device).eval(), processor

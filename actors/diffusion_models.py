@@ -7,13 +7,8 @@
 - ``sdxl`` / ``sd15``: ``from_pretrained`` by id + revision or local path, safetensors only,
   never ``trust_remote_code``.
 
-Scheduler: SegGen samples with "the default EDM sampler" (Karras et al. 2022). diffusers'
-``EDMEulerScheduler`` is for EDM-parameterised models: it feeds the UNet ``c_noise = log(sigma)/4``
-instead of a discrete timestep and uses ``sigma_data = 0.5`` preconditioning, which an
-eps-prediction SDXL/SD1.5 UNet was never trained on. So we use ``EulerDiscreteScheduler`` with
-``use_karras_sigmas=True``: Euler steps (EDM's sampler with no churn, as in Stability's
-``EulerEDMSampler``) over EDM's rho=7 sigma discretisation of the model's own sigma range, with the
-model's own VP preconditioning. One UNet evaluation per step.
+Sampler: chosen by name (``sampler``), see ``actors/samplers.py``; SegGen's default is ``edm``
+(Euler over EDM's rho=7 sigmas from the model's own sigma_max, as SGM's ``EulerEDMSampler``).
 
 Heavy imports (torch, diffusers, transformers) happen inside functions.
 """
@@ -28,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_configs as cfg
+from actors.samplers import DEFAULT_SAMPLER, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +149,7 @@ def tiny_components(family: str = "sdxl", controlnet: bool = False, seed: int = 
                                     "controlnet_cond_embedding.conv_out")):
                     p.normal_(0.0, 0.1)
         comps["controlnet"] = net
-    comps["scheduler"] = edm_scheduler(cfg.LDM_SCHEDULER)
+    comps["scheduler"] = make_scheduler(DEFAULT_SAMPLER, cfg.LDM_SCHEDULER)
     return comps
 
 
@@ -170,7 +166,7 @@ def sdxl_random_components(controlnet: bool = False) -> dict:
         comps |= _text_encoders("sdxl", tiny=False, tokenizer=make_clip_tokenizer())
         if controlnet:
             comps["controlnet"] = ControlNetModel(**cfg.SDXL_CONTROLNET)
-    comps["scheduler"] = edm_scheduler(cfg.LDM_SCHEDULER)
+    comps["scheduler"] = make_scheduler(DEFAULT_SAMPLER, cfg.LDM_SCHEDULER)
     return comps
 
 
@@ -205,13 +201,6 @@ def materialize(module: Any, device: str, dtype: Any, seed: int = 0) -> Any:
     return module.eval()
 
 
-def edm_scheduler(config: Mapping, karras_sigmas: bool = True) -> Any:
-    """EulerDiscreteScheduler on the model's own betas with EDM (Karras) sigmas — see module doc."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler.from_config(dict(config), use_karras_sigmas=karras_sigmas)
-
-
 def _pipeline_class(task: str, family: str) -> Any:
     import diffusers
 
@@ -234,8 +223,15 @@ def _extras(family: str) -> dict:
 
 
 def _from_pretrained(cls: Any, model_id: str | None, revision: str | None,
-                     local_path: str | None, dtype: Any, what: str, **kwargs: Any) -> Any:
-    """Load real weights; a local path wins over a hub id. Safetensors only, no remote code."""
+                     local_path: str | None, dtype: Any, what: str, variant: str | None = None,
+                     **kwargs: Any) -> Any:
+    """Load real weights; a local path wins over a hub id. Safetensors only, no remote code.
+
+    ``variant`` (e.g. "fp16") picks the ``*.fp16.safetensors`` files of every component, as
+    diffusers' ``variant=``; the hub layout is the same in a local copy.
+    """
+    if variant:
+        kwargs["variant"] = variant
     if local_path:
         return cls.from_pretrained(local_path, use_safetensors=True, torch_dtype=dtype,
                                    local_files_only=True, **kwargs)
@@ -247,13 +243,49 @@ def _from_pretrained(cls: Any, model_id: str | None, revision: str | None,
                                torch_dtype=dtype, **kwargs)
 
 
+def load_vae(spec: Mapping[str, Any], dtype: Any) -> Any:
+    """A VAE override (e.g. ``madebyollin/sdxl-vae-fp16-fix``, which decodes in fp16 without
+    NaNs): ``spec`` holds ``id``, ``revision``, ``local_path`` and optionally ``subfolder`` and
+    ``variant``; loaded like every other component."""
+    from diffusers import AutoencoderKL
+
+    extra = {"subfolder": spec["subfolder"]} if spec.get("subfolder") else {}
+    return _from_pretrained(AutoencoderKL, spec.get("id"), spec.get("revision"), spec.get("local_path"),
+                            dtype, "vae", variant=spec.get("variant"), **extra)
+
+
+def _load_real(task: str, preset: str, family: str, cls: Any, torch_dtype: Any, model_id: str | None,
+               revision: str | None, local_path: str | None, variant: str | None,
+               controlnet_id: str | None, controlnet_revision: str | None,
+               controlnet_local_path: str | None, controlnet_variant: str | None,
+               vae: Mapping[str, Any] | None) -> Any:
+    """The sdxl/sd15 pipeline from real weights (hub id + revision, or local path)."""
+    kwargs = _extras(family)
+    if task == "controlnet":
+        from diffusers import ControlNetModel
+
+        kwargs["controlnet"] = _from_pretrained(ControlNetModel, controlnet_id, controlnet_revision,
+                                                controlnet_local_path, torch_dtype, "controlnet",
+                                                variant=controlnet_variant)
+    if vae:
+        kwargs["vae"] = load_vae(vae, torch_dtype)
+    return _from_pretrained(cls, model_id, revision, local_path, torch_dtype, preset, variant=variant,
+                            **kwargs)
+
+
 def build_pipeline(task: str, preset: str, family: str | None = None, model_id: str | None = None,
                    revision: str | None = None, local_path: str | None = None,
                    dtype: str = "float16", controlnet_id: str | None = None,
                    controlnet_revision: str | None = None,
                    controlnet_local_path: str | None = None, device: str | None = None,
-                   karras_sigmas: bool = True, seed: int = 0) -> Any:
-    """A ready pipeline for ``task`` (``text2img`` or ``controlnet``) on the chosen device."""
+                   sampler: str = DEFAULT_SAMPLER, seed: int = 0, variant: str | None = None,
+                   controlnet_variant: str | None = None,
+                   vae: Mapping[str, Any] | None = None) -> Any:
+    """A ready pipeline for ``task`` (``text2img`` or ``controlnet``) on the chosen device.
+
+    ``sampler``: a name of ``actors.samplers.SAMPLERS``; ``variant``/``controlnet_variant``:
+    weight file variants (real presets); ``vae``: a VAE override (see :func:`load_vae`).
+    """
     family = resolve_family(preset, family)
     dev = pick_device(device)
     torch_dtype = resolve_dtype("float32" if preset == "tiny" else dtype, dev)
@@ -268,26 +300,24 @@ def build_pipeline(task: str, preset: str, family: str | None = None, model_id: 
                     comps[name] = materialize(comp, dev, torch_dtype, seed=seed)
         pipe = cls(**comps, **_extras(family))
     else:
-        kwargs = _extras(family)
-        if task == "controlnet":
-            from diffusers import ControlNetModel
-
-            kwargs["controlnet"] = _from_pretrained(ControlNetModel, controlnet_id,
-                                                    controlnet_revision, controlnet_local_path,
-                                                    torch_dtype, "controlnet")
-        pipe = _from_pretrained(cls, model_id, revision, local_path, torch_dtype, preset, **kwargs)
-        pipe.scheduler = edm_scheduler(pipe.scheduler.config, karras_sigmas)
+        pipe = _load_real(task, preset, family, cls, torch_dtype, model_id, revision, local_path,
+                          variant, controlnet_id, controlnet_revision, controlnet_local_path,
+                          controlnet_variant, vae)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe = pipe.to(dev)  # dtypes were set at construction or load time
     pipe.set_progress_bar_config(disable=True)
-    log.info("built %s %s pipeline (%s) on %s/%s", preset, task, cls.__name__, dev, torch_dtype)
+    log.info("built %s %s pipeline (%s, sampler %s) on %s/%s", preset, task, cls.__name__, sampler,
+             dev, torch_dtype)
     return pipe
 
 
 def generator_name(preset: str, model_id: str | None = None, revision: str | None = None,
                    local_path: str | None = None, controlnet_id: str | None = None,
                    controlnet_revision: str | None = None,
-                   controlnet_local_path: str | None = None) -> str:
-    """Provenance for the ``generator`` column: ``id@revision`` (``+controlnet@rev`` if any)."""
+                   controlnet_local_path: str | None = None,
+                   vae: Mapping[str, Any] | None = None) -> str:
+    """Provenance for the ``generator`` column: ``id@revision`` (``+controlnet@rev`` if any,
+    ``+vae:id@rev`` with a VAE override)."""
     if preset in ("tiny", "sdxl-random"):
         return f"{preset}-random" if preset == "tiny" else preset
 
@@ -297,6 +327,8 @@ def generator_name(preset: str, model_id: str | None = None, revision: str | Non
     name = one(model_id, revision, local_path)
     if controlnet_id or controlnet_local_path:
         name += "+" + one(controlnet_id, controlnet_revision, controlnet_local_path)
+    if vae:
+        name += "+vae:" + one(vae.get("id"), vae.get("revision"), vae.get("local_path"))
     return name
 
 

@@ -84,6 +84,7 @@ class Grounding:
         model_id: str | None = None,
         revision: str | None = None,
         local_path: str | None = None,
+        variant: str | None = None,
         dtype: str = "float16",
         device: str | None = None,
         box_threshold: float = 0.3,
@@ -111,7 +112,7 @@ class Grounding:
                 from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
                 model = vm.load_pretrained(GroundingDinoForObjectDetection, model_id, revision, local_path,
-                                           "grounding", dtype=self.dtype)
+                                           "grounding", dtype=self.dtype, variant=variant)
                 processor = vm.load_pretrained(AutoProcessor, model_id, revision, local_path, "grounding",
                                                weights=False)
         self.model, self.processor = model.to(self.device).eval(), processor

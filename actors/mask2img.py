@@ -61,15 +61,19 @@ class Mask2Img:
         controlnet_local_path: str | None = None,
         dtype: str = "float16",
         device: str | None = None,
-        karras_sigmas: bool = True,
+        sampler: str = dm.DEFAULT_SAMPLER,
+        variant: str | None = None,
+        controlnet_variant: str | None = None,
+        vae: dict | None = None,
         max_rows_per_call: int | None = None,
         size_multiple: int | None = None,
         pipeline: Any = None,
     ) -> None:
         """Build the ControlNet pipeline once (or take ``pipeline``, ready built — convention 2).
 
-        ``family`` None means the preset's own (``sdxl`` for ``tiny``); model arguments are
-        those of ``diffusion_models.build_pipeline``; ``max_rows_per_call`` splits big buckets.
+        ``family`` None means the preset's own (``sdxl`` for ``tiny``); model arguments
+        (``sampler``, ``variant``s, ``vae`` too) are those of ``diffusion_models.build_pipeline``;
+        ``max_rows_per_call`` splits big buckets.
         """
         self.steps, self.guidance_scale, self.resolution = steps, guidance_scale, resolution
         self.controlnet_conditioning_scale = controlnet_conditioning_scale
@@ -77,10 +81,10 @@ class Mask2Img:
         model = {"model_id": model_id, "revision": revision, "local_path": local_path,
                  "controlnet_id": controlnet_id, "controlnet_revision": controlnet_revision,
                  "controlnet_local_path": controlnet_local_path}
-        self.generator_name = dm.generator_name(preset, **model)
+        self.generator_name = dm.generator_name(preset, **model, vae=vae)
         self.pipe = pipeline if pipeline is not None else dm.build_pipeline(
-            "controlnet", preset, family=family, dtype=dtype, device=device,
-            karras_sigmas=karras_sigmas, **model)
+            "controlnet", preset, family=family, dtype=dtype, device=device, sampler=sampler,
+            variant=variant, controlnet_variant=controlnet_variant, vae=vae, **model)
         self.multiple = size_multiple or dm.size_multiple(self.pipe)
         self.calls = 0  # pipeline calls made, for logs and tests
 

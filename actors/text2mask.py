@@ -56,7 +56,9 @@ class Text2Mask:
         local_path: str | None = None,
         dtype: str = "float16",
         device: str | None = None,
-        karras_sigmas: bool = True,
+        sampler: str = dm.DEFAULT_SAMPLER,
+        variant: str | None = None,
+        vae: dict | None = None,
         max_rows_per_call: int | None = None,
         size_multiple: int | None = None,
         ignore_color: Sequence[int] | None = None,
@@ -65,8 +67,9 @@ class Text2Mask:
     ) -> None:
         """Build the pipeline once (or take ``pipeline``, ready built — convention 2).
 
-        ``family`` None means the preset's own (``sdxl`` for ``tiny``); model arguments are
-        those of ``diffusion_models.build_pipeline``; ``ignore_color``/``max_distance`` go to
+        ``family`` None means the preset's own (``sdxl`` for ``tiny``); model arguments
+        (``sampler``, ``variant``, ``vae`` too) are those of ``diffusion_models.build_pipeline``;
+        ``ignore_color``/``max_distance`` go to
         ``color_to_mask``; ``max_rows_per_call`` splits big buckets.
         """
         self.palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
@@ -75,7 +78,8 @@ class Text2Mask:
         self.ignore_color, self.max_distance = ignore_color, max_distance
         self.pipe = pipeline if pipeline is not None else dm.build_pipeline(
             "text2img", preset, family=family, model_id=model_id, revision=revision,
-            local_path=local_path, dtype=dtype, device=device, karras_sigmas=karras_sigmas)
+            local_path=local_path, dtype=dtype, device=device, sampler=sampler, variant=variant,
+            vae=vae)
         self.multiple = size_multiple or dm.size_multiple(self.pipe)
         self.calls = 0  # pipeline calls made, for logs and tests
 

@@ -58,13 +58,16 @@ def make_bert_tokenizer(model_max_length: int = 256) -> Any:
 
 
 def load_pretrained(cls: Any, model_id: str | None, revision: str | None, local_path: str | None,
-                    what: str, weights: bool = True, **kwargs: Any) -> Any:
+                    what: str, weights: bool = True, variant: str | None = None, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` for real presets; a local path wins over a hub id.
 
-    ``weights=False`` is for processors/tokenizers (no ``use_safetensors``). An unpinned id
-    warns once: a moving ``main`` silently changes the dataset.
+    ``weights=False`` is for processors/tokenizers (no ``use_safetensors``); ``variant`` (e.g.
+    "fp16") reads ``model.fp16.safetensors``. An unpinned id warns once: a moving ``main``
+    silently changes the dataset.
     """
-    extra = {"use_safetensors": True} if weights else {}
+    extra: dict[str, Any] = {"use_safetensors": True} if weights else {}
+    if weights and variant:
+        extra["variant"] = variant
     if local_path:
         return cls.from_pretrained(local_path, local_files_only=True, **extra, **kwargs)
     if not model_id:

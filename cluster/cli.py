@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 from cluster import jobs, local
 
@@ -55,13 +57,31 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     _print_state(state)
-    auth = "RAY_AUTH_MODE=token " if state.auth_mode == "token" else ""
-    print(f"\nsubmit jobs:  segfactory submit --wait -- generate --config ...\n"
-          f"or with Ray:  {auth}ray job submit --address {state.dashboard_url} --working-dir . "
-          f"-- python -m segfactory.cli generate --config ...\n"
-          f"join it:      export RAY_ADDRESS={state.gcs_address} {local.JOIN_ENV} {auth}\n"
+    _print_auth(state)
+    print(f"\nsubmit jobs:  segfactory submit --wait -- segfactory generate --config seggen-toy ...\n"
+          f"or with Ray:  RAY_AUTH_MODE=token ray job submit --address {state.dashboard_url} "
+          f"--working-dir . -- python -m segfactory.cli generate --config ...\n"
+          f"join it:      export RAY_ADDRESS={state.gcs_address} {local.JOIN_ENV} RAY_AUTH_MODE=token\n"
           f"stop it:      segfactory cluster down")
     return EXIT_OK
+
+
+def _print_auth(state: local.ClusterState) -> bool:
+    """What the job server does with a request without the token (asked, not assumed), and how
+    to use the token; False when it answers without one."""
+    probed = local.probe_auth(state.dashboard_url)
+    token = "RAY_AUTH_TOKEN (environment)" if os.environ.get("RAY_AUTH_TOKEN") else str(local.token_path())
+    if probed == "token":
+        print(f"auth:       token: the job server refuses requests without it (checked); token in {token}")
+        print("            Ray's tools send it with RAY_AUTH_MODE=token set; the dashboard asks for it once "
+              "(paste `RAY_AUTH_MODE=token ray get-auth-token`)")
+        return True
+    if probed == "none":
+        print(f"auth:       NONE: the job server answered a request without a token (recorded: {state.auth_mode}); "
+              "restart it: segfactory cluster down && segfactory cluster up")
+        return False
+    print("auth:       unknown (the job server did not answer)")
+    return True
 
 
 def _print_state(state: local.ClusterState, n_procs: int | None = None) -> None:
@@ -103,23 +123,42 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print("running" + ("" if answers else " (the job server does not answer yet)"))
     _print_state(state, len(procs))
-    return EXIT_OK if answers else EXIT_ERROR
+    secured = _print_auth(state)
+    return EXIT_OK if answers and secured else EXIT_ERROR
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        print("error: submit: no command to run (e.g. submit -- generate --config ...)", file=sys.stderr)
+        print("error: submit: no command to run (e.g. submit -- segfactory generate --config seggen-toy ..., "
+              "or -- python train.py)", file=sys.stderr)
         return EXIT_USAGE
     try:
         env = jobs.parse_env(args.env)
+        base = jobs.load_runtime_env(args.runtime_env, args.runtime_env_json)
+        resources = json.loads(args.entrypoint_resources) if args.entrypoint_resources else None
+        if args.no_working_dir:
+            working_dir = None
+        elif args.working_dir:
+            working_dir = args.working_dir
+        elif "working_dir" in base:
+            working_dir = None  # the runtime env's own
+        else:
+            working_dir = jobs.default_working_dir()
+        jobs.env_headers()  # a malformed RAY_JOB_HEADERS is the user's to fix: exit 2
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if working_dir is not None and not Path(working_dir).is_dir():
+        print(f"error: --working-dir {working_dir}: no such directory", file=sys.stderr)
+        return EXIT_USAGE
     try:
         client, job_id = jobs.submit(command, address=args.address, env=env, pip=args.pip or None,
-                                     working_dir=args.working_dir,
-                                     submission_id=args.submission_id)
+                                     working_dir=working_dir, submission_id=args.submission_id,
+                                     entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                     entrypoint_num_gpus=args.entrypoint_num_gpus,
+                                     entrypoint_memory=args.entrypoint_memory,
+                                     entrypoint_resources=resources, base_runtime_env=base)
     except Exception as exc:  # noqa: BLE001 - unreachable cluster, auth, bad runtime env
         return _fail(exc)
     print(f"submitted job {job_id}", flush=True)
@@ -219,19 +258,37 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("status", help="is the recorded local head running? (exit 1 if not)")
     q.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("submit", help="run a segfactory command as a Ray job: submit [--wait] -- generate ...")
+    p = sub.add_parser("submit", help="run any command as a Ray job (a superset of `ray job submit`): "
+                                      "submit [--wait] -- segfactory generate ... | -- python x.py",
+                       description="What `ray job submit` takes (runtime env, working dir, entrypoint resources, headers), and: `-- segfactory CMD` / `-- CMD` run "
+                                   "this project's CLI from the uploaded working_dir. Token: Ray's "
+                                   "RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or ~/.ray/auth_token (sent automatically "
+                                   "to `cluster up`'s head); extra headers: RAY_JOB_HEADERS='{\"K\": \"V\"}'. "
+                                   "Exit code with --wait: the job's (2 bad input, 3 over-rejected: do not retry).")
     p.add_argument("--address", default=None,
-                   help="job server URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
-                        "else the head of `segfactory cluster up`)")
+                   help="job server URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, an http "
+                        "RAY_ADDRESS, else the head of `segfactory cluster up`)")
     p.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's outcome")
     p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                    help="environment variable for the job (bare KEY passes this shell's value)")
     p.add_argument("--pip", action="append", default=[], metavar="REQ",
                    help="extra pip requirement installed in the job's environment (repeatable)")
-    p.add_argument("--working-dir", default=str(jobs.REPO_ROOT),
-                   help="directory uploaded as the job's working_dir (default: this repository)")
+    p.add_argument("--runtime-env", default=None, metavar="YAML", help="runtime env file, as for ray job submit")
+    p.add_argument("--runtime-env-json", default=None, metavar="JSON", help="runtime env as JSON")
+    wd = p.add_mutually_exclusive_group()
+    wd.add_argument("--working-dir", default=None,
+                    help="directory uploaded as the job's working_dir (default: this project's root when "
+                         "installed editable; a wheel install must name one or pass --no-working-dir)")
+    wd.add_argument("--no-working-dir", action="store_true",
+                    help="upload nothing: run the segfactory installed on the cluster (e.g. in its image)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0, help="CPUs reserved for the driver")
+    p.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the driver")
+    p.add_argument("--entrypoint-memory", type=parse_size, default=0, help="memory reserved for the driver, e.g. 4G")
+    p.add_argument("--entrypoint-resources", default=None, metavar="JSON",
+                   help='custom resources for the driver, e.g. \'{"head": 1}\'')
     p.add_argument("--submission-id", default=None, help="job id to use (default: generated)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the segfactory command line")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- then the command: segfactory generate ..., generate ..., python train.py ...")
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("jobs", help="jobs on a cluster: list | status ID | logs ID [--follow] | stop ID")

@@ -1,10 +1,15 @@
 """Job submission through Ray's Jobs SDK: ``segfactory submit`` and ``segfactory jobs ...``.
 
-A job runs ``python -m segfactory.cli <args>`` on the cluster with this repository as its
-``working_dir`` (so the cluster runs the code you have, not what its image was built with),
-minus the virtualenv, outputs, caches and weights. With ``--wait`` the logs are followed and
-the command exits with the job's outcome: 0 on SUCCEEDED, the driver's own exit code when it
-failed with one (2 = bad config, 3 = too many rejected rows), else 1.
+``submit`` does what ``ray job submit`` does, plus what segfactory needs: any entrypoint after
+``--`` (``-- python train.py``; ``-- segfactory generate ...`` and the short ``-- generate ...``
+run ``python -m segfactory.cli`` from the job's working_dir, so the cluster runs the code you
+have), ``--runtime-env``/``--runtime-env-json``, ``--entrypoint-num-cpus/-gpus/-memory/-resources``,
+headers from ``RAY_JOB_HEADERS``. The working_dir defaults to the project root of an editable
+install (minus the virtualenv, outputs, caches and weights); an installed wheel has none, and
+then ``submit`` refuses rather than upload whatever directory you happen to be in. With
+``--wait`` the logs are followed and the command exits with the job's outcome: 0 on SUCCEEDED,
+the driver's own exit code when it failed with one (2 = bad config or input, 3 = too many
+rejected rows), else 1.
 
 Ray's SDK is imported inside the functions, so ``segfactory --help`` never pays for it.
 """
@@ -12,6 +17,7 @@ Ray's SDK is imported inside the functions, so ``segfactory --help`` never pays 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -24,9 +30,15 @@ from cluster import local
 
 log = logging.getLogger(__name__)
 
-# The checkout this code runs from; an installed (non-editable) copy has none: use the cwd.
+# The checkout this code runs from (an editable install); a wheel install has none.
 _HERE = Path(__file__).resolve().parents[1]
-REPO_ROOT = _HERE if (_HERE / "pyproject.toml").is_file() else Path.cwd()
+REPO_ROOT: Path | None = _HERE if (_HERE / "pyproject.toml").is_file() else None
+# First words of an entrypoint that mean "our CLI": run it from the working_dir's code.
+OUR_CLI = "python -m segfactory.cli"
+# `submit -- generate ...` (no program name) means `segfactory generate ...`; a test keeps this in
+# step with the CLI's subcommands (cluster/ does not import the CLI).
+SEGFACTORY_COMMANDS = frozenset({"demo", "toy-data", "generate", "inspect", "configs", "train", "evaluate",
+                                 "scaling", "finetune", "predict", "cluster", "submit", "jobs"})
 # gitignore-style patterns left out of the uploaded working_dir (Ray also honours .gitignore).
 EXCLUDES = [
     ".venv/", "venv/", ".git/", "demo-output/", "runs/", "out/", "build/", "models/",
@@ -72,12 +84,30 @@ def _auth_headers(url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def env_headers() -> dict[str, str]:
+    """Headers from ``RAY_JOB_HEADERS`` (a JSON object), as ``ray job submit`` reads them: e.g.
+    ``{"Authorization": "Bearer TOKEN"}`` for a cluster behind a proxy."""
+    raw = os.environ.get("RAY_JOB_HEADERS")
+    if not raw:
+        return {}
+    try:
+        headers = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"RAY_JOB_HEADERS: not JSON ({exc})") from None
+    if not isinstance(headers, dict):
+        raise ValueError("RAY_JOB_HEADERS: must be a JSON object of header: value")
+    return {str(k): str(v) for k, v in headers.items()}
+
+
 def client(address: str | None = None) -> Any:
-    """A JobSubmissionClient for ``address`` (see :func:`resolve_address`)."""
+    """A JobSubmissionClient for ``address`` (see :func:`resolve_address`). Ray's SDK adds the
+    token itself when ``RAY_AUTH_MODE=token`` (from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``); ``RAY_JOB_HEADERS`` headers are sent as they are."""
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
-    return JobSubmissionClient(url, headers=_auth_headers(url) or None)
+    headers = {**_auth_headers(url), **env_headers()}
+    return JobSubmissionClient(url, headers=headers or None)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -93,45 +123,141 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return out
 
 
-def runtime_env(working_dir: str | Path = REPO_ROOT, env: dict[str, str] | None = None,
-                pip: list[str] | None = None, passthrough: bool = True) -> dict[str, Any]:
-    """working_dir (with :data:`EXCLUDES`), env_vars and optional pip requirements of a job."""
+def load_runtime_env(path: str | None = None, text: str | None = None) -> dict[str, Any]:
+    """``--runtime-env FILE`` (YAML) or ``--runtime-env-json TEXT``, like ``ray job submit``."""
+    if path and text:
+        raise ValueError("--runtime-env and --runtime-env-json: give one of them")
+    if path:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"--runtime-env {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--runtime-env {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    elif text:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--runtime-env-json: not JSON ({exc})") from None
+    else:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("the runtime env must be a mapping (working_dir, env_vars, pip, ...)")
+    return data
+
+
+def default_working_dir() -> Path:
+    """The project root of an editable install; a wheel install has nothing to upload."""
+    if REPO_ROOT is None:
+        raise ValueError("segfactory is installed without its project folder, so there is no code to upload: "
+                         "pass --working-dir DIR (the folder to ship), or --no-working-dir to run the "
+                         "cluster's installed segfactory")
+    return REPO_ROOT
+
+
+def runtime_env(working_dir: str | Path | None = REPO_ROOT, env: dict[str, str] | None = None,
+                pip: list[str] | None = None, passthrough: bool = True,
+                base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job's runtime env: ``base`` (``--runtime-env``) with working_dir (and :data:`EXCLUDES`),
+    env_vars and pip requirements added; ``working_dir=None`` leaves base's (or none)."""
+    out: dict[str, Any] = dict(base or {})
     env_vars = {k: os.environ[k] for k in PASSTHROUGH_ENV if passthrough and os.environ.get(k)}
+    env_vars.update(out.get("env_vars") or {})
     env_vars.update(env or {})
     if env_vars:
         log.info("job environment: %s", ", ".join(f"{k}={v}" for k, v in sorted(env_vars.items())))
-    out: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(EXCLUDES)}
-    if env_vars:
         out["env_vars"] = env_vars
+    if working_dir is not None:
+        out["working_dir"] = str(working_dir)
+    if "working_dir" in out:
+        out["excludes"] = list(dict.fromkeys([*(out.get("excludes") or []), *EXCLUDES]))
     if pip:
-        out["pip"] = list(pip)
+        out["pip"] = [*(out.get("pip") or []), *pip]
     return out
 
 
 def entrypoint(args: list[str]) -> str:
-    """The shell command a job runs: our CLI, from the working_dir, with the job's python."""
-    return "python -m segfactory.cli " + shlex.join(args)
+    """The shell command a job runs. ``segfactory ...`` and the short ``generate ...`` become our
+    CLI run with the job's python from the working_dir; anything else runs as given."""
+    if args and args[0] == "segfactory":
+        return f"{OUR_CLI} {shlex.join(args[1:])}".rstrip()
+    if args and args[0] in SEGFACTORY_COMMANDS:
+        return f"{OUR_CLI} {shlex.join(args)}"
+    return shlex.join(args)
 
 
 def warn_relative_paths(args: list[str]) -> None:
-    """A relative ``*.path=`` lands in the job's temporary working_dir copy on the cluster."""
-    for arg in args:
+    """A relative path lands in the job's temporary working_dir copy on the cluster: warn about
+    ``*path=`` / ``*paths=[...]`` overrides and the ``path``/``local_path``/``paths`` values of
+    the ``--config`` YAML."""
+    for where, value in _path_values(args):
+        if value and not value.startswith(("/", "~")) and "://" not in value:
+            log.warning("%s=%s is relative: on the cluster it resolves inside the job's temporary "
+                        "working_dir; use an absolute path on shared storage", where, value)
+
+
+def _path_values(args: list[str]) -> list[tuple[str, str]]:
+    found = []
+    for i, arg in enumerate(args):
         key, sep, value = arg.partition("=")
-        if sep and key.endswith("path") and value and not value.startswith(("/", "s3://", "gs://")):
-            log.warning("%s is relative: on the cluster it resolves inside the job's temporary "
-                        "working_dir; use an absolute path on shared storage", arg)
+        if sep and key.endswith(("path", "paths")) and not key.startswith("-"):
+            found += [(key, v) for v in _as_list(value)]
+        if arg == "--config" and i + 1 < len(args):
+            found += _config_paths(args[i + 1])
+    return found
+
+
+def _as_list(value: str) -> list[str]:
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        return [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
+    return [value]
+
+
+def _config_paths(config: str) -> list[tuple[str, str]]:
+    """(dotted key, value) of every path-like key in a local YAML config (unreadable: none)."""
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        return []  # a shipped config's name: its paths are placeholders overridden on the line
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                if str(k) in ("path", "local_path", "paths", "config") and v:
+                    found.extend((key, str(x)) for x in (v if isinstance(v, list) else [v]))
+                else:
+                    walk(v, key)
+
+    walk(data, "")
+    return found
 
 
 def submit(args: list[str], address: str | None = None, env: dict[str, str] | None = None,
-           pip: list[str] | None = None, working_dir: str | Path = REPO_ROOT,
-           submission_id: str | None = None, entrypoint_num_gpus: float = 0) -> tuple[Any, str]:
-    """Submit ``segfactory <args>`` as a job; return (client, submission id)."""
+           pip: list[str] | None = None, working_dir: str | Path | None = REPO_ROOT,
+           submission_id: str | None = None, entrypoint_num_gpus: float = 0,
+           entrypoint_num_cpus: float = 0, entrypoint_memory: int = 0,
+           entrypoint_resources: dict[str, float] | None = None,
+           base_runtime_env: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """Submit ``args`` (see :func:`entrypoint`) as a job; return (client, submission id)."""
     warn_relative_paths(args)
     jobs = client(address)
     job_id = jobs.submit_job(entrypoint=entrypoint(args), submission_id=submission_id,
-                             runtime_env=runtime_env(working_dir, env, pip),
-                             metadata={"segfactory_command": args[0] if args else ""},
-                             entrypoint_num_gpus=entrypoint_num_gpus or None)
+                             runtime_env=runtime_env(working_dir, env, pip, base=base_runtime_env),
+                             metadata={"segfactory_command": " ".join(args[:2])[:100]},
+                             entrypoint_num_gpus=entrypoint_num_gpus or None,
+                             entrypoint_num_cpus=entrypoint_num_cpus or None,
+                             entrypoint_memory=entrypoint_memory or None,
+                             entrypoint_resources=entrypoint_resources or None)
     return jobs, job_id
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ class ClusterState:
     num_cpus: float | None = None
     num_gpus: float | None = None
     object_store_memory: int | None = None
-    auth_mode: str = "token"  # Ray's default for new local clusters; the token lives in ~/.ray
+    auth_mode: str = "token"  # `up` always starts with RAY_AUTH_MODE=token (token: ensure_token)
     started_at: float = 0.0
 
 
@@ -83,6 +84,34 @@ def _write_state(state: ClusterState) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(state), indent=2))
     tmp.replace(path)
+
+
+def token_path() -> Path:
+    """Where Ray reads the token: ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def ensure_token() -> Path | None:
+    """Make sure the head will find a token; create one where Ray looks when there is none.
+
+    ``RAY_AUTH_TOKEN`` in the environment wins (then no file is needed: returns None). Else the
+    token file is ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; a missing or empty one gets a
+    random 256-bit token (what ``ray get-auth-token --generate`` does, which only knows the
+    default path), readable by its owner only.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_path()
+    if not (path.is_file() and path.read_text().strip()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        tmp.replace(path)
+        log.info("created the auth token %s", path)
+    path.chmod(0o600)
+    return path
 
 
 def free_port() -> int:
@@ -200,7 +229,14 @@ def up(num_cpus: float | None = None, num_gpus: float | None = None,
         cmd += ["--object-store-memory", str(int(object_store_memory))]
     if resources:
         cmd += ["--resources", json.dumps(resources)]
+    # Token auth, always: Ray 2.60's `ray start` turns it on only when a token already exists,
+    # so without ~/.ray/auth_token the head would answer anyone who reaches its ports.
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: `cluster up` always starts with token auth",
+                    os.environ["RAY_AUTH_MODE"])
+    ensure_token()
     env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
     key, value = JOIN_ENV.split("=")
     env[key] = value  # keeps every listener on loopback
     env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -220,7 +256,7 @@ def up(num_cpus: float | None = None, num_gpus: float | None = None,
         temp_dir=temp_dir, session_dir=os.path.realpath(os.path.join(temp_dir, "session_latest")),
         sid=proc.pid, python=sys.executable, num_cpus=num_cpus, num_gpus=num_gpus,
         object_store_memory=object_store_memory,
-        auth_mode=env.get("RAY_AUTH_MODE", "token").lower(), started_at=time.time())
+        auth_mode="token", started_at=time.time())
     if proc.returncode != 0:
         _stop(cluster_processes(state), grace_s=5)
         tail = "\n".join(output.strip().splitlines()[-15:])
@@ -263,6 +299,21 @@ def status() -> tuple[ClusterState | None, list[psutil.Process], bool]:
         return None, [], False
     procs = cluster_processes(state)
     return state, procs, bool(procs) and _dashboard_answers(state.dashboard_url)
+
+
+def probe_auth(url: str, timeout_s: float = 3.0) -> str:
+    """What the job server really does with a request that carries no token: ``"token"`` when it
+    refuses it (401/403), ``"none"`` when it answers, ``"unknown"`` when it cannot be reached."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/jobs/", timeout=timeout_s):
+            return "none"
+    except urllib.error.HTTPError as exc:
+        return "token" if exc.code in (401, 403) else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _dashboard_answers(url: str, timeout_s: float = 3.0) -> bool:

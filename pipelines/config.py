@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+OMIT_DEFAULT = {"hash": "omit_default"}  # json_schema_extra: a field added after datasets existed
+# stays out of the config hash while at its default (their hashes do not change)
 
 
 class ConfigError(ValueError):
@@ -48,6 +59,24 @@ class ModelSpec(Strict):
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
     family: Literal["sdxl", "sd15"] = Field("sdxl", description="architecture family")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
+
+
+class VaeSpec(Strict):
+    """A VAE that replaces the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix for fp16 decoding)."""
+
+    id: str = Field("", description="model id on the hub, e.g. madebyollin/sdxl-vae-fp16-fix")
+    revision: str = Field("main", description="pinned revision (commit hash) of `id`")
+    local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
+    subfolder: str | None = Field(None, description="folder of the VAE inside the repo, e.g. 'vae' in a pipeline repo")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
+
+
+# Sampler names of actors.samplers.SAMPLERS (kept literal here: config must not import actors).
+SamplerName = Literal["edm", "sgm-ddpm", "euler", "euler-karras-leading", "dpmpp-2m", "dpmpp-2m-karras", "ddim"]
+_SAMPLER_DOC = ("diffusers scheduler by name (actors/samplers.py): edm = Euler over EDM's rho=7 sigmas from the "
+                "model's sigma_max (SGM's EulerEDMSampler, SegGen's 'default EDM sampler'); sgm-ddpm = SGM's "
+                "LegacyDDPMDiscretization; euler-karras-leading = this project's sampler before the key existed")
 
 
 class Text2MaskStage(Strict):
@@ -58,6 +87,8 @@ class Text2MaskStage(Strict):
     steps: int = Field(200, ge=1, description="sampling steps (SegGen: 200 with the EDM sampler)")
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance (SegGen does not say; SDXL's default)")
     resolution: int = Field(768, ge=8, description="generation side (SegGen trains at 768)")
+    sampler: SamplerName = Field("edm", description=_SAMPLER_DOC)
+    vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
 
 
 class Mask2ImgStage(Strict):
@@ -70,6 +101,8 @@ class Mask2ImgStage(Strict):
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance")
     controlnet_conditioning_scale: float = Field(1.0, ge=0, description="ControlNet residual scale")
     resolution: int = Field(768, ge=8, description="generation side; source aspect ratio kept, sides multiples of 8")
+    sampler: SamplerName = Field("edm", description=_SAMPLER_DOC)
+    vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
 
 
 class CpuStage(Strict):
@@ -104,12 +137,12 @@ class OutputConfig(Strict):
 
 class ImgSynConfig(Strict):
     samples_per_source: int = Field(2, ge=0, description="K images generated per real mask")
-    first_copy: int = Field(0, ge=0, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
+    first_copy: int = Field(0, ge=0, json_schema_extra=OMIT_DEFAULT, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
 
 
 class MaskSynConfig(Strict):
     samples_per_caption: int = Field(2, ge=0, description="M new masks (each with its image) per caption")
-    first_copy: int = Field(0, ge=0, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
+    first_copy: int = Field(0, ge=0, json_schema_extra=OMIT_DEFAULT, description="index of the first copy: extends a dataset with copies first_copy.. (same ids, same seeds as one bigger run)")
 
 
 class ValidationConfig(Strict):
@@ -148,6 +181,7 @@ class HfModelSpec(Strict):
     revision: str = Field("main", description="pinned revision (commit hash) of `id`")
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
 
 
 class CaptionerStage(Strict):
@@ -223,13 +257,16 @@ class SelectionConfig(Strict):
 class GenerateConfig(Strict):
     """One generation run. ``pipeline`` picks the graph, ``preset`` the weights."""
 
-    pipeline: Literal["imgsyn", "masksyn", "seggen", "factory"] = Field(
-        "seggen", description="graph to run; seggen = imgsyn + masksyn; factory = Diffusion Synthesis")
+    pipeline: str = Field(
+        "seggen", description="graph to run, a name in the registry (pipelines/graphs/): seggen = imgsyn + "
+        "masksyn; factory = Diffusion Synthesis")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
-    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct"] | None = Field(
+    palette: Literal["auto", "voc", "ade20k", "ade20k-distinct", "ade20k-by-name"] | None = Field(
         None, description="colour-map palette; None = the source's own, else auto. The standard ADE20K "
-        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding")
+        "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding; "
+        "'ade20k-by-name' colours each class like the ADE20K class of its name or synonym, for "
+        "ADE20K-trained ControlNets (pipelines/palettes.py)")
     source: SourceConfig = Field(default_factory=SourceConfig, description="where real samples/captions come from")
     output: OutputConfig = Field(default_factory=OutputConfig, description="where the dataset goes")
     imgsyn: ImgSynConfig = Field(default_factory=ImgSynConfig, description="ImgSyn settings")
@@ -249,29 +286,82 @@ class GenerateConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime settings")
     faults: FaultConfig = Field(default_factory=FaultConfig, description="fault injection (tests only)")
 
+    @field_validator("pipeline")
+    @classmethod
+    def _known_graph(cls, name: str) -> str:
+        from pipelines.graphs import graph_names
+
+        if name not in graph_names():
+            raise ValueError(f"unknown graph {name!r}; known: {', '.join(graph_names())}")
+        return name
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_runs_graph(cls, preset: str, info: ValidationInfo) -> str:
+        from pipelines.graphs import get_graph
+
+        pipeline = info.data.get("pipeline")  # absent when it failed its own check
+        presets = get_graph(pipeline).presets if pipeline else (preset,)
+        if preset not in presets:
+            raise ValueError(f"the {pipeline} graph runs with presets {presets}")
+        return preset
+
     def config_hash(self) -> str:
-        """Hash of everything that changes the output bytes (paths and runtime knobs excluded)."""
-        data = self.model_dump(mode="json")
+        """Hash of everything that changes the output bytes (paths and runtime knobs excluded).
+
+        The common keys plus the sections the graph's registry entry lists (``hash_sections``);
+        inside them, ``resources`` and fields marked ``hash: omit_default`` at their default
+        are left out, so adding such a field keeps existing datasets' hashes.
+        """
+        from pipelines.graphs import get_graph
+
+        keep = set(HASH_COMMON) | set(get_graph(self.pipeline).hash_sections)
+        data = {k: v for k, v in _hash_view(self).items() if k in keep}
         data["output"].pop("path")
         data["output"].pop("overwrite")
         for knob in ("writers", "writer_num_cpus", "progress_interval_s"):  # runtime only: same bytes
-            data["output"].pop(knob)
-        data.pop("ray")
-        data.pop("faults")
+            data["output"].pop(knob, None)
         data["source"].pop("path")
-        factory_only = ("captioner", "grounding", "sam", "clip", "prompts", "factory", "selection")
-        if self.pipeline != "factory":  # other graphs ignore them: keep their hashes as they were
-            for key in factory_only:
-                data.pop(key)
-        for stage in ("text2mask", "mask2img", "captioner", "grounding", "sam", "clip"):
-            if stage in data:
-                data[stage].pop("resources")
-        data["cpu"] = None
-        for branch in ("imgsyn", "masksyn"):  # keep the hashes of datasets made before first_copy existed
-            if data[branch]["first_copy"] == 0:
-                data[branch].pop("first_copy")
+        data["cpu"] = None  # CPU task sizes never change bytes; the key stays for the old hashes
+        _drop_unset_model_keys(data, toy=self.preset == "toy")
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys of every graph's hash; each graph adds its own sections (pipelines.graphs.GraphSpec).
+HASH_COMMON = ("pipeline", "preset", "seed", "palette", "source", "output", "validation", "cpu")
+
+
+def _hash_view(model: BaseModel) -> dict[str, Any]:
+    """``model_dump(mode="json")`` less ``resources`` and omit-default fields at their default."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name == "resources":
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("hash") == "omit_default" and value == info.get_default(call_default_factory=True):
+            continue
+        out[name] = _hash_view(value) if isinstance(value, BaseModel) else model.model_dump(
+            mode="json", include={name})[name]
+    return out
+
+
+def _drop_unset_model_keys(data: dict[str, Any], toy: bool) -> None:
+    """Keys added after datasets existed enter the hash only when they change the output:
+    ``variant``/``vae`` when set, ``sampler`` when not the sampler used before it existed
+    (the toy preset uses none of them)."""
+    for stage in ("text2mask", "mask2img", "captioner", "grounding", "clip"):
+        section = data.get(stage)
+        if section is None:
+            continue
+        for key in ("model", "controlnet"):
+            if key in section and section[key].get("variant") is None:
+                section[key].pop("variant", None)
+        if "vae" in section and (section["vae"] is None or toy):
+            section.pop("vae")
+        if "sampler" in section and (toy or section["sampler"] == "euler-karras-leading"):
+            section.pop("sampler")
 
 
 # --- loading ------------------------------------------------------------------------------

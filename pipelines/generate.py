@@ -13,7 +13,8 @@ import pyarrow as pa
 from pipelines import schema as S
 from pipelines import storage
 from pipelines.config import GenerateConfig
-from pipelines.graph import RunContext, build_dataset, stage_plan
+from pipelines.graphs import RunContext, get_graph, stage_plan
+from pipelines.graphs.base import build_dataset, stage_label
 from pipelines.runtime import init_ray
 from pipelines.stages import SIBLINGS
 from pipelines.storage import Location
@@ -36,11 +37,11 @@ class GenerateResult:
 
 
 def resolve_context(cfg: GenerateConfig, index) -> RunContext:
-    from actors.colormap import palette_by_name
+    from pipelines.palettes import resolve_palette
 
     name = cfg.palette or index.palette_hint or "auto"
-    return RunContext(classes=list(index.classes), palette=palette_by_name(name, len(index.classes)),
-                      background=index.background_index)
+    palette = resolve_palette(name, list(index.classes), index.background_index, cfg.prompts.synonyms)
+    return RunContext(classes=list(index.classes), palette=palette, background=index.background_index)
 
 
 def index_rows(cfg: GenerateConfig):
@@ -50,7 +51,7 @@ def index_rows(cfg: GenerateConfig):
     if not cfg.source.path.strip():
         raise SourceError("source.path: required (a local directory or a URI such as s3://bucket/prefix)")
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
-                         require_masks=cfg.pipeline != "factory")  # the factory draws masks with SAM
+                         require_masks=get_graph(cfg.pipeline).needs_masks)
     rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
     index.rows = []  # the sorted copy is the only one kept
     if cfg.source.limit:
@@ -107,11 +108,11 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     per_node: dict[str, int] = {}
     if todo.num_rows:
         init_ray(cfg.ray)
-        from cluster.prefetch import prefetch_models  # real presets: weights once per node
+        from pipelines.prefetch import prefetch_models  # real presets: weights once per node
         from pipelines.sink import make_writers, route_to_writers, write_stage_kwargs
 
-        prefetch_models(cfg)
         plan = stage_plan(cfg, ctx, cfg.source.format)
+        prefetch_models(cfg, stage_names={s.name for s in plan})
         todo_shards = set(todo.column(S.SHARD).to_pylist())
         writers = make_writers(out, config_hash, n_rows, cfg.output.rows_per_shard, cfg.output.writers,
                                cfg.output.writer_num_cpus, cfg.faults.hang_after_shards)
@@ -128,7 +129,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         missing = sorted(todo_shards - complete_shards(out, config_hash))
         if missing:
             raise RuntimeError(f"shards {missing[:20]} never completed: rows were lost in the graph")
-        stage_seconds = _stage_seconds(ds)
+        stage_seconds = _stage_seconds(ds, plan)
         per_node = dict(sorted(progress.shards_per_node.items()))
 
     summary = summarize_output(out)
@@ -157,8 +158,9 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     return GenerateResult(out, manifest, fraction, fraction > cfg.validation.max_rejected_fraction)
 
 
-def _stage_seconds(ds) -> dict[str, float]:
-    """Summed busy time per operator, from Ray Data's own stats (best effort)."""
+def _stage_seconds(ds, plan) -> dict[str, float]:
+    """Summed busy time per operator, from Ray Data's own stats (best effort), named by the
+    plan's stages (``expand + text2mask`` for stages Ray fused into one operator)."""
     seconds: dict[str, float] = {}
     try:
         pending = [ds._get_stats_summary()]
@@ -166,11 +168,11 @@ def _stage_seconds(ds) -> dict[str, float]:
             summary = pending.pop()
             for op in summary.operators_stats:
                 if op.wall_time:
-                    seconds[op.operator_name] = round(op.wall_time.sum, 3)
+                    seconds[stage_label(op.operator_name, plan)] = round(op.wall_time.sum, 3)
             pending += summary.parents
     except Exception:  # noqa: BLE001 - stats are informative only
         log.debug("no Ray Data stats", exc_info=True)
-    return dict(sorted(seconds.items()))
+    return dict(reversed(seconds.items()))  # collected from the last operator back: graph order
 
 
 def _versions() -> dict[str, str]:

@@ -17,29 +17,44 @@ from pipelines.stages import decode_png
 from pipelines.storage import Location
 
 
-def print_generate_summary(result) -> None:
+def generate_summary(result) -> str:
+    """The end-of-run summary: where, how many, why dropped, how fast, time per stage (aligned)."""
     m = result.manifest
+    t = m["timings"]
     lines = [f"dataset: {result.out}",
              f"rows kept: {m['rows']}  rejected: {m['rejected_rows']} (filtered by quality: "
-             f"{m['filtered_rows']}; errors and bad input: {result.rejected_fraction:.1%})"]
-    lines += [f"  {method:<10} {n}" for method, n in m["rows_per_method"].items()]
-    if m["drops_per_reason"]:
-        lines.append("drops per reason:")
-        lines += [f"  {reason:<24} {n}" for reason, n in m["drops_per_reason"].items()]
-    t = m["timings"]
-    lines.append(f"wall time: {t['wall_s']:.1f} s   throughput: {t['samples_per_s']:.2f} samples/s")
-    if t["stage_busy_s"]:
-        lines.append("stage busy time (summed over workers):")
-        lines += [f"  {stage:<40} {sec:.1f} s" for stage, sec in t["stage_busy_s"].items()]
-    print("\n".join(lines))
+             f"{m['filtered_rows']}; errors and bad input: {result.rejected_fraction:.1%})",
+             f"wall time: {t['wall_s']:.1f} s   throughput: {t['samples_per_s']:.2f} samples/s"]
+    sections = [("rows per method", {k: str(v) for k, v in m["rows_per_method"].items()}),
+                ("drops per reason", {k: str(v) for k, v in m["drops_per_reason"].items()}),
+                ("stage busy time, summed over workers",
+                 {k: f"{v:.1f} s" for k, v in t["stage_busy_s"].items()})]
+    width = max((len(k) for _, rows in sections for k in rows), default=0)
+    for title, rows in sections:
+        if rows:
+            lines.append(f"{title}:")
+            lines += [f"  {key:<{width}}  {value:>8}" for key, value in rows.items()]
+    return "\n".join(lines)
+
+
+def print_generate_summary(result) -> None:
+    print(generate_summary(result))
 
 
 def read_manifest(dataset: Location | str | os.PathLike) -> dict:
+    from pipelines.sources import SourceError
+
     dataset = storage.resolve(dataset, "dataset")
     path = dataset / "manifest.json"
+    if not storage.is_dir(dataset):
+        raise SourceError(f"{dataset}: no such directory; give the output.path of a `segfactory generate` run")
     if not storage.is_file(path):
-        raise storage.StorageError(f"{path}: no manifest; is {dataset} a segfactory dataset?")
-    return json.loads(storage.read_text(path))
+        raise SourceError(f"{dataset}: not a segfactory dataset (no manifest.json); give the output.path of a "
+                          "finished `segfactory generate` run (rerun it to finish an interrupted one)")
+    try:
+        return json.loads(storage.read_text(path))
+    except ValueError as exc:
+        raise SourceError(f"{path}: unreadable manifest ({exc}); rerun the generate command to rebuild it") from None
 
 
 def class_frequencies(dataset: Location | str | os.PathLike, num_classes: int) -> np.ndarray:
@@ -62,8 +77,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     return np.where(valid[..., None], out, image).astype(np.uint8)
 
 
-def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n: int, tile: int = 160) -> Image.Image:
-    """Rows of ``image | mask overlay`` for the first ``n`` samples (sorted by sample_id)."""
+def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n: int, tile: int = 160,
+                  classes: list[str] | None = None) -> Image.Image:
+    """Rows of ``image | mask overlaid in the palette colours`` for the first ``n`` samples (by
+    sample_id), each pair captioned with its sample_id, and a legend of the classes they show."""
+    from PIL import ImageDraw
+
     dataset = storage.resolve(dataset, "dataset")
     samples = []
     for f in storage.listdir(dataset / "shards", ".parquet"):
@@ -71,16 +90,33 @@ def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n:
         if len(samples) >= n:
             break
     samples = samples[:n]
-    cols = 2  # pairs per sheet row
+    cols, caption = 2, 14  # pairs per sheet row; pixels of text under each pair
     rows = max(1, -(-len(samples) // cols))
-    sheet = Image.new("RGB", (cols * 2 * tile, rows * tile), "white")
-    for i, row in enumerate(samples):
+    seen: set[int] = set()
+    pairs = []
+    for row in samples:
         image = np.array(Image.open(io.BytesIO(row[S.IMAGE])).convert("RGB"))
         mask = decode_png(row[S.MASK])
-        pair = [image, overlay(image, mask, palette)]
-        for j, arr in enumerate(pair):
-            thumb = Image.fromarray(arr).resize((tile, tile), Image.NEAREST)
-            sheet.paste(thumb, (((i % cols) * 2 + j) * tile, (i // cols) * tile))
+        seen |= {int(c) for c in np.unique(mask)}
+        pairs.append((row[S.SAMPLE_ID], image, overlay(image, mask, palette)))
+    names = classes or [str(i) for i in range(len(palette))]
+    legend = [(names[c], tuple(int(v) for v in palette[c])) for c in sorted(seen) if c < len(names)]
+    if S.IGNORE_INDEX in seen:
+        legend.append((f"ignore ({S.IGNORE_INDEX}): not coloured", None))
+    per_line = max(1, (cols * 2 * tile) // 160)
+    legend_h = 8 + 18 * -(-len(legend) // per_line) if legend else 0
+    sheet = Image.new("RGB", (cols * 2 * tile, rows * (tile + caption) + legend_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (sample_id, image, over) in enumerate(pairs):
+        x0, y0 = (i % cols) * 2 * tile, (i // cols) * (tile + caption)
+        for j, arr in enumerate((image, over)):
+            sheet.paste(Image.fromarray(arr).resize((tile, tile), Image.NEAREST), (x0 + j * tile, y0))
+        draw.text((x0 + 3, y0 + tile + 1), str(sample_id)[:48], fill="black")
+    top = rows * (tile + caption) + 4
+    for k, (name, color) in enumerate(legend):
+        x, y = (k % per_line) * 160 + 4, top + (k // per_line) * 18
+        draw.rectangle([x, y, x + 14, y + 14], fill=color or "white", outline="black")
+        draw.text((x + 20, y + 2), name[:22], fill="black")
     return sheet
 
 
@@ -102,7 +138,7 @@ def inspect_dataset(dataset: Location | str | os.PathLike, n_samples: int = 16, 
             print(f"  {name:<20} {share:.3f}")
     sheet_path = storage.resolve(sheet, "--sheet") if sheet else dataset / "contact_sheet.png"
     png = io.BytesIO()
-    contact_sheet(dataset, palette, n_samples).save(png, format="PNG")
+    contact_sheet(dataset, palette, n_samples, classes=classes).save(png, format="PNG")
     storage.write_bytes(sheet_path, png.getvalue())
     print(f"contact sheet: {sheet_path}")
     return {"class_frequencies": dict(zip(classes, freq.tolist(), strict=True)), "sheet": str(sheet_path),

@@ -12,6 +12,59 @@ log = logging.getLogger(__name__)
 # task then starts a fresh Python process: measured on 2 CPUs, a 10-step run spent 15 s instead
 # of 6 s in its loop. Keep more idle workers (they only exist once something needed them).
 WORKER_SOFT_LIMIT = ("RAY_num_workers_soft_limit", "32")
+# Level for Ray's own Python loggers in every process of the job (``ray.LoggingConfig``); the
+# ``segfactory`` command sets it (segfactory/logs.py), unset keeps Ray's defaults.
+RAY_LOG_LEVEL_ENV = "SEGFACTORY_RAY_LOG_LEVEL"
+
+
+OUR_LOGGERS = ("segfactory", "pipelines", "training", "cluster", "actors")
+
+
+class ShortFormatter(logging.Formatter):
+    """``12:01:02 message``; warnings and errors say so."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if record.levelno >= logging.WARNING:
+            head, _, rest = line.partition(" ")
+            line = f"{head} {record.levelname.lower()}: {rest}"
+        return line
+
+
+def own_loggers(stream=None, level: int = logging.INFO) -> None:
+    """Give our loggers a handler of their own (idempotent).
+
+    In a Ray worker the root logger's level is whatever the job's ``ray.LoggingConfig`` says
+    (ERROR when the command runs quiet), which would swallow our INFO/WARNING lines there too;
+    with a handler of our own they reach the driver's console through Ray's log forwarding.
+    """
+    handler = None
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if any(getattr(h, "_segfactory", False) for h in logger.handlers):
+            continue
+        if handler is None:
+            handler = logging.StreamHandler(stream)
+            handler.setFormatter(ShortFormatter())
+            handler._segfactory = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def own_loggers_in_ray_worker() -> None:
+    """:func:`own_loggers` in a process Ray started (an actor of a pool, the Train controller);
+    nothing in the driver or a test process, whose logging belongs to its caller."""
+    if os.environ.get("RAY_RAYLET_PID"):  # set by the raylet for the processes it spawns
+        own_loggers()
+
+
+def ray_log_level() -> str | None:
+    """The level asked for Ray's loggers, or None for Ray's defaults."""
+    return os.environ.get(RAY_LOG_LEVEL_ENV) or None
 
 
 def ray_node_env(env: dict[str, str]) -> dict[str, str]:
@@ -34,6 +87,9 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
         address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS") or "local"
         if address == "local":
             ray_node_env(os.environ)  # the raylet we start inherits this process's environment
+        level = ray_log_level()
+        if level and "logging_config" not in kwargs:
+            kwargs["logging_config"] = ray.LoggingConfig(log_level=level)
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  ignore_reinit_error=True, **kwargs)
     ctx = DataContext.get_current()

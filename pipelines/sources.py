@@ -394,7 +394,9 @@ def _resolve_classes(
     if format == "captions":
         return []
     where = "manifest.json (classes) or classes.txt" if format == "parquet" else "classes.txt"
-    raise SourceError(f"{base / 'classes.txt'}: no class list for this source (need {where})")
+    raise SourceError(f"{base}: no class list ({where}); write classes.txt there (one name per line, "
+                      "id 0 first) or name them in the config: source.classes=[background,cat,dog] "
+                      "(real.classes=[...] for train)")
 
 
 # --- decoding ------------------------------------------------------------------------------

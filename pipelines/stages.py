@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import schema as S
+from pipelines.runtime import own_loggers_in_ray_worker
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,10 @@ class Gated:
         self.redo_if = redo_if
         self.fault = fault or {}
         self.batches = 0
+        own_loggers_in_ray_worker()  # in a Ray worker: our lines reach the console whatever Ray's root level is
+        started = time.monotonic()
         self.actor = actor_cls(**actor_kwargs)
+        log.info("%s: actor up (%s, loaded in %.1f s)", stage, actor_cls.__name__, time.monotonic() - started)
 
     def _todo(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         todo = kept(batch)

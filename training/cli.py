@@ -93,5 +93,5 @@ def add_training_commands(subparsers) -> None:
     p = subparsers.add_parser("scaling", help="sweep mIoU against synthetic volume x p_aug x seed, fit a saturating power law, plot")
     p.add_argument("--config", default=None, help="sweep YAML, e.g. training/configs/scaling-toy.yaml")
     p.add_argument("--report", default=None, metavar="DIR", help="re-render results.csv, fit.json and scaling.png of a sweep directory")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. volumes=[0,1000] train.iterations=300 output=DIR")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. volumes=[0,1000] train.iterations=300 output.path=DIR")
     p.set_defaults(func=_cmd_scaling)

@@ -201,7 +201,8 @@ def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
     trains. Source rows are cycled until the graph yields ~``n_rows`` samples."""
     from pipelines.config import GenerateConfig, load_config
     from pipelines.generate import index_rows, resolve_context
-    from pipelines.graph import build_dataset, stage_plan
+    from pipelines.graphs import stage_plan
+    from pipelines.graphs.base import build_dataset
 
     live = cfg.synthetic.live
     gcfg = load_config(GenerateConfig, _find(live.config), [

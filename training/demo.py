@@ -29,6 +29,6 @@ def train_real_vs_mix(real_dir: Path, synthetic_dir: Path, out_dir: Path, overri
         results[strategy] = run_train(cfg)
     summary = {"miou_real_only": results["real_only"]["miou"], "miou_mix": results["mix"]["miou"],
                "p_aug": cfg.p_aug, "iterations": cfg.iterations, "runs": results}
-    log.info("toy val mIoU: real_only %.4f, mix (p_aug=%.1f) %.4f", summary["miou_real_only"], cfg.p_aug,
+    log.debug("toy val mIoU: real_only %.4f, mix (p_aug=%.1f) %.4f", summary["miou_real_only"], cfg.p_aug,
              summary["miou_mix"])
     return summary

@@ -73,7 +73,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return Path(json.loads((path / "final.json").read_text())["checkpoint"])
     found = checkpoints(path)
     if not found:
-        raise ConfigError(f"--checkpoint: no checkpoint under {path}")
+        what = "no such directory" if not path.is_dir() else "no checkpoint in it"
+        raise ConfigError(f"--checkpoint {path}: {what}; give a run directory of `segfactory train` "
+                          "(its output.path) or one of its checkpoint_* folders")
     return found[-1]
 
 
@@ -106,22 +108,32 @@ def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
             {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items() if k in CSV_COLUMNS})
 
 
+QUIET_EVERY_S = 60.0  # a training line at least this often when the command runs quiet
+
+
 def _callback(run_dir: Path):
     from ray.train.v2.api.callback import UserCallback
 
+    from pipelines.runtime import own_loggers_in_ray_worker, ray_log_level
+
+    quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
+
     class MetricsLog(UserCallback):
-        """Runs on the Train controller: writes metrics.csv and logs progress as it trains."""
+        """Runs on the Train controller: writes metrics.csv and logs progress as it trains. Quiet:
+        the evaluation steps, the last step, and otherwise at most one line a minute."""
+
+        last_line = 0.0
 
         def after_report(self, run_context, metrics, checkpoint):
-            if not log.handlers and not logging.getLogger().handlers:  # the controller's own process
-                handler = logging.StreamHandler()
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-                log.addHandler(handler)
-                log.setLevel(logging.INFO)
+            own_loggers_in_ray_worker()  # the controller's process: lines of ours whatever Ray's root level is
             m = metrics[0]
             if "step" not in m:
                 return
             append_metrics(run_dir / "metrics.csv", m)
+            now = time.monotonic()
+            if quiet and "eval_miou" not in m and m["step"] < m["iterations"] and now - self.last_line < QUIET_EVERY_S:
+                return
+            self.last_line = now
             msg = (f"[{m['phase']}] step {m['step']}/{m['iterations']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
                    f"{m['steps_per_s']:.2f} it/s data-wait {m['data_wait_fraction']:.0%} syn {m['synthetic_fraction']:.2f}")
             if "eval_miou" in m:
@@ -161,8 +173,14 @@ def _data_config(split: list[str]):
 def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: Path, *, num_workers: int,
                  use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=()):
     """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from pipelines.runtime import ray_log_level
+
+    # ray.train's own console lines (worker group started, checkpoint saved ...): warnings only
+    # when the command runs quiet (segfactory/logs.py)
+    train_logging = LoggingConfig(log_level="WARNING") if ray_log_level() else None
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
@@ -170,7 +188,8 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks),
+                             logging_config=train_logging),
         datasets=datasets, dataset_config=_data_config(split_names(datasets)))
 
 
@@ -227,8 +246,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if final.get("final_step") == total:
             log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
             return final
+    src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
     init_ray(cfg.ray)
-    src = index_inputs(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     step, consumed, resume_from = 0, {}, None

@@ -49,6 +49,12 @@ class GenerateOnDemand(Strict):
     overrides: list[str] = Field(default_factory=list, description="key=value overrides of that config, e.g. [source.path=DIR]")
 
 
+class SweepOutput(Strict):
+    """Where the sweep goes (``output.path``, as for every command)."""
+
+    path: str = Field("scaling-output", description="sweep directory: trials/, results.csv, fit.json, scaling.png")
+
+
 class ToySource(Strict):
     """A toy real dataset made for the sweep (toy domain only)."""
 
@@ -69,9 +75,15 @@ class ScalingConfig(Strict):
     synthetic: str = Field("", description="synthetic dataset directory; empty = OUTPUT/synthetic")
     generate: GenerateOnDemand | None = Field(None, description="generate missing samples (same graph, same seeds); None = stop and say how many are missing")
     toy_source: ToySource | None = Field(None, description="make a toy real dataset in OUTPUT/toy-source, used as train.real.path and as the generation's source")
-    output: str = Field("scaling-output", description="sweep directory")
+    output: SweepOutput = Field(default_factory=SweepOutput, description="output.path: the sweep directory "
+                                "(`output=DIR`, the older spelling, still works)")
     max_concurrent: int | None = Field(None, ge=1, description="most trials at once; None = as many as the cluster's CPUs/GPUs allow")
     ray: RayConfig = Field(default_factory=lambda: RayConfig(show_progress=False), description="Ray runtime settings")
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_alias(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value  # output=DIR == output.path=DIR
 
     @field_validator("volumes")
     @classmethod
@@ -197,10 +209,12 @@ def _extension(root: Path, parts: list[Path], missing: int):
     """Config of the next extension: the dataset's own graph with copies numbered on from the
     last ones, enough of them for ``missing`` more samples."""
     from pipelines.config import GenerateConfig
+    from pipelines.graphs import get_graph
 
     base = GenerateConfig.model_validate(_manifest(root)["config"])
-    counts = {"imgsyn": base.imgsyn.samples_per_source, "masksyn": base.masksyn.samples_per_caption}
-    branches = [b for b in ("imgsyn", "masksyn") if counts[b] and base.pipeline in (b, "seggen")]
+    # the graph's extendable methods: {method: (config section, key of its copy count)}
+    keys = {sec: (sec, key) for sec, key in get_graph(base.pipeline).extendable}
+    branches = [b for b, (sec, key) in keys.items() if getattr(getattr(base, sec), key)]
     if not branches:
         raise ConfigError(f"synthetic: {root} was made by the {base.pipeline} graph, which cannot be extended; "
                           f"{missing} samples are missing (lower volumes or generate a bigger dataset)")
@@ -210,8 +224,8 @@ def _extension(root: Path, parts: list[Path], missing: int):
         m = _manifest(part)
         pc = GenerateConfig.model_validate(m["config"])
         for b in branches:
-            n = pc.imgsyn.samples_per_source if b == "imgsyn" else pc.masksyn.samples_per_caption
-            first = pc.imgsyn.first_copy if b == "imgsyn" else pc.masksyn.first_copy
+            sec, key = keys[b]
+            n, first = getattr(getattr(pc, sec), key), getattr(pc, sec).first_copy
             rows[b] += m.get("rows_per_method", {}).get(b, 0)
             next_copy[b] = max(next_copy[b], first + n)
     per_level = sum(rows[b] / next_copy[b] for b in branches)  # samples one more copy of each branch adds
@@ -219,8 +233,7 @@ def _extension(root: Path, parts: list[Path], missing: int):
     first = min(next_copy.values())
     update: dict[str, Any] = {"output": {"path": str(root / "extensions" / f"copies-{first}-{first + levels - 1}")}}
     for b in branches:
-        key = "samples_per_source" if b == "imgsyn" else "samples_per_caption"
-        update[b] = {key: levels, "first_copy": next_copy[b]}
+        update[keys[b][0]] = {keys[b][1]: levels, "first_copy": next_copy[b]}
     return GenerateConfig.model_validate(merge(base.model_dump(mode="json"), update))
 
 
@@ -280,8 +293,8 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     from training.scaling_report import render_report
 
     started = time.time()
-    require_local_dir("output", cfg.output)  # a sweep directory holds run directories: local or a mount
-    out = Path(cfg.output).expanduser().resolve()
+    require_local_dir("output.path", cfg.output.path)  # a sweep directory holds run directories: local or a mount
+    out = Path(cfg.output.path).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = None
     if cfg.toy_source is not None:

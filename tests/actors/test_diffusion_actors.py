@@ -167,8 +167,9 @@ def test_sd15_family_tiny() -> None:
 
 
 def test_scheduler_is_euler_karras(t2i_pipe: Any) -> None:
-    sched = t2i_pipe.scheduler
+    sched = t2i_pipe.scheduler  # the default sampler, "edm" (tests/actors/test_samplers.py)
     assert type(sched).__name__ == "EulerDiscreteScheduler" and sched.config.use_karras_sigmas
+    assert sched.config.timestep_spacing == "linspace"
     assert sched.config.prediction_type == "epsilon" and sched.config.beta_schedule == "scaled_linear"
 
 

@@ -11,7 +11,7 @@ tests. Nodes:
 
 Each stage of ``stage_plan`` is wrapped to stamp the node id it ran on into a ``where_<stage>``
 column; GPU actors also report ``CUDA_VISIBLE_DEVICES`` and what ``pick_device`` chose (a
-logical GPU with no CUDA must fall back to CPU). Then ``cluster.prefetch`` runs with a fake
+logical GPU with no CUDA must fall back to CPU). Then ``pipelines.prefetch`` runs with a fake
 fetch that reports its node. Output: one JSON object on the last stdout line.
 """
 
@@ -26,11 +26,12 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.prefetch import ModelRef, prefetch, prefetch_models
 from pipelines import schema as S
 from pipelines.config import GenerateConfig, load_config
 from pipelines.generate import index_rows, resolve_context
-from pipelines.graph import Stage, build_dataset, stage_plan
+from pipelines.graphs import Stage, stage_plan
+from pipelines.graphs.base import build_dataset
+from pipelines.prefetch import FetchTarget, prefetch, prefetch_models
 from pipelines.toy_data import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def wrap(plan: list[Stage]) -> list[Stage]:
             for st in plan]
 
 
-def fake_fetch(repo_id: str, revision: str) -> list[str]:
+def fake_fetch(repo_id: str, revision: str, allow_patterns=()) -> list[str]:
     return [ray.get_runtime_context().get_node_id(), repo_id, revision]
 
 
@@ -116,9 +117,9 @@ def main() -> None:
             for col, values in batch.items():
                 if col.startswith(STAMPS):
                     cols.setdefault(col, []).extend(str(v) for v in values)
-        fetched = prefetch([ModelRef("org/on-gpu-nodes", "r1", num_gpus=0.5),
-                            ModelRef("org/cpu-stage", "r3", num_cpus=1),
-                            ModelRef("org/everywhere", "r2")], fetch=fake_fetch)
+        fetched = prefetch([FetchTarget("org/on-gpu-nodes", "r1", num_gpus=0.5),
+                            FetchTarget("org/cpu-stage", "r3", num_cpus=1),
+                            FetchTarget("org/everywhere", "r2")], fetch=fake_fetch)
         sdxl = load_config(GenerateConfig, ROOT / "pipelines/configs/seggen-sdxl.yaml",
                            ["mask2img.resources.num_gpus=0.5", "mask2img.resources.num_cpus=0"])
         fetched_cfg = prefetch_models(sdxl, fetch=fake_fetch)

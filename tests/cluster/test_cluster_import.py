@@ -28,7 +28,7 @@ def _heavy_after(body: str) -> tuple[list[str], str]:
 
 
 def test_cluster_package_imports_without_torch_or_ray():
-    heavy, _ = _heavy_after("import cluster, cluster.cli, cluster.jobs, cluster.local, cluster.prefetch")
+    heavy, _ = _heavy_after("import cluster, cluster.cli, cluster.jobs, cluster.local")
     assert heavy == []
 
 

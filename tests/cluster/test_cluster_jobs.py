@@ -170,3 +170,92 @@ def test_follow_resumes_by_polling_without_repeating_lines():
     out = io.StringIO()
     assert jobs.follow(FlakyStream(), "j", out=out, poll_s=0.01) == "SUCCEEDED"
     assert out.getvalue() == "line 1\nline 2\nline 3\n"
+
+
+# --- submit: a superset of `ray job submit` ------------------------------------------------
+
+
+def test_entrypoint_runs_any_command_and_our_cli_from_the_working_dir():
+    assert jobs.entrypoint(["python", "-c", "print(1)"]) == "python -c 'print(1)'"
+    assert jobs.entrypoint(["segfactory", "generate", "--config", "seggen-toy"]) == \
+        "python -m segfactory.cli generate --config seggen-toy"
+    assert jobs.entrypoint(["generate", "k=a b"]) == "python -m segfactory.cli generate 'k=a b'"
+    assert jobs.entrypoint(["bash", "-lc", "nvidia-smi && segfactory demo"]) == \
+        "bash -lc 'nvidia-smi && segfactory demo'"
+
+
+def test_short_form_knows_every_cli_command():
+    from cluster_testing import full_parser, subparsers
+
+    assert set(subparsers(full_parser()).choices) <= jobs.SEGFACTORY_COMMANDS
+
+
+def test_runtime_env_merges_the_users_with_ours(monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    base = {"env_vars": {"A": "1", "B": "x"}, "pip": ["rich"], "excludes": ["data/"], "conda": "env"}
+    env = jobs.runtime_env("/w", {"B": "2"}, ["tqdm"], base=base)
+    assert env["env_vars"] == {"A": "1", "B": "2"} and env["pip"] == ["rich", "tqdm"]
+    assert env["working_dir"] == "/w" and env["conda"] == "env"
+    assert env["excludes"][0] == "data/" and ".venv/" in env["excludes"]
+    assert "working_dir" not in jobs.runtime_env(None, passthrough=False)  # --no-working-dir
+    kept = jobs.runtime_env(None, base={"working_dir": "s3://b/code.zip"}, passthrough=False)
+    assert kept["working_dir"] == "s3://b/code.zip"
+
+
+def test_runtime_env_files_and_headers(tmp_path, monkeypatch):
+    f = tmp_path / "env.yaml"
+    f.write_text("env_vars: {A: '1'}\npip: [rich]\n")
+    assert jobs.load_runtime_env(str(f)) == {"env_vars": {"A": "1"}, "pip": ["rich"]}
+    assert jobs.load_runtime_env(text='{"pip": ["x"]}') == {"pip": ["x"]}
+    for bad in ({"path": str(tmp_path / "none.yaml")}, {"text": "{"}, {"text": "[1]"}):
+        with pytest.raises(ValueError):
+            jobs.load_runtime_env(**bad)
+    monkeypatch.setenv("RAY_JOB_HEADERS", '{"Authorization": "Bearer t", "X-N": 3}')
+    assert jobs.env_headers() == {"Authorization": "Bearer t", "X-N": "3"}
+    monkeypatch.setenv("RAY_JOB_HEADERS", "not json")
+    with pytest.raises(ValueError, match="RAY_JOB_HEADERS"):
+        jobs.env_headers()
+
+
+def test_wheel_install_refuses_to_upload_the_cwd(monkeypatch, no_cluster):
+    monkeypatch.setattr(jobs, "REPO_ROOT", None)
+    with pytest.raises(ValueError, match="--working-dir"):
+        jobs.default_working_dir()
+    code, _, err = segfactory("submit", "--", "python", "-c", "print(1)")
+    assert code == 2 and "--no-working-dir" in err and err.count("\n") == 1
+
+
+def test_relative_paths_in_the_yaml_and_in_lists_warn(tmp_path, caplog):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("real: {path: /abs/voc}\nsynthetic: {paths: [/abs/a, rel/b]}\n"
+                   "mask2img: {model: {local_path: models/cn}}\n")
+    with caplog.at_level(logging.WARNING, logger=jobs.__name__):
+        jobs.warn_relative_paths(["train", "--config", str(cfg), "synthetic.paths=[/x, out2]",
+                                  "output.path=s3://b/run"])
+    warned = sorted(r.getMessage().split(" ")[0] for r in caplog.records)
+    assert warned == ["mask2img.model.local_path=models/cn", "synthetic.paths=out2", "synthetic.paths=rel/b"]
+
+
+class RecordingClient:
+    def __init__(self):
+        self.calls = []
+
+    def submit_job(self, **kwargs):
+        self.calls.append(kwargs)
+        return "raysubmit_1"
+
+
+def test_submit_passes_what_ray_job_submit_would(monkeypatch, no_cluster):
+    fake = RecordingClient()
+    monkeypatch.setattr(jobs, "client", lambda address=None: fake)
+    code, out, err = segfactory("submit", "--entrypoint-num-gpus", "1", "--entrypoint-num-cpus", "2",
+                                "--entrypoint-memory", "1G", "--entrypoint-resources", '{"head": 1}',
+                                "--runtime-env-json", '{"env_vars": {"A": "1"}}', "--no-working-dir",
+                                "--", "python", "train.py", "--lr", "0.1")
+    assert code == 0 and "raysubmit_1" in out, err
+    call = fake.calls[0]
+    assert call["entrypoint"] == "python train.py --lr 0.1"
+    assert (call["entrypoint_num_gpus"], call["entrypoint_num_cpus"], call["entrypoint_memory"]) == (1, 2, 1024**3)
+    assert call["entrypoint_resources"] == {"head": 1}
+    assert call["runtime_env"]["env_vars"]["A"] == "1" and "working_dir" not in call["runtime_env"]
+    assert segfactory("submit", "--working-dir", str(no_cluster / "nope"), "--", "ls")[0] == 2

@@ -27,7 +27,9 @@ def head(tmp_path_factory):
     """`segfactory cluster up` with its state in a temp dir; `cluster down` at the end anyway."""
     state_dir = tmp_path_factory.mktemp("state")
     previous = os.environ.get(local.STATE_ENV)
+    previous_token = os.environ.get("RAY_AUTH_TOKEN_PATH")
     os.environ[local.STATE_ENV] = str(state_dir)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(state_dir / "auth_token")  # absent: `up` must create it
     try:
         code, out, err = segfactory("cluster", "up", "--num-cpus", "2", "--object-store-memory", "300M")
         assert code == 0, err
@@ -39,6 +41,10 @@ def head(tmp_path_factory):
             os.environ.pop(local.STATE_ENV, None)
         else:
             os.environ[local.STATE_ENV] = previous
+        if previous_token is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = previous_token
 
 
 def _alive(pid: int) -> bool:
@@ -61,6 +67,26 @@ def test_up_records_a_loopback_head(head):
     assert int(state.gcs_address.rsplit(":", 1)[1]) in {port for _, port in listening}
     code, out, _ = segfactory("cluster", "status")
     assert code == 0 and "running" in out and state.dashboard_url in out
+
+
+def test_up_creates_a_token_and_the_head_refuses_requests_without_it(head, monkeypatch):
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert token.is_file() and len(token.read_text().strip()) >= 32 and token.stat().st_mode & 0o077 == 0
+    assert "auth:       token: the job server refuses requests without it" in head["up_output"]
+    assert local.probe_auth(head["state"].dashboard_url) == "token"  # asked, not assumed
+    code, out, _ = segfactory("cluster", "status")
+    assert code == 0 and "refuses requests without it" in out
+    monkeypatch.setenv("RAY_JOB_HEADERS", '{"Authorization": "Bearer wrong"}')  # headers win over ours
+    code, _, err = segfactory("jobs", "list")
+    assert code == 1 and err.count("\n") == 1, err
+
+
+def test_submit_runs_any_entrypoint(head, tmp_path):
+    code, out, err = segfactory("submit", "--wait", "--no-working-dir", "--entrypoint-num-cpus", "0.1",
+                                "--runtime-env-json", '{"env_vars": {"GREETING": "hello from the job"}}',
+                                "--", "python", "-c", "import os, sys; print(os.environ['GREETING']); sys.exit(3)")
+    assert code == 3, err[-2000:]  # the entrypoint's own exit code comes back
+    assert "hello from the job" in out + err
 
 
 def test_submit_tiny_generate_succeeds(head, toy_source, tmp_path_factory):

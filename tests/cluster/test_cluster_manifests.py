@@ -162,3 +162,10 @@ def test_kubectl_client_dry_run_accepts_the_manifests(tmp_path):
         "persistentvolumeclaim/segfactory-data created (dry run)",
         "raycluster.ray.io/segfactory created (dry run)",
         "rayjob.ray.io/seggen-ade20k created (dry run)"])
+
+
+def test_clusters_use_token_auth_and_the_rayjob_never_retries_exit_2_or_3():
+    specs = _cluster_specs()
+    assert len(specs) == 2 and all(spec["authOptions"] == {"mode": "token"} for spec in specs)
+    job = next(d for d in _docs(K8S / "rayjob.yaml") if d["kind"] == "RayJob")
+    assert job["spec"]["backoffLimit"] == 0  # a retry cannot fix a bad config (2) or bad data (3)

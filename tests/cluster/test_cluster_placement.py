@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import prefetch as pf
+from pipelines import prefetch as pf
 from pipelines.config import GenerateConfig, load_config
 
 HERE = Path(__file__).parent
@@ -84,24 +84,25 @@ def _cfg(name: str, *overrides: str) -> GenerateConfig:
 
 @pytest.mark.parametrize("preset", ["toy", "tiny", "sdxl-random"])
 def test_offline_presets_prefetch_nothing(preset):
-    assert pf.model_refs(_cfg("seggen-sdxl.yaml", f"preset={preset}")) == []
+    assert pf.fetch_targets(_cfg("seggen-sdxl.yaml", f"preset={preset}")) == []
     assert pf.prefetch_models(_cfg("seggen-sdxl.yaml", f"preset={preset}"),
                               fetch=lambda *a: pytest.fail("fetched")) == {}
 
 
-def test_model_refs_of_the_sdxl_config():
+def test_fetch_targets_of_the_sdxl_config():
     cfg = _cfg("seggen-sdxl.yaml")
     # Text2Mask and the ControlNet come from local_path; only the pinned SDXL base is fetched.
-    assert pf.model_refs(cfg) == [pf.ModelRef(cfg.mask2img.model.id, cfg.mask2img.model.revision,
-                                              num_gpus=1.0, num_cpus=2.0)]
+    [target] = pf.fetch_targets(cfg)
+    assert (target.repo_id, target.revision, target.num_gpus, target.num_cpus) == (
+        cfg.mask2img.model.id, cfg.mask2img.model.revision, 1.0, 2.0)
     assert len(cfg.mask2img.model.revision) == 40
-    both = pf.model_refs(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null"))
+    both = pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null"))
     assert len(both) == 1  # the same base id@revision for both stages: fetched once
-    assert pf.model_refs(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null",
-                              "text2mask.model.revision=abc"))[0].revision == "abc"
+    assert pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null",
+                                 "text2mask.model.revision=abc"))[0].revision == "abc"
     imgsyn = _cfg("seggen-sdxl.yaml", "pipeline=imgsyn", "text2mask.model.local_path=null",
                   "text2mask.model.revision=abc")
-    assert [r.revision for r in pf.model_refs(imgsyn)] == [cfg.mask2img.model.revision]
+    assert [r.revision for r in pf.fetch_targets(imgsyn)] == [cfg.mask2img.model.revision]
 
 
 def test_eligible_nodes_follow_the_stage_resources():
@@ -109,7 +110,7 @@ def test_eligible_nodes_follow_the_stage_resources():
              {"NodeID": "a100", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 1.0}},
              {"NodeID": "h100", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 8.0, "accelerator_type:H100": 1.0}},
              {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
-    assert pf.eligible_nodes(pf.ModelRef("m", "r", num_gpus=1), nodes) == ["a100", "h100"]
-    assert pf.eligible_nodes(pf.ModelRef("m", "r", num_gpus=2), nodes) == ["h100"]
-    assert pf.eligible_nodes(pf.ModelRef("m", "r", num_gpus=0.5, accelerator_type="A100"), nodes) == ["a100"]
-    assert pf.eligible_nodes(pf.ModelRef("m", "r", num_cpus=12), nodes) == ["cpu"]
+    assert pf.eligible_nodes(pf.FetchTarget("m", "r", num_gpus=1), nodes) == ["a100", "h100"]
+    assert pf.eligible_nodes(pf.FetchTarget("m", "r", num_gpus=2), nodes) == ["h100"]
+    assert pf.eligible_nodes(pf.FetchTarget("m", "r", num_gpus=0.5, accelerator_type="A100"), nodes) == ["a100"]
+    assert pf.eligible_nodes(pf.FetchTarget("m", "r", num_cpus=12), nodes) == ["cpu"]

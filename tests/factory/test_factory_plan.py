@@ -13,8 +13,8 @@ from actors.grounding import Grounding
 from actors.sam import SamMasks
 from pipelines import schema as S
 from pipelines.config import ConfigError, GenerateConfig, load_config
-from pipelines.factory import expand_variants
-from pipelines.graph import RunContext, stage_plan
+from pipelines.graphs import RunContext, stage_plan
+from pipelines.graphs.factory import expand_variants
 from pipelines.stages import SIBLINGS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from segfactory.cli import main
 from pipelines.config import ConfigError, GenerateConfig, load_config, parse_overrides
+from segfactory.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 

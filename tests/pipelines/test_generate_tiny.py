@@ -26,7 +26,7 @@ def test_tiny_preset_runs_the_real_diffusers_graph(ray_local, toy_source, tmp_pa
     m = result.manifest
     assert m["rows_per_method"] == {"imgsyn": 3, "masksyn": 3} and m["rejected_rows"] == 0
     stages = " ".join(m["timings"]["stage_busy_s"])
-    assert "Text2MaskPool" in stages and "Mask2ImgPool" in stages
+    assert "expand + text2mask" in stages and "colorize + mask2img" in stages  # plan names, fused by Ray
 
     df = pd.read_parquet(out / "shards")
     assert (df[S.GENERATOR] == "tiny-random").all()

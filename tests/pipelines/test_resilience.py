@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from pipelines import schema as S
-from segfactory.cli import main
 from pipelines.config import GenerateConfig, load_config
 from pipelines.generate import run_generate
+from segfactory.cli import main
 
 CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "seggen-toy.yaml"
 CLASSES = ["background", "circle", "square", "triangle", "star", "ring"]

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines import schema as S
 from pipelines.config import GenerateConfig
-from pipelines.graph import RunContext, stage_plan
+from pipelines.graphs import RunContext, stage_plan
 from pipelines.stages import Gated, colorize, decode_png, finalize, set_rows
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segfactory.cli import main
 from pipelines.config import ConfigError, load_config
+from segfactory.cli import main
 from training.scaling import (
     ScalingConfig,
     Trial,

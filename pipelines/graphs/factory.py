@@ -26,10 +26,25 @@ import numpy as np
 
 from pipelines import prompts, selection, stages
 from pipelines import schema as S
-from pipelines.config import ConfigError, GenerateConfig
-from pipelines.graph import RunContext, Stage, _model_actors, pool_args
+from pipelines.config import GenerateConfig
+from pipelines.graphs import GraphSpec, ModelStage, register
+from pipelines.graphs.base import (
+    REAL_PRESETS,
+    ModelRef,
+    RunContext,
+    Stage,
+    cpu_args,
+    mask2img_actor,
+    mask2img_models,
+    pool_args,
+    transformers_ref,
+)
 
 FACTORY_PRESETS = ("tiny", "sdxl", "sd15")
+# Sections that change a factory dataset's bytes. imgsyn/masksyn/text2mask/toy do not, but the
+# hand-kept hash before the registry included them: kept, so existing datasets keep their hash.
+HASH_SECTIONS = ("imgsyn", "masksyn", "text2mask", "mask2img", "toy",
+                 "captioner", "grounding", "sam", "clip", "prompts", "factory", "selection")
 NO_OBJECTS = "no_objects"
 _SOURCE_COLUMNS: dict[str, Any] = {
     S.SAMPLE_ID: "", S.SOURCE_ID: "", S.METHOD: "factory", S.CAPTION: "", S.PROMPT: "", S.SEED: 0,
@@ -133,13 +148,9 @@ def expand_variants(batch: dict[str, np.ndarray], *, copies: int, seed: int, mas
     return _columns(out)
 
 
-def _check_preset(cfg: GenerateConfig) -> None:
-    if cfg.preset not in FACTORY_PRESETS:
-        raise ConfigError(f"preset: the factory graph runs with {FACTORY_PRESETS} (got {cfg.preset!r})")
-
-
 def _hf(spec) -> dict[str, Any]:
-    return {"model_id": spec.id, "revision": spec.revision, "local_path": spec.local_path, "dtype": spec.dtype}
+    return {"model_id": spec.id, "revision": spec.revision, "local_path": spec.local_path, "dtype": spec.dtype,
+            "variant": spec.variant}
 
 
 def _pool(name: str, cls: type, res, actor_cls: type, actor_kwargs: dict, needs: str | None = None) -> Stage:
@@ -154,8 +165,7 @@ def factory_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> li
     from actors.grounding import Grounding
     from actors.sam import SamMasks
 
-    _check_preset(cfg)
-    cpu = {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}
+    cpu = cpu_args(cfg)
     k = cfg.factory.samples_per_image
     g, sam, sel = cfg.grounding, cfg.sam, cfg.selection
     grounding_kwargs = {"classes": ctx.classes, "background": ctx.background, "preset": cfg.preset,
@@ -168,7 +178,7 @@ def factory_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> li
     captioner_kwargs = {"kind": cap.kind, "preset": cfg.preset, **_hf(cap.model), "prompt": cap.prompt,
                         "max_new_tokens": cap.max_new_tokens, "min_new_tokens": cap.min_new_tokens,
                         "num_beams": cap.num_beams}
-    _, (m2i_cls, m2i_kwargs) = _model_actors(cfg, ctx)
+    m2i_cls, m2i_kwargs = mask2img_actor(cfg, ctx)
     plan = [
         Stage("load", load_images, {**cpu, "fn_kwargs": {"source_format": source_format,
                                                           "num_classes": len(ctx.classes)}}),
@@ -210,3 +220,43 @@ def factory_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> li
         "mask_dtype": ctx.mask_dtype, "min_image_std": cfg.validation.min_image_std}}))
     return plan
 
+
+
+def _real(fn):
+    """Model refs only under the real presets (tiny builds its models in code)."""
+    return lambda cfg: fn(cfg) if cfg.preset in REAL_PRESETS else []
+
+
+def _sam_models(cfg: GenerateConfig) -> list[ModelRef]:
+    # a checkpoint file, never a hub id: segment-anything reads one file (sam.checkpoint)
+    return [ModelRef("sam.checkpoint", "file", local_path=cfg.sam.checkpoint or None, dtype=cfg.sam.dtype)]
+
+
+CAPTIONER = ModelStage("captioner", "captioner", "actors.captioner:Captioner",
+                       _real(lambda cfg: [transformers_ref("captioner.model", cfg.captioner.model)]))
+GROUNDING = ModelStage("grounding", "grounding", "actors.grounding:Grounding",
+                       _real(lambda cfg: [transformers_ref("grounding.model", cfg.grounding.model)]))
+SAM = ModelStage("sam", "sam", "actors.sam:SamMasks", _real(_sam_models))
+MASK2IMG = ModelStage("mask2img", "mask2img", "actors.mask2img:Mask2Img", _real(mask2img_models))
+CLIP = ModelStage("clip", "clip", "actors.clip_embedder:ClipEmbedder",
+                  _real(lambda cfg: [transformers_ref("clip.model", cfg.clip.model)]))
+RESEG_GROUNDING = ModelStage("reseg_grounding", "grounding", GROUNDING.actor, GROUNDING.models)
+RESEG_SAM = ModelStage("reseg_sam", "sam", SAM.actor, SAM.models)
+
+
+def factory_model_stages(cfg: GenerateConfig) -> list[ModelStage]:
+    """The pools this config runs (the captioner is left out at run time when every row has a
+    caption: see :func:`factory_plan`)."""
+    out = [CAPTIONER, GROUNDING, SAM, MASK2IMG]
+    if cfg.selection.similarity_threshold is not None:
+        out.append(CLIP)
+    if cfg.selection.reseg_miou_threshold is not None:
+        out += [RESEG_GROUNDING, RESEG_SAM]
+    return out
+
+
+register(GraphSpec(
+    name="factory", description="Diffusion Synthesis: captions, Grounding DINO + SAM masks, K ControlNet "
+    "variants per image, selection by CLIP similarity and re-segmentation",
+    needs_masks=False,  # SAM draws the masks
+    hash_sections=HASH_SECTIONS, model_stages=factory_model_stages, plan=factory_plan, presets=FACTORY_PRESETS))

@@ -1,0 +1,109 @@
+"""The graph registry: each generation graph is declared once, in its own module here.
+
+A :class:`GraphSpec` says what a graph needs (masks in the source, which presets), which
+config sections change its output (the config hash), its model stages (actor, config section,
+weights: prefetch and the dry run read them) and its plan (the ``map_batches`` calls).
+The plan, prefetch, preset validation, the config hash and the scaling sweep's extension of
+a dataset all derive from it; nothing else checks the method name.
+
+A new graph = a module ``pipelines/graphs/<name>.py`` calling :func:`register`, listed in
+``_BUILTIN`` below, plus its config section in ``pipelines/config.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipelines.graphs.base import ModelRef, RunContext, Stage
+
+if TYPE_CHECKING:
+    from pipelines.config import GenerateConfig, Resources
+
+__all__ = ["GraphSpec", "ModelRef", "ModelStage", "RunContext", "Stage", "get_graph", "graph_names",
+           "register", "stage_plan"]
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """One actor pool of a graph and the weights it loads."""
+
+    name: str  # stage name in the plan, e.g. "mask2img"
+    section: str  # GenerateConfig section holding its settings and `resources`, e.g. "mask2img"
+    actor: str  # "actors.mask2img:Mask2Img" (import path; imported lazily)
+    models: Callable[[GenerateConfig], list[ModelRef]]  # weights it loads under cfg.preset
+
+    def resources(self, cfg: GenerateConfig) -> Resources:
+        return getattr(cfg, self.section).resources
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One generation graph, as the rest of the code sees it."""
+
+    name: str  # value of cfg.pipeline
+    description: str
+    needs_masks: bool  # source rows must carry masks
+    hash_sections: tuple[str, ...]  # config sections (beyond the common ones) entering the hash
+    model_stages: Callable[[GenerateConfig], list[ModelStage]]  # the pools this config will run
+    plan: Callable[[GenerateConfig, RunContext, str], list[Stage]]  # pure: stages + map_batches kwargs
+    presets: tuple[str, ...] = ("toy", "tiny", "sdxl", "sd15", "sdxl-random")  # the presets it runs with
+    # (section, count key) of each method a dataset can be extended by (copies first_copy..;
+    # the section is named after the method, e.g. ("imgsyn", "samples_per_source")):
+    # the scaling sweep tops a dataset up this way; () = the graph cannot be extended
+    extendable: tuple[tuple[str, str], ...] = ()
+    # the real-weight presets whose models are downloaded (prefetch); others build in code
+    download_presets: tuple[str, ...] = ("sdxl", "sd15")
+
+
+_REGISTRY: dict[str, GraphSpec] = {}
+_BUILTIN = ("pipelines.graphs.seggen", "pipelines.graphs.factory")
+_loaded = False
+
+
+def register(spec: GraphSpec) -> GraphSpec:
+    """Add ``spec`` to the registry (a module calls this once at import)."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"graph {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN:
+            importlib.import_module(module)
+
+
+def get_graph(name: str) -> GraphSpec:
+    """The graph called ``name``; ConfigError naming ``pipeline`` when there is none."""
+    from pipelines.config import ConfigError
+
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"pipeline: unknown graph {name!r}; known: {', '.join(graph_names())}")
+    return _REGISTRY[name]
+
+
+def graph_names() -> list[str]:
+    """Names of every registered graph, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage]:
+    """Every stage of ``cfg.pipeline``'s graph with its map_batches arguments, in order."""
+    return get_graph(cfg.pipeline).plan(cfg, ctx, source_format)
+
+
+def model_refs(cfg: GenerateConfig, stage_names: set[str] | None = None) -> list[tuple[ModelStage, ModelRef]]:
+    """(model stage, weights) pairs of ``cfg``'s graph; only stages in ``stage_names`` when given."""
+    out: list[tuple[ModelStage, Any]] = []
+    for stage in get_graph(cfg.pipeline).model_stages(cfg):
+        if stage_names is None or stage.name in stage_names:
+            out.extend((stage, ref) for ref in stage.models(cfg))
+    return out

@@ -1,0 +1,180 @@
+"""What every graph module shares: a stage, the run context, map_batches arguments, model refs.
+
+Building a graph is a pure function of the config (and of what the driver learned from the
+source), so tests assert on the ``map_batches`` arguments of each :class:`Stage` without a GPU.
+Ray is imported only where an actor pool strategy is made, so the config hash and the dry run
+stay light.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipelines import schema as S
+from pipelines.config import GenerateConfig, Resources
+
+
+@dataclass
+class Stage:
+    """One ``map_batches`` call: the callable and its keyword arguments."""
+
+    name: str
+    fn: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What the driver learned from the source and passes to the stages."""
+
+    classes: list[str]
+    palette: np.ndarray
+    background: int | None  # class id that does not count as an object (None: every class does)
+    uncaptioned: int | None = None  # source rows without a caption (None: not counted; assume some)
+
+    @property
+    def mask_dtype(self) -> str:
+        return S.mask_dtype(len(self.classes)).str
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One set of weights a model stage loads: what prefetch fetches and the dry run shows.
+
+    ``kind``: ``diffusers-pipeline`` (a pipeline folder; ``components`` are the sub-folders it
+    loads, others are passed in), ``diffusers-model`` (one model folder, e.g. a ControlNet),
+    ``transformers`` (model + processor files) or ``file`` (one checkpoint file, ``local_path``).
+    """
+
+    key: str  # config key of the spec, e.g. "mask2img.controlnet" (problems name it)
+    kind: str
+    id: str = ""
+    revision: str = "main"
+    local_path: str | None = None
+    variant: str | None = None
+    dtype: str | None = None
+    components: tuple[str, ...] = ()
+
+
+# Sub-folders a diffusers pipeline of each family loads from its repo (the tokenizers and
+# text encoders, the UNet, the VAE, the scheduler config). SD 1.5's safety checker and feature
+# extractor are passed as None (actors.diffusion_models._extras), so they are not fetched.
+PIPELINE_COMPONENTS = {
+    "sdxl": ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"),
+    "sd15": ("scheduler", "text_encoder", "tokenizer", "unet", "vae"),
+}
+
+
+REAL_PRESETS = ("sdxl", "sd15")  # presets that load weights (by id or local path); the others build in code
+
+
+def diffusers_ref(key: str, spec: Any, kind: str = "diffusers-pipeline") -> ModelRef:
+    """A ModelRef of a :class:`pipelines.config.ModelSpec` (``variant`` when the spec has one)."""
+    components = PIPELINE_COMPONENTS[spec.family] if kind == "diffusers-pipeline" else ()
+    return ModelRef(key, kind, spec.id, spec.revision, spec.local_path, getattr(spec, "variant", None),
+                    spec.dtype, components)
+
+
+def transformers_ref(key: str, spec: Any) -> ModelRef:
+    """A ModelRef of a :class:`pipelines.config.HfModelSpec`."""
+    return ModelRef(key, "transformers", spec.id, spec.revision, spec.local_path, getattr(spec, "variant", None),
+                    spec.dtype)
+
+
+def pool_args(res: Resources) -> dict[str, Any]:
+    """map_batches arguments of a model stage: an autoscaling actor pool, explicit batch size."""
+    import ray
+
+    args: dict[str, Any] = {
+        "compute": ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        "batch_size": res.batch_size,
+        "num_gpus": res.num_gpus,
+        "num_cpus": res.num_cpus,
+        "batch_format": "numpy",
+    }
+    if res.accelerator_type:
+        args["accelerator_type"] = res.accelerator_type
+    return args
+
+
+def cpu_args(cfg: GenerateConfig) -> dict[str, Any]:
+    """map_batches arguments of a CPU task stage."""
+    return {"batch_size": cfg.cpu.batch_size, "num_cpus": cfg.cpu.num_cpus, "batch_format": "numpy"}
+
+
+def _sampling_kwargs(stage) -> dict[str, Any]:
+    """Sampler and VAE override of a diffusion stage (actor keyword arguments)."""
+    return {"sampler": stage.sampler, "vae": stage.vae.model_dump() if stage.vae else None}
+
+
+def _model_kwargs(spec, prefix: str = "") -> dict[str, Any]:
+    keys = ("id", "revision", "local_path", "variant") if prefix else ("id", "revision", "local_path", "dtype", "variant")
+    names = {"id": "model_id"} if not prefix else {}
+    return {f"{prefix}{names.get(k, k)}": getattr(spec, k) for k in keys}
+
+
+def text2mask_actor(cfg: GenerateConfig, ctx: RunContext) -> tuple[type, dict]:
+    """(class, kwargs) of the Text2Mask actor for the configured preset."""
+    palette = ctx.palette.tolist()
+    if cfg.preset == "toy":
+        from actors.toy_text2mask import ToyText2Mask
+
+        return ToyText2Mask, {"resolution": cfg.toy.resolution, "palette": palette}
+    from actors.text2mask import Text2Mask
+
+    t2m = cfg.text2mask
+    return Text2Mask, {"preset": cfg.preset, "family": t2m.model.family, "palette": palette, "steps": t2m.steps,
+                       "guidance_scale": t2m.guidance_scale, "resolution": t2m.resolution,
+                       **_model_kwargs(t2m.model), **_sampling_kwargs(t2m)}
+
+
+def mask2img_actor(cfg: GenerateConfig, ctx: RunContext) -> tuple[type, dict]:
+    """(class, kwargs) of the Mask2Img actor for the configured preset."""
+    if cfg.preset == "toy":
+        from actors.toy_mask2img import ToyMask2Img
+
+        return ToyMask2Img, {"gap": cfg.toy.gap, "palette": ctx.palette.tolist()}
+    from actors.mask2img import Mask2Img
+
+    m2i = cfg.mask2img
+    return Mask2Img, {"preset": cfg.preset, "family": m2i.model.family, "steps": m2i.steps,
+                      "guidance_scale": m2i.guidance_scale,
+                      "controlnet_conditioning_scale": m2i.controlnet_conditioning_scale,
+                      "resolution": m2i.resolution, **_model_kwargs(m2i.model),
+                      **_model_kwargs(m2i.controlnet, prefix="controlnet_"), **_sampling_kwargs(m2i)}
+
+
+def mask2img_models(cfg: GenerateConfig) -> list[ModelRef]:
+    """Weights the Mask2Img stage loads: the base pipeline and the ControlNet."""
+    return [diffusers_ref("mask2img.model", cfg.mask2img.model),
+            diffusers_ref("mask2img.controlnet", cfg.mask2img.controlnet, kind="diffusers-model")]
+
+
+def build_dataset(rows, plan: list[Stage]):
+    """Source rows (ids, paths, captions, shard; a list of dicts or an Arrow table) → the stream
+    of finished rows (a ray Dataset)."""
+    import pyarrow as pa
+    import ray
+
+    if isinstance(rows, pa.Table):  # columns, zero-copy slices: no Python object per row
+        step = max(1, -(-rows.num_rows // 200))
+        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, max(rows.num_rows, 1), step)])
+    else:
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+    for stage in plan:
+        ds = ds.map_batches(stage.fn, **stage.kwargs)
+    return ds
+
+
+def stage_label(operator_name: str, plan: list[Stage]) -> str:
+    """Ray Data's operator name (``MapBatches(colorize)->MapBatches(Mask2ImgPool)``, fused
+    stages joined by ``->``) in the plan's stage names (``colorize + mask2img``)."""
+    names = {getattr(stage.fn, "__name__", ""): stage.name for stage in plan}
+    parts = re.findall(r"MapBatches\(([^)]*)\)", operator_name)
+    if not parts:
+        return {"FromItems": "source rows", "InputDataBuffer": "source rows"}.get(operator_name, operator_name)
+    return " + ".join(names.get(part, part) for part in parts)
