@@ -59,7 +59,8 @@ class ModelSpec(Strict):
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
     family: Literal["sdxl", "sd15"] = Field("sdxl", description="architecture family")
-    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
+    variant: str | None = Field(None, json_schema_extra=OMIT_DEFAULT, description="weights variant, e.g. 'fp16': "
+                                "only the *.fp16.safetensors files are loaded and prefetched; None = the plain files")
 
 
 class VaeSpec(Strict):
@@ -169,6 +170,9 @@ class RayConfig(Strict):
     address: str | None = Field(None, description="Ray address; None starts or joins a local instance")
     no_progress_timeout_s: float = Field(600.0, gt=0, description="a stall longer than this becomes an error")
     show_progress: bool = Field(True, description="Ray Data progress bars")
+    wait_for_gpus: bool = Field(False, description="start even when the cluster has fewer GPUs than the pools' "
+                                "minimum sizes need (an autoscaling cluster adds GPU nodes on demand); "
+                                "false = fail at once with exit 2 instead of waiting")
 
 
 # --- factory graph (Diffusion Synthesis) stages -------------------------------------------
@@ -181,7 +185,8 @@ class HfModelSpec(Strict):
     revision: str = Field("main", description="pinned revision (commit hash) of `id`")
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype on GPU (CPU always float32)")
-    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16' (diffusers variant=)")
+    variant: str | None = Field(None, json_schema_extra=OMIT_DEFAULT, description="weights variant, e.g. 'fp16': "
+                                "only model.fp16.safetensors is loaded and prefetched; None = the plain files")
 
 
 class CaptionerStage(Strict):
@@ -262,6 +267,15 @@ class GenerateConfig(Strict):
         "masksyn; factory = Diffusion Synthesis")
     preset: Literal["toy", "tiny", "sdxl", "sd15", "sdxl-random"] = Field("toy", description="which models are loaded")
     seed: int = Field(0, description="run seed; per-sample seeds derive from it and the sample_id")
+    captions: Literal["captioner", "template"] | None = Field(
+        None, description="what fills a caption the source lacks (a source's captions always win): captioner = "
+        "the captioner pool (SegGen: BLIP-2 asked 'Question: What are shown in the photo? Answer:'), template = "
+        "the class names in the mask; None = the graph's default (factory: captioner; seggen/imgsyn/masksyn: "
+        "captioner under the sdxl/sd15 presets, template under toy/tiny/sdxl-random)")
+    resources_profile: Literal["fit", "per-pool"] = Field(
+        "fit", description="fit: when the pools' minimum sizes need more GPUs than the cluster has (counting "
+        "a GPU-less machine as one GPU), every pool's num_gpus is scaled by one factor so they share the "
+        "GPUs there are (one GPU runs every graph); per-pool: num_gpus as configured")
     palette: Literal["auto", "voc", "ade20k", "ade20k-distinct", "ade20k-by-name"] | None = Field(
         None, description="colour-map palette; None = the source's own, else auto. The standard ADE20K "
         "palette repeats one colour (road = skyscraper); 'ade20k-distinct' fixes that for Text2Mask decoding; "
@@ -316,7 +330,10 @@ class GenerateConfig(Strict):
         from pipelines.graphs import get_graph
 
         keep = set(HASH_COMMON) | set(get_graph(self.pipeline).hash_sections)
+        graph = get_graph(self.pipeline)
         data = {k: v for k, v in _hash_view(self).items() if k in keep}
+        if graph.hash_extra is not None:
+            data.update(graph.hash_extra(self, _hash_view(self)))
         data["output"].pop("path")
         data["output"].pop("overwrite")
         for knob in ("writers", "writer_num_cpus", "progress_interval_s"):  # runtime only: same bytes

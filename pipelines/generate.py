@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines import storage
@@ -101,6 +102,8 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     del rows
     total_shards = -(-n_rows // cfg.output.rows_per_shard)
     ctx = resolve_context(cfg, index)
+    captions = pc.fill_null(todo.column(S.CAPTION), "") if todo.num_rows else pa.array([], pa.string())
+    ctx.uncaptioned = int(pc.sum(pc.equal(captions, "")).as_py() or 0)  # 0: no captioner pool
     log.info("%d source rows in %d shards; %d shards already complete; output %s", n_rows, total_shards,
              len(done), out)
 
@@ -109,10 +112,13 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     if todo.num_rows:
         init_ray(cfg.ray)
         from pipelines.prefetch import prefetch_models  # real presets: weights once per node
+        from pipelines.resources import check_cluster
         from pipelines.sink import make_writers, route_to_writers, write_stage_kwargs
 
+        names = {s.name for s in stage_plan(cfg, ctx, cfg.source.format)}
+        cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
         plan = stage_plan(cfg, ctx, cfg.source.format)
-        prefetch_models(cfg, stage_names={s.name for s in plan})
+        prefetch_models(cfg, stage_names=names)
         todo_shards = set(todo.column(S.SHARD).to_pylist())
         writers = make_writers(out, config_hash, n_rows, cfg.output.rows_per_shard, cfg.output.writers,
                                cfg.output.writer_num_cpus, cfg.faults.hang_after_shards)

@@ -279,6 +279,10 @@ def expand_sources(batch: dict[str, np.ndarray], *, copies: dict[str, int], seed
         sid, shard = str(row[S.SOURCE_ID]), int(row[S.SHARD])
         common = {S.SOURCE_ID: sid, S.SHARD: shard, S.SOURCE_PATH: str(row.get(S.SOURCE_PATH) or "")}
         mask, caption = None, str(row.get(S.CAPTION) or "")
+        if row.get(S.DROP_REASON):  # dropped upstream (an image the captioner could not read)
+            emit(**common, **{S.SAMPLE_ID: f"{sid}/source", S.METHOD: "source", SIBLINGS: 1,
+                              S.DROP_REASON: str(row[S.DROP_REASON])})
+            continue
         try:
             if source_format != "captions":
                 _, mask = load_pixels(row, source_format, len(classes))

@@ -41,9 +41,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.report import print_generate_summary
 
     cfg = load_config(GenerateConfig, args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(cfg, args.format)
     result = run_generate(cfg)
     print_generate_summary(result)
     return _exit_for(result)
+
+
+def _dry_run(cfg, fmt: str) -> int:
+    """Print the resolved plan; exit 2 when it names problems."""
+    from pipelines.dryrun import detect_gpus, dry_run, format_json, format_text
+
+    plan = dry_run(cfg, *detect_gpus(cfg))  # GPUs: the cluster's with ray.address, else torch's count
+    print(format_json(plan) if fmt == "json" else format_text(plan))
+    return EXIT_USAGE if plan["problems"] else EXIT_OK
+
+
+def _check_submitted_generate(args: argparse.Namespace) -> str | None:
+    """``submit -- generate ...``: relative model paths in the config exist only here (the upload
+    carries no weights): one line naming the key, before anything is submitted."""
+    forwarded = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if forwarded[:1] == ["segfactory"]:
+        forwarded = forwarded[1:]
+    if forwarded[:1] != ["generate"] or "--dry-run" in forwarded:
+        return None
+    from pipelines.config import GenerateConfig, load_config
+    from pipelines.dryrun import submit_problems
+
+    try:
+        gen = build_parser().parse_args(forwarded)
+    except UsageError as exc:
+        return f"submit: generate: {exc}"
+    problems = submit_problems(load_config(GenerateConfig, gen.config, gen.overrides))
+    return f"submit: {problems[0]}" if problems else None
 
 
 def _exit_for(result) -> int:
@@ -168,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="run a generation graph from a config", epilog=GENERATE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a shipped config's name (seggen-toy) or a YAML path")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan (stages, resources, models, "
+                   "GPUs needed, problems) and exit: 2 when it names problems; starts no Ray, loads no model")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="dry-run output format")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_cmd_generate)
 
@@ -217,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             from segfactory.configs import resolve_config
 
             args.config = str(resolve_config(args.config))
+        if args.func.__name__ == "_cmd_submit" and (problem := _check_submitted_generate(args)):
+            raise ConfigError(problem)
         return args.func(args)
     except Exception as exc:  # noqa: BLE001 - a named error is better than a traceback for users
         if isinstance(exc, _user_errors()):  # the user's input, named in the message: how to fix it

@@ -6,13 +6,15 @@ weights: prefetch and the dry run read them) and its plan (the ``map_batches`` c
 The plan, prefetch, preset validation, the config hash and the scaling sweep's extension of
 a dataset all derive from it; nothing else checks the method name.
 
-A new graph = a module ``pipelines/graphs/<name>.py`` calling :func:`register`, listed in
-``_BUILTIN`` below, plus its config section in ``pipelines/config.py``.
+A new graph = a module ``pipelines/graphs/<name>.py`` calling :func:`register` (every module of
+this package but ``base`` is imported on first use), plus its config section in
+``pipelines/config.py``.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,12 +56,16 @@ class GraphSpec:
     # the section is named after the method, e.g. ("imgsyn", "samples_per_source")):
     # the scaling sweep tops a dataset up this way; () = the graph cannot be extended
     extendable: tuple[tuple[str, str], ...] = ()
+    # entries of the hash that depend on the config (cfg, its hash view) -> {key: value}: e.g.
+    # SegGen's captioner section only when it captions (a template-captioned dataset keeps its hash)
+    hash_extra: Callable[[GenerateConfig, dict[str, Any]], dict[str, Any]] | None = None
+    # what fills a missing caption when `captions` is null: "captioner" or "template"
+    default_captions: Callable[[GenerateConfig], str] = lambda cfg: "captioner"
     # the real-weight presets whose models are downloaded (prefetch); others build in code
     download_presets: tuple[str, ...] = ("sdxl", "sd15")
 
 
 _REGISTRY: dict[str, GraphSpec] = {}
-_BUILTIN = ("pipelines.graphs.seggen", "pipelines.graphs.factory")
 _loaded = False
 
 
@@ -75,8 +81,9 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in _BUILTIN:
-            importlib.import_module(module)
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if info.name != "base":
+                importlib.import_module(f"{__name__}.{info.name}")
 
 
 def get_graph(name: str) -> GraphSpec:

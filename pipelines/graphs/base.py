@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import schema as S
+from pipelines import stages
 from pipelines.config import GenerateConfig, Resources
 
 
@@ -83,6 +84,42 @@ def transformers_ref(key: str, spec: Any) -> ModelRef:
     """A ModelRef of a :class:`pipelines.config.HfModelSpec`."""
     return ModelRef(key, "transformers", spec.id, spec.revision, spec.local_path, getattr(spec, "variant", None),
                     spec.dtype)
+
+
+class CaptionerPool(stages.Gated):
+    """Captioner stage: runs on the rows without a caption (own class so Ray names it)."""
+
+
+def captions_mode(cfg: GenerateConfig) -> str:
+    """What fills a caption the source lacks: ``captioner`` or ``template`` (class names);
+    ``captions: null`` = the graph's ``default_captions``."""
+    from pipelines.graphs import get_graph
+
+    return cfg.captions if cfg.captions is not None else get_graph(cfg.pipeline).default_captions(cfg)
+
+
+def captioner_under_real_presets(cfg: GenerateConfig) -> str:
+    """SegGen's default: the captioner (its BLIP-2) under the real presets; the class-name
+    template under toy/tiny/sdxl-random, as before the ``captions`` key existed."""
+    return "captioner" if cfg.preset in REAL_PRESETS else "template"
+
+
+def captioner_actor(cfg: GenerateConfig) -> tuple[type, dict]:
+    """(class, kwargs) of the captioner actor."""
+    from actors.captioner import Captioner
+
+    cap = cfg.captioner
+    return Captioner, {"kind": cap.kind, "preset": cfg.preset, "model_id": cap.model.id,
+                       "revision": cap.model.revision, "local_path": cap.model.local_path, "dtype": cap.model.dtype,
+                       "prompt": cap.prompt, "max_new_tokens": cap.max_new_tokens,
+                       "min_new_tokens": cap.min_new_tokens, "num_beams": cap.num_beams}
+
+
+def captioner_stage(cfg: GenerateConfig) -> Stage:
+    """The captioner pool, gated on rows whose caption is empty."""
+    cls, kwargs = captioner_actor(cfg)
+    return Stage("captioner", CaptionerPool, {**pool_args(cfg.captioner.resources), "fn_constructor_kwargs": {
+        "actor_cls": cls, "actor_kwargs": kwargs, "stage": "captioner", "needs": S.CAPTION}})
 
 
 def pool_args(res: Resources) -> dict[str, Any]:

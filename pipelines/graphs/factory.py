@@ -26,13 +26,16 @@ import numpy as np
 
 from pipelines import prompts, selection, stages
 from pipelines import schema as S
-from pipelines.config import GenerateConfig
+from pipelines.config import ConfigError, GenerateConfig
 from pipelines.graphs import GraphSpec, ModelStage, register
 from pipelines.graphs.base import (
     REAL_PRESETS,
+    CaptionerPool,
     ModelRef,
     RunContext,
     Stage,
+    captioner_stage,
+    captions_mode,
     cpu_args,
     mask2img_actor,
     mask2img_models,
@@ -53,10 +56,6 @@ _SOURCE_COLUMNS: dict[str, Any] = {
 }
 _INT_COLUMNS = {S.SEED, S.HEIGHT, S.WIDTH, S.SHARD, stages.SIBLINGS, S.BOX_COUNT}
 _DROPPED_AFTER_SAM = (S.BOXES, S.BOX_LABELS, S.BOX_SCORES, S.BOX_COUNT)
-
-
-class CaptionerPool(stages.Gated):
-    """Captioner stage (own class so Ray's progress and stats name it)."""
 
 
 class GroundingPool(stages.Gated):
@@ -160,7 +159,6 @@ def _pool(name: str, cls: type, res, actor_cls: type, actor_kwargs: dict, needs:
 
 def factory_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage]:
     """Every stage of the factory graph with its map_batches arguments, in order (pure)."""
-    from actors.captioner import Captioner
     from actors.clip_embedder import ClipEmbedder
     from actors.grounding import Grounding
     from actors.sam import SamMasks
@@ -174,15 +172,14 @@ def factory_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> li
     sam_kwargs = {"background": ctx.background, "mask_dtype": ctx.mask_dtype, "preset": cfg.preset,
                   "model_type": sam.model_type, "checkpoint": sam.checkpoint, "dtype": sam.dtype,
                   "uncertain_band": sam.uncertain_band}
-    cap = cfg.captioner
-    captioner_kwargs = {"kind": cap.kind, "preset": cfg.preset, **_hf(cap.model), "prompt": cap.prompt,
-                        "max_new_tokens": cap.max_new_tokens, "min_new_tokens": cap.min_new_tokens,
-                        "num_beams": cap.num_beams}
+    if captions_mode(cfg) != "captioner":
+        raise ConfigError("captions: the factory graph captions with its captioner (template is not supported)")
     m2i_cls, m2i_kwargs = mask2img_actor(cfg, ctx)
     plan = [
         Stage("load", load_images, {**cpu, "fn_kwargs": {"source_format": source_format,
                                                           "num_classes": len(ctx.classes)}}),
-        _pool("captioner", CaptionerPool, cap.resources, Captioner, captioner_kwargs, needs=S.CAPTION),
+        # the captioner pool starts only when some source rows have no caption
+        *([captioner_stage(cfg)] if ctx.uncaptioned is None or ctx.uncaptioned > 0 else []),
         _pool("grounding", GroundingPool, g.resources, Grounding, grounding_kwargs),
         _pool("sam", SamPool, sam.resources, SamMasks, sam_kwargs),
         Stage("expand", expand_variants, {**cpu, "batch_size": max(1, cfg.cpu.batch_size // k), "fn_kwargs": {
@@ -242,6 +239,9 @@ CLIP = ModelStage("clip", "clip", "actors.clip_embedder:ClipEmbedder",
                   _real(lambda cfg: [transformers_ref("clip.model", cfg.clip.model)]))
 RESEG_GROUNDING = ModelStage("reseg_grounding", "grounding", GROUNDING.actor, GROUNDING.models)
 RESEG_SAM = ModelStage("reseg_sam", "sam", SAM.actor, SAM.models)
+
+
+__all__ = ["CaptionerPool", "expand_variants", "factory_plan", "load_images"]
 
 
 def factory_model_stages(cfg: GenerateConfig) -> list[ModelStage]:

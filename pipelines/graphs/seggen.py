@@ -10,21 +10,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines import schema as S
 from pipelines import stages
-from pipelines.config import GenerateConfig
+from pipelines.config import ConfigError, GenerateConfig
 from pipelines.graphs import GraphSpec, ModelStage, register
 from pipelines.graphs.base import (
     REAL_PRESETS,
     ModelRef,
     RunContext,
     Stage,
+    captioner_stage,
+    captioner_under_real_presets,
+    captions_mode,
     cpu_args,
     diffusers_ref,
     mask2img_actor,
     mask2img_models,
     pool_args,
     text2mask_actor,
+    transformers_ref,
 )
 
 # Sections that change a SegGen dataset's bytes. The factory's sections are left out, so
@@ -46,13 +52,19 @@ def _mask2img_models(cfg: GenerateConfig) -> list[ModelRef]:
     return mask2img_models(cfg) if cfg.preset in REAL_PRESETS else []
 
 
+def _captioner_models(cfg: GenerateConfig) -> list[ModelRef]:
+    return [transformers_ref("captioner.model", cfg.captioner.model)] if cfg.preset in REAL_PRESETS else []
+
+
+CAPTIONER = ModelStage("captioner", "captioner", "actors.captioner:Captioner", _captioner_models)
 TEXT2MASK = ModelStage("text2mask", "text2mask", "actors.text2mask:Text2Mask", _text2mask_models)
 MASK2IMG = ModelStage("mask2img", "mask2img", "actors.mask2img:Mask2Img", _mask2img_models)
 
 
 def _model_stages(methods: tuple[str, ...]):
     def model_stages(cfg: GenerateConfig) -> list[ModelStage]:
-        return ([TEXT2MASK] if copies(cfg, methods)["masksyn"] else []) + [MASK2IMG]
+        captioner = [CAPTIONER] if captions_mode(cfg) == "captioner" and cfg.source.format != "captions" else []
+        return captioner + ([TEXT2MASK] if copies(cfg, methods)["masksyn"] else []) + [MASK2IMG]
 
     return model_stages
 
@@ -77,7 +89,15 @@ def seggen_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str, method
             return None
         return {**cfg.faults.model_dump(), "marker_dir": str(Path(cfg.output.path) / ".faults")}
 
-    plan = [Stage("expand", stages.expand_sources, {
+    plan = []
+    if captions_mode(cfg) == "captioner" and cfg.preset == "toy":
+        raise ConfigError("captions: the toy preset has no captioner; use captions=template")
+    if (captions_mode(cfg) == "captioner" and source_format != "captions"
+            and (ctx.uncaptioned is None or ctx.uncaptioned > 0)):
+        # SegGen captions images with BLIP-2; rows whose source has a caption skip the pool
+        plan += [Stage("caption_load", load_uncaptioned, {**cpu, "fn_kwargs": {
+            "source_format": source_format, "num_classes": len(ctx.classes)}}), captioner_stage(cfg)]
+    plan += [Stage("expand", stages.expand_sources, {
         **cpu, "batch_size": max(1, cfg.cpu.batch_size // max(1, sum(n.values()))),
         "fn_kwargs": {"copies": n, "first_copy": first_copy, "seed": cfg.seed, "source_format": source_format,
                       "classes": ctx.classes, "background": ctx.background,
@@ -102,6 +122,37 @@ def seggen_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str, method
     return plan
 
 
+def load_uncaptioned(batch: dict[str, np.ndarray], *, source_format: str, num_classes: int) -> dict[str, np.ndarray]:
+    """Index rows -> the same rows with the RGB image of each row that has no caption (for the
+    captioner); an unreadable image drops the row here, naming the file (expand keeps the reason)."""
+    from pipelines.sources import SourceError, load_pixels
+
+    n = len(batch[S.SOURCE_ID])
+    out = dict(batch)
+    images, heights, widths, reasons = [b""] * n, [0] * n, [0] * n, [""] * n
+    for i in range(n):
+        if S.CAPTION in batch and batch[S.CAPTION][i]:
+            continue
+        try:
+            image, _ = load_pixels({k: v[i] for k, v in batch.items()}, source_format, num_classes)
+            images[i], (heights[i], widths[i]) = np.ascontiguousarray(image).tobytes(), image.shape[:2]
+        except SourceError as exc:
+            reasons[i] = f"{getattr(exc, 'reason', 'bad_source')}: {exc}"[:500]
+    out[S.SAMPLE_ID] = stages._objects([f"{sid}/source" for sid in batch[S.SOURCE_ID]])
+    out[S.CAPTION] = stages._objects([str(c or "") for c in batch.get(S.CAPTION, [""] * n)])
+    out[S.IMAGE_RAW], out[S.DROP_REASON] = stages._objects(images), stages._objects(reasons)
+    out[S.HEIGHT], out[S.WIDTH] = np.array(heights, dtype=np.int64), np.array(widths, dtype=np.int64)
+    return out
+
+
+def _hash_extra(cfg: GenerateConfig, view: dict[str, Any]) -> dict[str, Any]:
+    # captions by the captioner change the bytes: its settings enter the hash then (template
+    # captions were the only kind before the key existed: those datasets keep their hash)
+    if captions_mode(cfg) != "captioner":
+        return {}
+    return {"captions": "captioner", "captioner": view["captioner"]}
+
+
 for _name, _methods, _text in (
         ("seggen", ("imgsyn", "masksyn"), "SegGen: ImgSyn and MaskSyn in one stream"),
         ("imgsyn", ("imgsyn",), "SegGen ImgSyn: real mask -> K new images (Mask2Img)"),
@@ -112,4 +163,5 @@ for _name, _methods, _text in (
         # every SegGen graph's source for masks; kept (a caption-only source uses format=captions)
         needs_masks=True,
         hash_sections=HASH_SECTIONS, model_stages=_model_stages(_methods), plan=_plan(_methods),
+        hash_extra=_hash_extra, default_captions=captioner_under_real_presets,
         extendable=tuple(BRANCHES[m] for m in _methods)))

@@ -121,7 +121,7 @@ def main() -> None:
                             FetchTarget("org/cpu-stage", "r3", num_cpus=1),
                             FetchTarget("org/everywhere", "r2")], fetch=fake_fetch)
         sdxl = load_config(GenerateConfig, ROOT / "pipelines/configs/seggen-sdxl.yaml",
-                           ["mask2img.resources.num_gpus=0.5", "mask2img.resources.num_cpus=0"])
+                           ["mask2img.resources.num_gpus=0.5", "mask2img.resources.num_cpus=0", "captions=template"])
         fetched_cfg = prefetch_models(sdxl, fetch=fake_fetch)
         report = {"nodes": nodes, "prefetch_sdxl": fetched_cfg, "requested": requested, "rows": len(cols.get("where_finalize", [])),
                   "placement": {c: sorted(set(v)) for c, v in cols.items()}, "prefetch": fetched}

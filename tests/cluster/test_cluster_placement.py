@@ -60,7 +60,7 @@ def test_prefetch_runs_once_per_eligible_node(placement):
     assert sorted(c[1] for c in fetched[gpu]) == ["org/everywhere", "org/on-gpu-nodes"]
     assert sorted(c[1] for c in fetched[head]) == ["org/cpu-stage", "org/everywhere"]
     # From a config: seggen-sdxl's one hub model (the pinned SDXL base), on the GPU node only.
-    cfg = _cfg("seggen-sdxl.yaml")
+    cfg = _cfg("seggen-sdxl.yaml", "captions=template")
     assert placement["prefetch_sdxl"] == {gpu: [[gpu, cfg.mask2img.model.id, cfg.mask2img.model.revision]]}
 
 
@@ -90,18 +90,21 @@ def test_offline_presets_prefetch_nothing(preset):
 
 
 def test_fetch_targets_of_the_sdxl_config():
-    cfg = _cfg("seggen-sdxl.yaml")
+    cfg = _cfg("seggen-sdxl.yaml", "captions=template")
     # Text2Mask and the ControlNet come from local_path; only the pinned SDXL base is fetched.
     [target] = pf.fetch_targets(cfg)
     assert (target.repo_id, target.revision, target.num_gpus, target.num_cpus) == (
         cfg.mask2img.model.id, cfg.mask2img.model.revision, 1.0, 2.0)
     assert len(cfg.mask2img.model.revision) == 40
-    both = pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null"))
+    both = pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null", "captions=template"))
     assert len(both) == 1  # the same base id@revision for both stages: fetched once
-    assert pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null",
+    captioned = pf.fetch_targets(_cfg("seggen-sdxl.yaml"))  # SegGen's BLIP-2 captioner too
+    assert [t.repo_id for t in captioned] == [cfg.captioner.model.id, cfg.mask2img.model.id]
+    assert _cfg("seggen-sdxl.yaml").captioner.model.id == "Salesforce/blip2-opt-2.7b"
+    assert pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null", "captions=template",
                                  "text2mask.model.revision=abc"))[0].revision == "abc"
     imgsyn = _cfg("seggen-sdxl.yaml", "pipeline=imgsyn", "text2mask.model.local_path=null",
-                  "text2mask.model.revision=abc")
+                  "text2mask.model.revision=abc", "captions=template")
     assert [r.revision for r in pf.fetch_targets(imgsyn)] == [cfg.mask2img.model.revision]
 
 

@@ -27,7 +27,9 @@ HASHES = {
     "factory-sd15": ("factory-sd15.yaml", OLD, "645169b9e9c0b16b"),
     "factory-sdxl": ("factory-sdxl.yaml", OLD, "9e395a4102c38e61"),
     "factory-tiny": ("factory-tiny.yaml", OLD, "61fa134d06b5cd46"),
-    "seggen-sdxl": ("seggen-sdxl.yaml", OLD, "b5ba3d50ce0e59df"),
+    # seggen-sdxl now captions with the captioner by default (SegGen's BLIP-2), which changes its
+    # bytes and so its hash; with the template captions it had, the hash is the old one
+    "seggen-sdxl": ("seggen-sdxl.yaml", [*OLD, "captions=template"], "b5ba3d50ce0e59df"),
     "seggen-tiny": ("seggen-tiny.yaml", OLD, "7075c8673d1d1c82"),
     "seggen-toy": ("seggen-toy.yaml", [], "0a6ea4971b0b9d8c"),
     "imgsyn": ("seggen-toy.yaml", ["pipeline=imgsyn"], "43494c61aa45772d"),
@@ -131,3 +133,42 @@ def test_pipelines_never_import_higher_layers():
             bad += [f"{path.relative_to(ROOT)}: {n}" for n in names
                     if n.split(".")[0] in ("cluster", "training", "segfactory")]
     assert bad == []
+
+
+def test_seggen_captioner_enters_the_hash_only_when_it_captions():
+    old = load_config(GenerateConfig, PINNED / "seggen-sdxl.yaml", ["captions=template"]).config_hash()
+    new = load_config(GenerateConfig, PINNED / "seggen-sdxl.yaml", []).config_hash()
+    assert new != old
+    blip2 = load_config(GenerateConfig, PINNED / "seggen-sdxl.yaml", ["captioner.kind=blip2"]).config_hash()
+    assert blip2 != new  # the captioner's settings count once it runs
+    toy = load_config(GenerateConfig, PINNED / "seggen-toy.yaml", ["captioner.kind=blip2"])
+    assert toy.config_hash() == HASHES["seggen-toy"][2]  # template captions: the captioner does not count
+
+
+def test_seggen_plan_captions_rows_without_one():
+    from pipelines.graphs.base import CaptionerPool
+
+    cfg = load_config(GenerateConfig, PINNED / "seggen-tiny.yaml", ["captions=captioner", "captioner.kind=blip2"])
+    plan = {s.name: s for s in stage_plan(cfg, CTX, "voc")}
+    assert list(plan)[:3] == ["caption_load", "captioner", "expand"]
+    cap = plan["captioner"]
+    assert cap.fn is CaptionerPool and cap.kwargs["fn_constructor_kwargs"]["needs"] == "caption"
+    kwargs = cap.kwargs["fn_constructor_kwargs"]["actor_kwargs"]
+    assert kwargs["kind"] == "blip2" and kwargs["prompt"] is None  # None = SegGen's BLIP-2 question
+    assert [s.name for s in get_graph("seggen").model_stages(cfg)] == ["captioner", "text2mask", "mask2img"]
+    every_row_captioned = RunContext(CTX.classes, CTX.palette, CTX.background, uncaptioned=0)
+    assert "captioner" not in [s.name for s in stage_plan(cfg, every_row_captioned, "voc")]
+    assert "captioner" not in [s.name for s in stage_plan(cfg, CTX, "captions")]  # captions are the source
+    template = load_config(GenerateConfig, PINNED / "seggen-tiny.yaml", [])
+    assert "captioner" not in [s.name for s in stage_plan(template, CTX, "voc")]  # tiny default: template
+    real = load_config(GenerateConfig, PINNED / "seggen-sdxl.yaml", [])
+    assert [s.name for s in get_graph("seggen").model_stages(real)][0] == "captioner"  # real presets: SegGen's way
+    with pytest.raises(ConfigError, match="^captions: the toy preset has no captioner"):
+        stage_plan(load_config(GenerateConfig, PINNED / "seggen-toy.yaml", ["captions=captioner"]), CTX, "voc")
+
+
+def test_factory_starts_no_captioner_when_every_row_has_a_caption():
+    cfg = load_config(GenerateConfig, PINNED / "factory-tiny.yaml", [])
+    assert "captioner" in [s.name for s in stage_plan(cfg, CTX, "folder")]
+    captioned = RunContext(CTX.classes, CTX.palette, CTX.background, uncaptioned=0)
+    assert [s.name for s in stage_plan(cfg, captioned, "folder")][:3] == ["load", "grounding", "sam"]
