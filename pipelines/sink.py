@@ -69,14 +69,15 @@ def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, count:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     target = out.path if out.is_local else out.uri  # a worker's cwd is not the driver's
-    # Round-robin over the nodes that run work (CPU > 0; a KubeRay head often has none), soft so
-    # a lost node does not block. (Ray's "SPREAD" left zero-CPU actors on one node in tests.)
+    # Round-robin over the nodes alive now that run work (CPU > 0; a KubeRay head often has none).
+    # Strict: Ray's "SPREAD" and soft affinity both left zero-CPU actors on one node under load in
+    # tests; a writer whose node dies fails the run either way (max_restarts=0), and a rerun resumes.
     alive = [n for n in ray.nodes() if n.get("Alive")]
     nodes = sorted(n["NodeID"] for n in alive if n.get("Resources", {}).get("CPU", 0) > 0) or \
         sorted(n["NodeID"] for n in alive)
     cls = ray.remote(ShardWriterActor)
     return [cls.options(num_cpus=num_cpus, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        nodes[i % len(nodes)], soft=True)).remote(target, config_hash, n_rows, rows_per_shard, i, hang_after_shards)
+        nodes[i % len(nodes)], soft=False)).remote(target, config_hash, n_rows, rows_per_shard, i, hang_after_shards)
         for i in range(count)]
 
 
