@@ -85,6 +85,7 @@ def test_inspect_reads_s3_and_writes_the_sheet_there(s3_run, capsys):
     assert abs(sum(info["class_frequencies"].values()) - 1) < 1e-9
 
 
+@pytest.mark.slow
 def test_kill_then_resume_with_output_on_s3(s3_run, s3_source, s3_bucket):
     """SIGKILL a CLI run writing to S3 after 2 of 4 shards; the rerun writes the other 2 and the
     shards equal an uninterrupted run's, byte for byte (objects are whole or absent: no temp)."""
