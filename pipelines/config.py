@@ -117,7 +117,8 @@ class CpuStage(Strict):
 
 
 class SourceConfig(Strict):
-    path: str = Field("", description="source dataset directory (or a captions.jsonl for format=captions)")
+    path: str = Field("", description="source dataset: a local directory or a URI (s3://, gs://, abfs://, hdfs://, file://); "
+                      "a captions.jsonl for format=captions")
     format: Literal["voc", "ade20k", "folder", "parquet", "captions"] = Field("voc", description="source layout")
     split: str | None = Field(None, description="which split to read; None = the format's default (voc/ade20k: train, folder: all)")
     classes: list[str] | None = Field(None, description="class names (index = class id) when the source has none")
@@ -125,11 +126,17 @@ class SourceConfig(Strict):
 
 
 class OutputConfig(Strict):
-    path: str = Field("", description="output dataset directory")
+    path: str = Field("", description="output dataset: a local directory or a URI (s3://, gs://, abfs://, hdfs://, file://)")
     image_format: Literal["png", "jpeg"] = Field("png", description="encoding of the image column")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format=jpeg")
     rows_per_shard: int = Field(64, ge=1, description="source rows per output shard (a shard is a fixed range)")
     overwrite: bool = Field(False, description="allow writing over an output made with another config")
+    writers: int = Field(2, ge=1, description="writer actors (spread over the nodes) that buffer and write the shards; "
+                         "raise it with the number of nodes")
+    writer_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per writer actor (0: they mostly wait on "
+                                   "storage and must not starve the model pools of a small node)")
+    progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress log lines (shards done, "
+                                       "samples/s, rejected, ETA)")
 
 
 class ImgSynConfig(Strict):
@@ -447,6 +454,8 @@ class GenerateConfig(Strict):
             data.update(graph.hash_extra(self, _hash_view(self)))
         data["output"].pop("path")
         data["output"].pop("overwrite")
+        for knob in ("writers", "writer_num_cpus", "progress_interval_s"):  # runtime only: same bytes
+            data["output"].pop(knob, None)
         data["source"].pop("path")
         data["cpu"] = None  # CPU task sizes never change bytes; the key stays for the old hashes
         _drop_unset_model_keys(data, toy=self.preset == "toy")

@@ -6,21 +6,22 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import schema as S
+from pipelines import storage
 from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, stage_plan
 from pipelines.graphs.base import build_dataset, stage_label
 from pipelines.runtime import init_ray
 from pipelines.stages import SIBLINGS
+from pipelines.storage import Location
 from pipelines.writer import (
     REJECTED_SCHEMA,
-    ShardWriter,
-    _atomic_write,
+    complete_shards,
     prepare_output,
     summarize_output,
     write_manifest,
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerateResult:
-    out: Path
+    out: Location
     manifest: dict[str, Any]
     rejected_fraction: float
     over_limit: bool
@@ -58,66 +59,97 @@ def _check_text2mask_palette(cfg: GenerateConfig, ctx: RunContext) -> None:
 
 def index_rows(cfg: GenerateConfig):
     """The source's rows in a stable order, each tagged with its shard."""
-    from pipelines.sources import index_source
+    from pipelines.sources import SourceError, index_source
 
+    if not cfg.source.path.strip():
+        raise SourceError("source.path: required (a local directory or a URI such as s3://bucket/prefix)")
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
                          require_masks=get_graph(cfg.pipeline).needs_masks)
     rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
+    index.rows = []  # the sorted copy is the only one kept
     if cfg.source.limit:
         rows = rows[: cfg.source.limit]
+    if not rows:
+        why = f"; {len(index.problems)} row(s) rejected, e.g. {index.problems[0][2]} ({index.problems[0][1]})" \
+            if index.problems else ""
+        raise SourceError(f"source.path={cfg.source.path}: no usable rows (format={cfg.source.format}"
+                          f"{', split=' + cfg.source.split if cfg.source.split else ''}){why}")
     for i, row in enumerate(rows):
         row[S.SHARD] = i // cfg.output.rows_per_shard
     return index, rows
 
 
-def _write_index_problems(out: Path, config_hash: str, problems: list[tuple[str, str, str]]) -> None:
+def _write_index_problems(out: Location, config_hash: str, problems: list[tuple[str, str, str]]) -> None:
     """Rows the source index could not use (duplicates, missing masks) go to rejected/ too."""
     path = out / "rejected" / f"part-{config_hash}-index.parquet"
     if not problems:
-        path.unlink(missing_ok=True)
+        storage.remove(path)
         return
     rows = [{S.SAMPLE_ID: f"{sid}/source", S.SOURCE_ID: sid, S.METHOD: "source", S.DROP_REASON: reason,
              S.SOURCE_PATH: where} for sid, where, reason in problems]
-    _atomic_write(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA), path)
+    storage.write_parquet(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA), path)
+
+
+def _todo_table(rows: list[dict[str, Any]], done: set[int]) -> pa.Table:
+    """The rows of unfinished shards as one Arrow table (columns, not a dict per row)."""
+    return pa.Table.from_pylist([r for r in rows if r[S.SHARD] not in done])
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
-    """Run one generation; rerunning with the same config resumes where it stopped."""
+    """Run one generation; rerunning with the same config resumes where it stopped.
+
+    The driver handles only the source index and one small completion record per shard: image
+    and mask bytes go from the graph's workers to writer actors (:mod:`pipelines.sink`).
+    """
+    from pipelines.progress import Progress
+
     started = time.time()
-    out = Path(cfg.output.path)
-    if not cfg.output.path:
-        raise ValueError("output.path: required")
+    out = storage.resolve(cfg.output.path, "output.path")
     index, rows = index_rows(cfg)
     _check_text2mask_palette(cfg, resolve_context(cfg, index))  # before anything is written
+    n_rows = len(rows)
     config_hash = cfg.config_hash()
     done = prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite)
     _write_index_problems(out, config_hash, index.problems)
-    todo = [r for r in rows if r[S.SHARD] not in done]
+    todo = _todo_table(rows, done)
+    del rows
+    total_shards = -(-n_rows // cfg.output.rows_per_shard)
     ctx = resolve_context(cfg, index)
-    ctx.uncaptioned = sum(1 for r in todo if not r.get(S.CAPTION))  # 0: no captioner pool
-    log.info("%d source rows in %d shards; %d shards already complete", len(rows),
-             len({r[S.SHARD] for r in rows}), len(done))
+    captions = pc.fill_null(todo.column(S.CAPTION), "") if todo.num_rows else pa.array([], pa.string())
+    ctx.uncaptioned = int(pc.sum(pc.equal(captions, "")).as_py() or 0)  # 0: no captioner pool
+    log.info("%d source rows in %d shards; %d shards already complete; output %s", n_rows, total_shards,
+             len(done), out)
 
     stage_seconds: dict[str, float] = {}
-    if todo:
+    per_node: dict[str, int] = {}
+    if todo.num_rows:
         init_ray(cfg.ray)
         from pipelines.prefetch import prefetch_models  # real presets: weights once per node
         from pipelines.resources import check_cluster
+        from pipelines.sink import make_writers, route_to_writers, write_stage_kwargs
 
         names = {s.name for s in stage_plan(cfg, ctx, cfg.source.format)}
         cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
         plan = stage_plan(cfg, ctx, cfg.source.format)
         prefetch_models(cfg, stage_names=names)
-        ds = build_dataset(todo, plan)
-        per_shard: dict[int, int] = {}
-        for r in todo:
-            per_shard[r[S.SHARD]] = per_shard.get(r[S.SHARD], 0) + 1
-        writer = ShardWriter(out, config_hash, per_shard, after_write=_hang_fault(cfg.faults.hang_after_shards))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(batch)
-        if writer.pending():
-            raise RuntimeError(f"shards {writer.pending()} never completed: rows were lost in the graph")
+        todo_shards = set(todo.column(S.SHARD).to_pylist())
+        writers = make_writers(out, config_hash, n_rows, cfg.output.rows_per_shard, cfg.output.writers,
+                               cfg.output.writer_num_cpus, cfg.faults.hang_after_shards)
+        ds = build_dataset(todo, plan).map_batches(route_to_writers, **write_stage_kwargs(writers))
+        del todo
+        progress = Progress(total_shards, len(done), cfg.output.progress_interval_s).start()
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for rec in batch.to_pylist():
+                    progress.record(rec)
+        finally:
+            progress.stop()
+        # a retried routing task may have lost a record whose shard was written: the files decide
+        missing = sorted(todo_shards - complete_shards(out, config_hash))
+        if missing:
+            raise RuntimeError(f"shards {missing[:20]} never completed: rows were lost in the graph")
         stage_seconds = _stage_seconds(ds, plan)
+        per_node = dict(sorted(progress.shards_per_node.items()))
 
     summary = summarize_output(out)
     total = summary["rows"] + summary["rejected_rows"]
@@ -134,29 +166,15 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         "mask_dtype": ctx.mask_dtype,
         **summary,
         "rejected_fraction": round(fraction, 6),
-        "source_rows": len(rows),
+        "source_rows": n_rows,
         "versions": _versions(),
         "timings": {"wall_s": round(wall, 3), "stage_busy_s": stage_seconds,
-                    "samples_per_s": round(summary["rows"] / wall, 4) if wall else 0.0},
+                    "samples_per_s": round(summary["rows"] / wall, 4) if wall else 0.0,
+                    "shards_per_writer_node": per_node},  # this run's shards, by the node that wrote them
         "columns": {"per_row_extra_in_rejected": [S.SOURCE_PATH], "siblings": SIBLINGS},
     }
     write_manifest(out, manifest)
     return GenerateResult(out, manifest, fraction, fraction > cfg.validation.max_rejected_fraction)
-
-
-def _hang_fault(after: int | None):
-    """Test-only: freeze the driver after ``after`` shards, with later shards in flight in the
-    actor pools, so a SIGKILL lands at a known point (racing a fast run does not)."""
-    if after is None:
-        return None
-
-    def hang(written: int) -> None:
-        if written >= after:
-            log.error("injected fault: the driver stops after %d shards", written)
-            while True:
-                time.sleep(3600)
-
-    return hang
 
 
 def _stage_seconds(ds, plan) -> dict[str, float]:

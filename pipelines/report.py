@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import schema as S
+from pipelines import storage
 from pipelines.stages import decode_png
+from pipelines.storage import Location
 
 
 def generate_summary(result) -> str:
@@ -39,26 +41,28 @@ def print_generate_summary(result) -> None:
     print(generate_summary(result))
 
 
-def read_manifest(dataset: Path) -> dict:
+def read_manifest(dataset: Location | str | os.PathLike) -> dict:
     from pipelines.sources import SourceError
 
+    dataset = storage.resolve(dataset, "dataset")
     path = dataset / "manifest.json"
-    if not dataset.is_dir():
+    if not storage.is_dir(dataset):
         raise SourceError(f"{dataset}: no such directory; give the output.path of a `segfactory generate` run")
-    if not path.is_file():
+    if not storage.is_file(path):
         raise SourceError(f"{dataset}: not a segfactory dataset (no manifest.json); give the output.path of a "
                           "finished `segfactory generate` run (rerun it to finish an interrupted one)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except ValueError as exc:
         raise SourceError(f"{path}: unreadable manifest ({exc}); rerun the generate command to rebuild it") from None
 
 
-def class_frequencies(dataset: Path, num_classes: int) -> np.ndarray:
+def class_frequencies(dataset: Location | str | os.PathLike, num_classes: int) -> np.ndarray:
     """Pixel share of each class over all kept masks (ignore excluded)."""
+    dataset = storage.resolve(dataset, "dataset")
     counts = np.zeros(num_classes, dtype=np.int64)
-    for f in sorted((dataset / "shards").glob("*.parquet")):
-        for mask_png in pq.read_table(f, columns=[S.MASK]).column(S.MASK).to_pylist():
+    for f in storage.listdir(dataset / "shards", ".parquet"):
+        for mask_png in pq.read_table(f.path, columns=[S.MASK], filesystem=f.fs).column(S.MASK).to_pylist():
             mask = decode_png(mask_png)
             counts += np.bincount(mask[mask != S.IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
     total = counts.sum()
@@ -73,15 +77,16 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     return np.where(valid[..., None], out, image).astype(np.uint8)
 
 
-def contact_sheet(dataset: Path, palette: np.ndarray, n: int, tile: int = 160,
+def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n: int, tile: int = 160,
                   classes: list[str] | None = None) -> Image.Image:
     """Rows of ``image | mask overlaid in the palette colours`` for the first ``n`` samples (by
     sample_id), each pair captioned with its sample_id, and a legend of the classes they show."""
     from PIL import ImageDraw
 
+    dataset = storage.resolve(dataset, "dataset")
     samples = []
-    for f in sorted((dataset / "shards").glob("*.parquet")):
-        samples += pq.read_table(f, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK]).to_pylist()
+    for f in storage.listdir(dataset / "shards", ".parquet"):
+        samples += pq.read_table(f.path, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK], filesystem=f.fs).to_pylist()
         if len(samples) >= n:
             break
     samples = samples[:n]
@@ -115,8 +120,9 @@ def contact_sheet(dataset: Path, palette: np.ndarray, n: int, tile: int = 160,
     return sheet
 
 
-def inspect_dataset(dataset: Path, n_samples: int = 16, sheet: str | None = None) -> dict:
-    """Print counts and class frequencies; write the contact sheet PNG."""
+def inspect_dataset(dataset: Location | str | os.PathLike, n_samples: int = 16, sheet: str | None = None) -> dict:
+    """Print counts and class frequencies; write the contact sheet PNG (beside the data, any URI)."""
+    dataset = storage.resolve(dataset, "dataset")
     m = read_manifest(dataset)
     classes, palette = m["classes"], np.array(m["palette"], dtype=np.uint8)
     freq = class_frequencies(dataset, len(classes))
@@ -130,8 +136,10 @@ def inspect_dataset(dataset: Path, n_samples: int = 16, sheet: str | None = None
     for name, share in sorted(zip(classes, freq, strict=True), key=lambda t: -t[1]):
         if share > 0:
             print(f"  {name:<20} {share:.3f}")
-    sheet_path = Path(sheet) if sheet else dataset / "contact_sheet.png"
-    contact_sheet(dataset, palette, n_samples, classes=classes).save(sheet_path)
+    sheet_path = storage.resolve(sheet, "--sheet") if sheet else dataset / "contact_sheet.png"
+    png = io.BytesIO()
+    contact_sheet(dataset, palette, n_samples, classes=classes).save(png, format="PNG")
+    storage.write_bytes(sheet_path, png.getvalue())
     print(f"contact sheet: {sheet_path}")
     return {"class_frequencies": dict(zip(classes, freq.tolist(), strict=True)), "sheet": str(sheet_path),
             "counts": Counter(m["rows_per_method"])}

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema
+from pipelines import schema, storage
+from pipelines.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class SourceIndex:
 
 
 def _row(
-    sid: str, path: Path | str, mask: Path | str | None, caption: str = "", i: int = -1
+    sid: str, path: Location | str, mask: Location | str | None, caption: str = "", i: int = -1
 ) -> dict:
     return {
         schema.SOURCE_ID: sid,
@@ -120,25 +121,29 @@ def _row(
     }
 
 
-def _read_classes(path: Path) -> list[str] | None:
-    if not path.is_file():
+def _read_classes(path: Location) -> list[str] | None:
+    if not storage.is_file(path):
         return None
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in storage.read_text(path).splitlines() if ln.strip()]
 
 
-def _walk(d: Path, exts: set[str] = IMAGE_EXTS) -> list[tuple[str, str]]:
-    """Sorted ``(id, path)`` for files under ``d`` (id = relative path without suffix), hidden
-    entries skipped; two files with one id are both kept (the caller reports the duplicate)."""
+def _walk(d: Location, exts: set[str] = IMAGE_EXTS) -> list[tuple[str, str]]:
+    """Sorted ``(id, path or URI)`` for files under ``d`` (id = relative path without suffix),
+    hidden entries skipped; two files with one id are both kept (the caller reports the
+    duplicate). One recursive listing (a ``LIST`` per 1000 keys on object stores)."""
+    from pyarrow.fs import FileType
+
     out: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(d):
-        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
-        rel = os.path.relpath(dirpath, d)
-        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        folder = os.path.join(dirpath, "")
-        for name in filenames:
-            stem, dot, ext = name.rpartition(".")
-            if dot and stem and not name.startswith(".") and "." + ext.lower() in exts:
-                out.append((prefix + stem, folder + name))
+    base = d.path.rstrip("/") + "/"
+    for info in storage.iter_file_infos(d):
+        if info.type != FileType.File or not info.path.startswith(base):
+            continue
+        rel = info.path[len(base):]
+        parts = rel.split("/")
+        stem, dot, ext = parts[-1].rpartition(".")
+        if any(p.startswith(".") for p in parts) or not (dot and stem) or "." + ext.lower() not in exts:
+            continue
+        out.append(("/".join([*parts[:-1], stem]), d.join(rel).uri))
     return sorted(out)
 
 
@@ -171,14 +176,14 @@ def _pair(
     return rows, problems
 
 
-def _index_voc(root: Path, split: str | None, require_masks: bool):
+def _index_voc(root: Location, split: str | None, require_masks: bool):
     masks = _first(_walk(root / "SegmentationClass", {".png"}))
     images = _first(_walk(root / "JPEGImages"))
     sets_dir = root / "ImageSets" / "Segmentation"
     split_file = sets_dir / f"{split or 'train'}.txt"
-    if split_file.is_file():
-        ids = [ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip()]
-    elif split is not None and sets_dir.is_dir():
+    if storage.is_file(split_file):
+        ids = [ln.split()[0] for ln in storage.read_text(split_file).splitlines() if ln.strip()]
+    elif split is not None and storage.is_dir(sets_dir):
         raise SourceError(f"{split_file}: split file not found (split={split!r})")
     else:
         log.warning("%s missing: using every mask in %s", split_file, root / "SegmentationClass")
@@ -186,35 +191,35 @@ def _index_voc(root: Path, split: str | None, require_masks: bool):
     return _pair(((i, images.get(i)) for i in ids), masks, require_masks)
 
 
-def _index_dirs(img_dir: Path, mask_dir: Path, require_masks: bool):
-    if not img_dir.is_dir():
+def _index_dirs(img_dir: Location, mask_dir: Location, require_masks: bool):
+    if not storage.is_dir(img_dir):
         raise SourceError(f"{img_dir}: image directory not found")
     return _pair(_walk(img_dir), _first(_walk(mask_dir, {".png"})), require_masks)
 
 
-def _parquet_files(root: Path) -> list[Path]:
-    if root.is_file():
+def _parquet_files(root: Location) -> list[Location]:
+    if storage.is_file(root):
         return [root]
     shards = root / "shards"
-    return sorted((shards if shards.is_dir() else root).glob("*.parquet"))
+    return storage.listdir(shards if storage.is_dir(shards) else root, ".parquet")
 
 
-def _find_manifest(root: Path) -> Path | None:
-    start = root if root.is_dir() else root.parent
+def _find_manifest(root: Location) -> Location | None:
+    start = root if storage.is_dir(root) else root.parent
     for d in (start, start.parent, start.parent.parent):
-        if (d / "manifest.json").is_file():
+        if d.path and storage.is_file(d / "manifest.json"):
             return d / "manifest.json"
     return None
 
 
-def _index_parquet(files: list[Path]) -> tuple[list[dict], list[Problem]]:
+def _index_parquet(files: list[Location]) -> tuple[list[dict], list[Problem]]:
     """Reads only ``sample_id`` and ``caption``; pixels are read per row group at load time."""
     rows: list[dict] = []
     problems: list[Problem] = []
     seen: set[str] = set()
     for f in files:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f.path, filesystem=f.fs)
             names = pf.schema_arrow.names
             if schema.SAMPLE_ID not in names or schema.IMAGE not in names:
                 problems.append(("", str(f), f"bad_parquet: no {schema.SAMPLE_ID}/{schema.IMAGE} column"))
@@ -241,13 +246,13 @@ def _index_parquet(files: list[Path]) -> tuple[list[dict], list[Problem]]:
 MAX_CAPTION_CHARS = 2000  # longer is a broken file, not a caption; prompts are cut to the tokenizer
 
 
-def _read_captions(path: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
+def _read_captions(path: Location) -> tuple[list[tuple[str, str]], list[Problem]]:
     """``(id, caption)`` pairs from a ``captions.jsonl``, read line by line in bytes so one
     bad line never hides the others. Empty, non-UTF-8 and over-long captions become
     problems under their id (the row is rejected); unparseable lines under ``line N``."""
     pairs: list[tuple[str, str]] = []
     problems: list[Problem] = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+    for n, raw in enumerate(storage.iter_lines(path), 1):
         if not raw.strip():
             continue
         why = ""
@@ -274,9 +279,9 @@ def _read_captions(path: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
     return pairs, problems
 
 
-def _index_captions(root: Path) -> tuple[list[dict], list[Problem]]:
-    path = root if root.is_file() else root / "captions.jsonl"
-    if not path.is_file():
+def _index_captions(root: Location) -> tuple[list[dict], list[Problem]]:
+    path = root if storage.is_file(root) else root / "captions.jsonl"
+    if not storage.is_file(path):
         raise SourceError(f"{path}: captions file not found")
     pairs, problems = _read_captions(path)
     rows: list[dict] = []
@@ -291,7 +296,7 @@ def _index_captions(root: Path) -> tuple[list[dict], list[Problem]]:
 
 
 def index_source(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Location,
     format: str,
     split: str | None = None,
     classes: Sequence[str] | None = None,
@@ -312,10 +317,13 @@ def index_source(
     """
     if format not in FORMATS:
         raise SourceError(f"unknown source format {format!r}; expected one of {FORMATS}")
-    root = Path(path).expanduser()
-    if not root.exists():
+    try:
+        root = storage.resolve(path, "source.path")
+    except storage.StorageError as e:
+        raise SourceError(str(e)) from None
+    if not storage.exists(root):
         raise SourceError(f"{root}: source path not found")
-    base = root if root.is_dir() else root.parent
+    base = root if storage.is_dir(root) else root.parent
     manifest: dict[str, Any] = {}
     if format == "voc":
         rows, problems = _index_voc(root, split, require_masks)
@@ -327,7 +335,7 @@ def index_source(
     elif format == "folder":
         parts = (split,) if split else ()
         rows, problems = _index_dirs(
-            root.joinpath("images", *parts), root.joinpath("masks", *parts), require_masks
+            root.join("images", *parts), root.join("masks", *parts), require_masks
         )
     elif format == "parquet":
         files = _parquet_files(root)
@@ -338,14 +346,14 @@ def index_source(
         if mpath is not None:
             base = mpath.parent
             try:
-                manifest = json.loads(mpath.read_text(encoding="utf-8"))
+                manifest = json.loads(storage.read_text(mpath))
             except (OSError, ValueError) as e:
                 raise SourceError(f"{mpath}: unreadable manifest ({e})") from e
     else:
         rows, problems = _index_captions(root)
 
     names = _resolve_classes(format, classes, base, manifest)
-    if format != "captions" and (base / "captions.jsonl").is_file():
+    if format != "captions" and storage.is_file(base / "captions.jsonl"):
         pairs, bad = _read_captions(base / "captions.jsonl")
         bad_ids = {sid for sid, _, _ in bad}
         problems += [p for p in bad if p[0] in {r[schema.SOURCE_ID] for r in rows}]
@@ -370,7 +378,7 @@ def index_source(
 
 
 def _resolve_classes(
-    format: str, classes: Sequence[str] | None, base: Path, manifest: Mapping[str, Any]
+    format: str, classes: Sequence[str] | None, base: Location, manifest: Mapping[str, Any]
 ) -> list[str]:
     if classes is not None:
         return [str(c) for c in classes]
@@ -394,15 +402,20 @@ def _resolve_classes(
 # --- decoding ------------------------------------------------------------------------------
 
 
+def _parquet_file(path: str) -> pq.ParquetFile:
+    loc = storage.resolve_file(path)
+    return pq.ParquetFile(loc.path, filesystem=loc.fs)
+
+
 @functools.lru_cache(maxsize=64)
 def _row_group_starts(path: str) -> tuple[int, ...]:
-    md = pq.ParquetFile(path).metadata
+    md = _parquet_file(path).metadata
     return tuple(np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]))
 
 
 @functools.lru_cache(maxsize=2)
 def _row_group(path: str, group: int) -> Any:
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     cols = [c for c in (schema.IMAGE, schema.MASK) if c in pf.schema_arrow.names]
     return pf.read_row_group(group, columns=cols)
 
@@ -429,7 +442,7 @@ def _open(data: bytes | str | None, where: str, what: str) -> Image.Image:
         if data is None:
             raise SourceError(f"{where}: no {what} data", f"missing_{what}")
         if isinstance(data, str):
-            data = Path(data).read_bytes()
+            data = Path(data).read_bytes() if "://" not in data else storage.read_bytes(storage.resolve_file(data))
         if not data:
             raise SourceError(f"{where}: empty {what} file (0 bytes)", f"empty_{what}")
         im = Image.open(io.BytesIO(data))

@@ -18,6 +18,7 @@ it is written whole under its final key: no rename (which object stores do as co
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -274,3 +275,47 @@ def remove_tree(loc: Location) -> None:
 def local_path(loc: Location) -> str | None:
     """The OS path of a local location, else None (for code that needs a real file)."""
     return loc.path if loc.is_local else None
+
+
+def iter_lines(loc: Location, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a file (without line ends), read in chunks: a 10-million-line file is
+    never held whole in memory."""
+    try:
+        f = loc.fs.open_input_stream(loc.path)
+    except Exception as e:
+        if isinstance(e, FileNotFoundError) or "not found" in str(e).lower():
+            raise FileNotFoundError(f"{loc.uri}: not found") from None
+        raise StorageError(f"{loc.uri}: cannot read ({_one_line(e)})") from None
+    with f:
+        rest = b""
+        while chunk := f.read(chunk_bytes):
+            lines = (rest + chunk).splitlines(keepends=True)
+            # hold back an unfinished last line (and a lone "\r" that may be half of "\r\n")
+            rest = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+            for line in lines:
+                yield line.rstrip(b"\r\n")
+        if rest:
+            yield rest
+
+
+@functools.lru_cache(maxsize=16)
+def _root_fs(root: str):
+    from pyarrow import fs as pafs
+
+    return pafs.FileSystem.from_uri(root)
+
+
+def resolve_file(path: str) -> Location:
+    """Like :func:`resolve` for the many files of one source (a worker reading rows): the file
+    system of each ``scheme://authority`` is made once per process, not once per file."""
+    if "://" not in path:
+        return resolve(path)
+    scheme, rest = path.split("://", 1)
+    if scheme.lower() in ("file", "local"):
+        return resolve(path)
+    authority, slash, key = rest.partition("/")
+    try:
+        fs, inner = _root_fs(f"{scheme}://{authority}")
+    except Exception as e:
+        raise StorageError(f"{path}: cannot open ({_one_line(e)})") from None
+    return Location(fs, inner.rstrip("/") + "/" + key if slash else inner, path)

@@ -141,7 +141,7 @@ def demo_conclusion(trained: dict, root: Path) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from pipelines.report import inspect_dataset
 
-    inspect_dataset(Path(args.dataset), n_samples=args.samples, sheet=args.sheet)
+    inspect_dataset(args.dataset, n_samples=args.samples, sheet=args.sheet)
     return EXIT_OK
 
 
@@ -266,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line): config, source, output, checkpoint."""
     from pipelines.sources import SourceError
+    from pipelines.storage import StorageError
     from pipelines.writer import OutputConflict
 
-    return (ConfigError, SourceError, OutputConflict)
+    return (ConfigError, SourceError, OutputConflict, StorageError)
 
 
 if __name__ == "__main__":

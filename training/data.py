@@ -43,11 +43,13 @@ class Sources:
     synthetic_threshold: int | None = None  # subset key bound when synthetic.volume is set
 
 
-def _manifest_classes(path: Path) -> list[str] | None:
+def _manifest_classes(path) -> list[str] | None:
+    from pipelines import storage
+
     mpath = path / "manifest.json"
-    if not mpath.is_file():
+    if not storage.is_file(mpath):
         return None
-    classes = json.loads(mpath.read_text()).get("classes") or []
+    classes = json.loads(storage.read_text(mpath)).get("classes") or []
     return [c["name"] if isinstance(c, dict) else str(c) for c in classes] or None
 
 
@@ -72,16 +74,21 @@ def index_inputs(cfg: TrainConfig) -> Sources:
     if not val.rows:
         raise ConfigError(f"real.val_split: no labelled rows in split {real.val_split!r} of {real.path}")
     out = Sources(list(train.classes), rows, keep(val.rows))
+    from pipelines import storage
+
     for i, p in enumerate(cfg.synthetic.paths):
-        path = Path(p)
-        files = sorted((path / "shards").glob("*.parquet")) if (path / "shards").is_dir() else sorted(path.glob("*.parquet"))
+        try:  # a local path or a URI; files are kept as the strings Ray Data and pyarrow resolve
+            path = storage.resolve(p, f"synthetic.paths[{i}]")
+            files = storage.listdir(path / "shards" if storage.is_dir(path / "shards") else path, ".parquet")
+        except storage.StorageError as e:
+            raise ConfigError(str(e)) from None
         if not files:
             raise ConfigError(f"synthetic.paths[{i}]: no parquet shards under {path}")
         theirs = _manifest_classes(path)
         if theirs is not None and theirs != out.classes:
             raise ConfigError(f"synthetic.paths[{i}]: classes {theirs} differ from the real dataset's {out.classes}")
-        out.synthetic_files += [str(f) for f in files]
-        out.synthetic_rows += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        out.synthetic_files += [f.uri for f in files]
+        out.synthetic_rows += sum(pq.ParquetFile(f.path, filesystem=f.fs).metadata.num_rows for f in files)
     out.synthetic_files_rows = out.synthetic_rows
     if cfg.synthetic.paths and out.synthetic_rows == 0:
         raise ConfigError("synthetic.paths: the synthetic datasets have no rows")
@@ -159,7 +166,9 @@ def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int):
                                            "draw_fraction": draw})
         return ds.select_columns([S.IMAGE, S.MASK])
 
-    subset_bytes = sum(Path(f).stat().st_size for f in src.synthetic_files) * src.synthetic_rows / src.synthetic_files_rows
+    from pipelines import storage
+
+    subset_bytes = sum(storage.size(storage.resolve_file(f)) for f in src.synthetic_files) * src.synthetic_rows / src.synthetic_files_rows
     if reps > 1 and src.synthetic_threshold is not None and subset_bytes <= CACHE_SUBSET_BYTES:
         cached = _read_subset(src, cfg.data.transform_batch_size * 4)
         epochs = [cached.randomize_block_order() for _ in range(reps)]

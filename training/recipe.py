@@ -34,12 +34,27 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Config combinations a field validator cannot see; raises ConfigError naming the key."""
     if not cfg.output.path:
         raise ConfigError("output.path: required (the run directory)")
+    require_local_dir("output.path", cfg.output.path)
     if not cfg.real.path:
         raise ConfigError("real.path: required (evaluation always uses the real val split)")
     if cfg.strategy != "real_only" and not (cfg.synthetic.paths or cfg.synthetic.live):
         raise ConfigError(f"synthetic.paths: strategy={cfg.strategy} needs synthetic.paths or synthetic.live")
     if cfg.synthetic.live is not None and not cfg.synthetic.live.config:
         raise ConfigError("synthetic.live.config: required (a generation YAML)")
+
+
+def require_local_dir(key: str, path: str) -> None:
+    """Run directories (checkpoints, metrics, final.json) are local or on a shared mount for now;
+    an object-store URI is a clear error instead of a local folder named ``s3:``."""
+    from pipelines import storage
+
+    try:
+        loc = storage.resolve(path, key)
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+    if not loc.is_local:
+        raise ConfigError(f"{key}={path}: a training run directory must be a local path or a shared mount "
+                          "(datasets may be URIs: real.path, synthetic.paths, --data)")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -50,6 +65,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint dir, or a run dir (final.json's, else latest)."""
+    require_local_dir("--checkpoint", str(path))
     path = Path(path)
     if (path / "segfactory.json").is_file():
         return path

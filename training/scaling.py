@@ -289,9 +289,11 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipelines.runtime import init_ray
+    from training.recipe import require_local_dir
     from training.scaling_report import render_report
 
     started = time.time()
+    require_local_dir("output.path", cfg.output.path)  # a sweep directory holds run directories: local or a mount
     out = Path(cfg.output.path).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = None

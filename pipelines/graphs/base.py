@@ -197,11 +197,17 @@ def mask2img_models(cfg: GenerateConfig) -> list[ModelRef]:
             diffusers_ref("mask2img.controlnet", cfg.mask2img.controlnet, kind="diffusers-model")]
 
 
-def build_dataset(rows: list[dict[str, Any]], plan: list[Stage]):
-    """Source rows (ids, paths, captions, shard) → the stream of finished rows (a ray Dataset)."""
+def build_dataset(rows, plan: list[Stage]):
+    """Source rows (ids, paths, captions, shard; a list of dicts or an Arrow table) → the stream
+    of finished rows (a ray Dataset)."""
+    import pyarrow as pa
     import ray
 
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+    if isinstance(rows, pa.Table):  # columns, zero-copy slices: no Python object per row
+        step = max(1, -(-rows.num_rows // 200))
+        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, max(rows.num_rows, 1), step)])
+    else:
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
     for stage in plan:
         ds = stage.fn(ds, **stage.kwargs) if stage.kind == "dataset" else ds.map_batches(stage.fn, **stage.kwargs)
     return ds

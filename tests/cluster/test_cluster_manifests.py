@@ -84,7 +84,8 @@ def test_rayjob_entrypoint_is_a_valid_generate_command():
     assert args[:4] == ["segfactory", "generate", "--config", "pipelines/configs/seggen-sdxl.yaml"]
     cfg = load_config(GenerateConfig, ROOT / args[3], args[4:])  # every override is a real key
     assert cfg.preset == "sdxl" and cfg.source.format == "ade20k"
-    assert cfg.output.path.startswith("/data/") and cfg.source.path.startswith("/data/")
+    assert cfg.output.path.startswith("s3://") and cfg.source.path.startswith("s3://")  # object storage by default
+    assert cfg.output.writers > 1
     assert cfg.mask2img.resources.num_gpus == 1
     gpu = next(g for g in job["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
     pools = sum(s.resources.max_actors * s.resources.num_gpus for s in (cfg.text2mask, cfg.mask2img))

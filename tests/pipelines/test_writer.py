@@ -36,3 +36,18 @@ def test_shard_written_when_complete_sorted_split_and_counted(tmp_path):
     assert summary["drops_per_reason"] == {"image_constant": 1}
     assert summary["prompts_truncated"] == 3
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resent_rows_are_ignored_and_completion_records_are_small(tmp_path):
+    from pipelines.writer import ShardRanges
+
+    assert dict(ShardRanges(5, 2)) == {0: 2, 1: 2, 2: 1}
+    writer = ShardWriter(tmp_path, "abc", ShardRanges(3, 2))  # shard 0: 2 sources, shard 1: 1
+    assert writer.add(rows("a", 0, 2)) == []
+    assert writer.add(rows("a", 0, 2)) == []  # a retried task re-sends: nothing counted twice
+    assert writer.buffered_rows() == 2
+    records = writer.add(rows("b", 0, 2, dropped=1))
+    assert records == [{"shard": 0, "kept": 3, "rejected": 1, "filtered": 0, "truncated": 0}]
+    assert writer.add(rows("b", 0, 2)) == [] and writer.buffered_rows() == 0  # shard 0 is written
+    assert pq.read_table(tmp_path / "shards" / "part-abc-00000.parquet").num_rows == 3
+    assert writer.pending() == [1]

@@ -1,0 +1,112 @@
+"""Shards written by Ray workers: writer actors own shards, a last task stage routes rows to them.
+
+Ray Data has no "group by key as it streams" (``groupby`` is an all-to-all barrier that would
+hold the whole run), and a shard's rows leave the graph in many blocks. So the graph ends in a
+routing task (:func:`route_to_writers`) that splits each block by shard and hands each part to
+the writer actor owning that shard (``shard % writers``). The actor buffers its unfinished
+shards, writes a shard once every source row is accounted for (:class:`ShardWriter`) and
+returns a small completion record. The blocks travel worker → actor through the object store;
+the driver's stream carries only completion records (a few dozen bytes per shard).
+
+Writer actors are spread over the nodes (round-robin); they hold the rows of their unfinished
+shards only, so memory is bounded by shards in flight, not by the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import schema as S
+from pipelines.writer import ShardRanges, ShardWriter
+
+log = logging.getLogger(__name__)
+
+COMPLETION_SCHEMA = pa.schema([
+    pa.field("shard", pa.int64()), pa.field("kept", pa.int64()), pa.field("rejected", pa.int64()),
+    pa.field("filtered", pa.int64()), pa.field("truncated", pa.int64()),
+    pa.field("writer", pa.int64()), pa.field("node", pa.string()),
+])
+ROUTE_NUM_CPUS = 0.25  # routing waits on the writer actors; a full CPU would idle a core per task
+
+
+class ShardWriterActor:
+    """Owns the shards with ``shard % count == index``: buffers and writes them (Ray actor)."""
+
+    def __init__(self, out: str, config_hash: str, n_rows: int, rows_per_shard: int, index: int,
+                 hang_after_shards: int | None = None):
+        import ray
+
+        self.index = index
+        self.node = ray.get_runtime_context().get_node_id()
+        self.writer = ShardWriter(out, config_hash, ShardRanges(n_rows, rows_per_shard),
+                                  after_write=_hang_fault(hang_after_shards))
+
+    def add(self, table: pa.Table) -> list[dict[str, Any]]:
+        records = self.writer.add(table)
+        return [{**r, "writer": self.index, "node": self.node} for r in records]
+
+    def buffered_rows(self) -> int:
+        return self.writer.buffered_rows()
+
+
+def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, count: int, num_cpus: float,
+                 hang_after_shards: int | None = None) -> list:
+    """Start ``count`` writer actors, round-robin over the cluster's nodes.
+
+    With the test-only ``hang_after_shards`` fault there is one writer, so "after N shards" is a
+    global count and nothing else writes once it froze.
+    """
+    import ray
+
+    if hang_after_shards is not None:
+        count = 1
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    target = out.path if out.is_local else out.uri  # a worker's cwd is not the driver's
+    # Round-robin over the nodes alive now that run work (CPU > 0; a KubeRay head often has none).
+    # Strict: Ray's "SPREAD" and soft affinity both left zero-CPU actors on one node under load in
+    # tests; a writer whose node dies fails the run either way (max_restarts=0), and a rerun resumes.
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = sorted(n["NodeID"] for n in alive if n.get("Resources", {}).get("CPU", 0) > 0) or \
+        sorted(n["NodeID"] for n in alive)
+    cls = ray.remote(ShardWriterActor)
+    return [cls.options(num_cpus=num_cpus, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        nodes[i % len(nodes)], soft=False)).remote(target, config_hash, n_rows, rows_per_shard, i, hang_after_shards)
+        for i in range(count)]
+
+
+def route_to_writers(batch: pa.Table, writers: list) -> pa.Table:
+    """Send each shard's rows of ``batch`` to its writer; return the records of shards completed."""
+    import ray
+
+    owners = batch.column(S.SHARD).to_numpy() % len(writers)
+    refs = [writers[int(w)].add.remote(batch.filter(pa.array(owners == w))) for w in np.unique(owners)]
+    records = [r for rs in ray.get(refs) for r in rs]
+    return pa.Table.from_pylist(records, schema=COMPLETION_SCHEMA)
+
+
+def write_stage_kwargs(writers: list) -> dict[str, Any]:
+    """map_batches arguments of the routing stage (asserted on in tests)."""
+    return {"batch_size": None, "batch_format": "pyarrow", "num_cpus": ROUTE_NUM_CPUS,
+            "fn_kwargs": {"writers": writers}}
+
+
+def _hang_fault(after: int | None):
+    """Test-only: the writer freezes for good once ``after`` shards are written, with later shards
+    in flight in the pools, so a SIGKILL lands at a known point (racing a fast run does not)."""
+    if after is None:
+        return None
+
+    def hang(written: int) -> None:
+        if written >= after:
+            log.error("injected fault: the writer stops after %d shards (pid %d)", written, os.getpid())
+            while True:
+                time.sleep(3600)
+
+    return hang
