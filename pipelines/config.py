@@ -171,7 +171,7 @@ class ToyConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = Field(None, description="Ray address; None starts or joins a local instance")
-    no_progress_timeout_s: float = Field(600.0, gt=0, description="a stall longer than this becomes an error")
+    no_progress_timeout_s: float | None = Field(600.0, ge=0, description="a stall longer than this becomes an error; 0 or null = off (Ray Data's -1)")
     show_progress: bool = Field(True, description="Ray Data progress bars")
     wait_for_gpus: bool = Field(False, description="start even when the cluster has fewer GPUs than the pools' "
                                 "minimum sizes need (an autoscaling cluster adds GPU nodes on demand); "

@@ -94,6 +94,6 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
                  ignore_reinit_error=True, **kwargs)
     ctx = DataContext.get_current()
     if ray_cfg is not None:
-        ctx.execution_no_progress_timeout_s = ray_cfg.no_progress_timeout_s
+        ctx.execution_no_progress_timeout_s = ray_cfg.no_progress_timeout_s or -1  # 0 / None: guard off
         ctx.enable_progress_bars = ray_cfg.show_progress
     ctx.execution_options.preserve_order = False

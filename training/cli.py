@@ -1,4 +1,4 @@
-"""``segfactory train`` and ``segfactory evaluate``, registered on the main CLI's subparsers.
+"""``segfactory train``, ``evaluate``, ``predict`` and ``scaling``, registered on the main CLI's subparsers.
 
 Handlers return the exit code; a bad config raises :class:`pipelines.config.ConfigError`
 (exit 2 in the main CLI). Heavy imports happen inside the handlers so ``--help`` is fast.
@@ -40,11 +40,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from training.metrics import format_table
 
     result = run_evaluate(args.checkpoint, args.data, format=args.format, split=args.split,
-                          num_workers=args.workers, batch_size=args.batch_size, out=args.out)
+                          num_workers=args.workers, batch_size=args.batch_size, out=args.out,
+                          eval_overrides=_eval_overrides(args))
     print(f"checkpoint {result['checkpoint']} (step {result['step']}) on {result['data']} [{result['split']}], "
           f"{result['samples']} samples, {result['num_workers']} worker(s)")
     print(format_table(result))
     print(f"written to {result['json']}")
+    return EXIT_OK
+
+
+def _eval_overrides(args: argparse.Namespace) -> dict:
+    """--mode/--short-side/--crop-size/--stride/--flip/--scales given on the command line."""
+    keys = ("mode", "short_side", "crop_size", "stride", "flip", "scales")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that replace keys of the checkpoint's eval protocol (training.config.EvalConfig)."""
+    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="whole image or sliding windows")
+    p.add_argument("--short-side", type=int, default=None, help="resize the short side to this (ADE20K: 512)")
+    p.add_argument("--crop-size", type=int, default=None, help="slide: window side")
+    p.add_argument("--stride", type=int, default=None, help="slide: window step")
+    p.add_argument("--flip", action="store_true", default=None, help="test-time horizontal flip")
+    p.add_argument("--scales", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                   help="test-time scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from training.predict import run_predict
+
+    summary = run_predict(args.checkpoint, args.data, args.out, format=args.format, split=args.split,
+                          batch_size=args.batch_size, actors=args.actors, eval_overrides=_eval_overrides(args))
+    print(f"{summary['images']} masks from {summary['checkpoint']} (step {summary['step']}) written to {summary['out']}")
     return EXIT_OK
 
 
@@ -86,7 +113,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_training_commands(subparsers) -> None:
-    """Register ``train`` and ``evaluate`` on the main parser's subparsers."""
+    """Register ``train``, ``evaluate``, ``predict`` and ``scaling`` on the main parser's subparsers."""
     p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
     p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/toy.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
@@ -102,7 +129,20 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (confusion matrices are all-reduced)")
     p.add_argument("--batch-size", type=int, default=8, help="images per worker per batch")
     p.add_argument("--out", default=None, help="JSON path (default CHECKPOINT/eval-SPLIT.json)")
+    _add_protocol_flags(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser("predict", help="one mask PNG per image (same ids) from a trained model")
+    p.add_argument("--checkpoint", required=True, help="run directory (its best/ model), checkpoint or best/ directory")
+    p.add_argument("--data", required=True, help="folder of images, or a dataset directory (with --format)")
+    p.add_argument("--out", required=True, help="output folder: OUT/<id>.png")
+    p.add_argument("--format", default="images", choices=["images", "voc", "ade20k", "folder", "parquet"],
+                   help="images = every image file under --data (default); else a source layout")
+    p.add_argument("--split", default=None, help="split of a dataset --format (e.g. val)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
+    p.add_argument("--actors", type=int, default=1, help="model actors (Ray Data actor pool)")
+    _add_protocol_flags(p)
+    p.set_defaults(func=_cmd_predict)
 
     p = subparsers.add_parser("scaling", help="sweep mIoU against synthetic volume x p_aug x seed, fit a saturating power law, plot")
     p.add_argument("--config", default=None, help="sweep YAML, e.g. training/configs/scaling-toy.yaml")

@@ -72,6 +72,8 @@ class OptimConfig(Strict):
     min_lr: float = Field(0.0, ge=0, description="floor of the poly schedule")
     warmup_iters: int = Field(0, ge=0, description="linear warm-up steps before the poly decay")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this")
+    backbone_lr_mult: float | None = Field(None, gt=0, description="backbone lr = lr x this; None = 0.1 for model.preset=pretrained "
+                                           "(mmseg's SegFormer/Mask2Former recipes), 1.0 for tiny (nothing pretrained)")
 
 
 class AugConfig(Strict):
@@ -80,7 +82,6 @@ class AugConfig(Strict):
     scale_max: float = Field(2.0, gt=0, description="largest random rescale factor")
     base_size: int | None = Field(None, ge=8, description="rescale the short side to this before the random factor; None = the image's own size")
     flip: bool = Field(True, description="random horizontal flip")
-    eval_size: int = Field(512, ge=8, description="eval: longest side resized to this, padded square with ignore")
     mean: list[float] = Field([0.485, 0.456, 0.406], description="normalisation mean (RGB, 0..1)")
     std: list[float] = Field([0.229, 0.224, 0.225], description="normalisation std (RGB, 0..1)")
 
@@ -91,6 +92,20 @@ class AugConfig(Strict):
         return self
 
 
+class EvalConfig(Strict):
+    """The test protocol (mmsegmentation's): keep-ratio resize, whole or sliding-window
+    inference, logits resized back to the original label size, 255 ignored (training.inference)."""
+
+    short_side: int | None = Field(512, ge=8, description="resize so the short side is this (mmseg ADE20K: 512); null = native size")
+    max_long_side: int | None = Field(2048, ge=8, description="...unless the long side would pass this (mmseg: 2048); null = no limit")
+    mode: Literal["whole", "slide"] = Field("whole", description="whole image in one pass, or sliding windows (crop_size, stride)")
+    crop_size: int = Field(512, ge=8, description="slide: window side (mmseg ADE20K: 512)")
+    stride: int = Field(341, ge=1, description="slide: window step (mmseg ADE20K: 341)")
+    flip: bool = Field(False, description="test-time horizontal flip (probabilities averaged)")
+    scales: list[float] = Field([1.0], min_length=1, description="test-time scales, ratios of the resized size "
+                                "(mmseg multi-scale: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])")
+
+
 class DataConfig(Strict):
     """Ray Data side of ingest: the CPU transform tasks and how far ahead they run."""
 
@@ -99,6 +114,9 @@ class DataConfig(Strict):
     prefetch_batches: int = Field(2, ge=0, description="batches iter_torch_batches prefetches per stream")
     shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer (rows) of the training streams; 0 = off")
     margin: float = Field(1.3, ge=1.0, description="streams are sized to needed rows * margin (a worker may take more than its share)")
+    deterministic: bool = Field(True, description="training streams keep their order (Ray Data preserve_order) and the local "
+                                "shuffle buffer is seeded, so a rerun with the same seed sees the same batches (with one worker; "
+                                "several workers still race for blocks). Augmentation is always keyed by (seed, sample id, epoch)")
     idle_sleep_s: float = Field(0.025, ge=0, le=1, description="a stream's Ray Data loop sleeps this long after a step with no task running, "
                                 "instead of spinning a CPU while the trainer computes (training.ingest_idle); 0 = off")
 
@@ -108,7 +126,9 @@ class WorkersConfig(Strict):
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL); false = CPU (gloo)")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; leave room for Ray Data on small machines")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; None = Ray's default")
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; "
+                                                                "bf16 (CPU too); fp16 with a GradScaler; fp32")
+    compile: bool = Field(False, description="torch.compile the model (first steps slower while it compiles)")
 
 
 class PretrainConfig(Strict):
@@ -146,6 +166,7 @@ class TrainConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="model")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
     aug: AugConfig = Field(default_factory=AugConfig, description="augmentation (runs in Ray Data)")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation protocol (periodic, final, evaluate, predict)")
     data: DataConfig = Field(default_factory=DataConfig, description="Ray Data ingest")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train workers")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="pretrain_finetune's first stage")

@@ -1,9 +1,10 @@
 """Ray Data ingest for training: the real, synthetic, live and val streams, and the mixer.
 
 Every stream is built on the driver as a lazy Ray Data Dataset sized for the whole budget
-(whole epochs, each in its own order), handed to the TorchTrainer, split across workers with
+(whole epochs, each in its own order: :mod:`training.epochs`, a plan of the same few operators
+for one epoch or a thousand), handed to the TorchTrainer, split across workers with
 ``streaming_split`` and iterated once — no per-epoch barriers between workers, nothing
-loaded whole (except a small synthetic subset read for several epochs, kept after one read). Decoding and augmentation run in ``map_batches`` tasks
+loaded whole, no image bytes on the driver. Decoding and augmentation run in ``map_batches`` tasks
 (:func:`training.transforms.transform_batch`); the worker only mixes ready batches
 (:class:`Mixer`) and moves them to its device.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from pipelines import schema as S
 from pipelines.config import ConfigError
 from training.config import TrainConfig
+from training.epochs import pick_units, real_rows, synthetic_batches
 from training.transforms import SYNTHETIC, transform_batch
 
 log = logging.getLogger(__name__)
@@ -40,23 +42,35 @@ class Sources:
     synthetic_files: list[str] = field(default_factory=list)
     synthetic_rows: int = 0  # rows per synthetic epoch (all files, or synthetic.volume)
     synthetic_files_rows: int = 0  # rows in all synthetic files
-    synthetic_threshold: int | None = None  # subset key bound when synthetic.volume is set
+    # (file, row group, row positions) per unit (a slice of a row group) of one synthetic epoch
+    synthetic_chunks: list[tuple[str, int, Any]] = field(default_factory=list)
 
 
 def _manifest_classes(path) -> list[str] | None:
     from pipelines import storage
 
-    mpath = path / "manifest.json"
+    mpath = storage.resolve(path) / "manifest.json"
     if not storage.is_file(mpath):
         return None
     classes = json.loads(storage.read_text(mpath)).get("classes") or []
     return [c["name"] if isinstance(c, dict) else str(c) for c in classes] or None
 
 
+def _shard_files(path: str, what: str = "synthetic.paths") -> list[str]:
+    """The Parquet shards of a synthetic dataset (a local path or a URI): files as the strings
+    the readers resolve again (``pipelines.storage.resolve_file``)."""
+    from pipelines import storage
+
+    try:
+        loc = storage.resolve(path, what)
+        files = storage.listdir(loc / "shards" if storage.is_dir(loc / "shards") else loc, ".parquet")
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+    return sorted(f.uri for f in files)
+
+
 def index_inputs(cfg: TrainConfig) -> Sources:
     """Index the real train/val splits and the synthetic shards; check their classes agree."""
-    import pyarrow.parquet as pq
-
     from pipelines.sources import SourceError, index_source
 
     real = cfg.real
@@ -74,34 +88,30 @@ def index_inputs(cfg: TrainConfig) -> Sources:
     if not val.rows:
         raise ConfigError(f"real.val_split: no labelled rows in split {real.val_split!r} of {real.path}")
     out = Sources(list(train.classes), rows, keep(val.rows))
-    from pipelines import storage
-
     for i, p in enumerate(cfg.synthetic.paths):
-        try:  # a local path or a URI; files are kept as the strings Ray Data and pyarrow resolve
-            path = storage.resolve(p, f"synthetic.paths[{i}]")
-            files = storage.listdir(path / "shards" if storage.is_dir(path / "shards") else path, ".parquet")
-        except storage.StorageError as e:
-            raise ConfigError(str(e)) from None
+        files = _shard_files(p, f"synthetic.paths[{i}]")
         if not files:
-            raise ConfigError(f"synthetic.paths[{i}]: no parquet shards under {path}")
-        theirs = _manifest_classes(path)
+            raise ConfigError(f"synthetic.paths[{i}]: no parquet shards under {p}")
+        theirs = _manifest_classes(p)
         if theirs is not None and theirs != out.classes:
             raise ConfigError(f"synthetic.paths[{i}]: classes {theirs} differ from the real dataset's {out.classes}")
-        out.synthetic_files += [f.uri for f in files]
-        out.synthetic_rows += sum(pq.ParquetFile(f.path, filesystem=f.fs).metadata.num_rows for f in files)
-    out.synthetic_files_rows = out.synthetic_rows
-    if cfg.synthetic.paths and out.synthetic_rows == 0:
-        raise ConfigError("synthetic.paths: the synthetic datasets have no rows")
-    volume = cfg.synthetic.volume
-    if volume is not None and out.synthetic_files:
-        from training.subsets import read_sample_ids, volume_threshold
+        out.synthetic_files += files
+    if out.synthetic_files:
+        from training.epochs import plan_chunks
 
-        if volume > out.synthetic_rows:
-            raise ConfigError(f"synthetic.volume: {volume} exceeds the {out.synthetic_rows} samples in "
-                              f"synthetic.paths ({volume - out.synthetic_rows} missing)")
-        out.synthetic_threshold = volume_threshold(read_sample_ids(out.synthetic_files), volume)
-        out.synthetic_rows = volume
+        out.synthetic_files_rows = plan_chunks(out.synthetic_files)[1]
+        if out.synthetic_files_rows == 0:
+            raise ConfigError("synthetic.paths: the synthetic datasets have no rows")
+        volume = cfg.synthetic.volume
+        if volume is not None and volume > out.synthetic_files_rows:
+            raise ConfigError(f"synthetic.volume: {volume} exceeds the {out.synthetic_files_rows} samples in "
+                              f"synthetic.paths ({volume - out.synthetic_files_rows} missing)")
+        out.synthetic_chunks, out.synthetic_rows = plan_chunks(out.synthetic_files, volume, 4 * cfg.data.transform_batch_size)
     return out
+
+
+def _transform_kwargs(cfg: TrainConfig, classes: list[str], **kwargs) -> dict[str, Any]:
+    return {"aug": cfg.aug.model_dump(), "num_classes": len(classes), **kwargs}
 
 
 def _map(ds, cfg: TrainConfig, classes: list[str], **kwargs):
@@ -109,91 +119,72 @@ def _map(ds, cfg: TrainConfig, classes: list[str], **kwargs):
 
     return sleep_when_idle(ds, cfg.data.idle_sleep_s).map_batches(
         transform_batch, batch_size=cfg.data.transform_batch_size, num_cpus=cfg.data.num_cpus,
-        batch_format="numpy",
-        fn_kwargs={"aug": cfg.aug.model_dump(), "num_classes": len(classes), **kwargs})
+        batch_format="numpy", fn_kwargs=_transform_kwargs(cfg, classes, **kwargs))
 
 
 def _blocks(n: int, cfg: TrainConfig) -> int:
     return max(1, min(2000, math.ceil(n / cfg.data.transform_batch_size)))
 
 
-def real_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
-    """Real training rows for ``n_rows`` samples: whole epochs from ``start_epoch``, each
-    permuted with its own seed, decoded and augmented in map_batches."""
+def _budget(n_rows: int, offset: int, n_units: int, pick_kwargs: dict[str, Any], cfg: TrainConfig, rows_per_unit: float):
+    """``ray.data.range`` over ``n_rows`` budget positions mapped to (epoch, unit): the plan is
+    the same few operators for one epoch or a thousand (no union of per-epoch reads).
+
+    One task per ~``transform_batch_size`` output rows: an explicit batch size, or Ray Data
+    bundles small range blocks up to its default batch (1024 rows) into one task and one
+    block, and a split across workers hands that block to one of them."""
     import ray
 
+    per_task = max(1, math.floor(cfg.data.transform_batch_size / max(rows_per_unit, 1e-9)))
+    blocks = max(1, min(2000, math.ceil(n_rows / per_task)))
+    ds = ray.data.range(n_rows, override_num_blocks=min(blocks, n_rows))
+    return ds.map_batches(pick_units, batch_size=per_task, batch_format="numpy", num_cpus=cfg.data.num_cpus,
+                          fn_kwargs={"n": n_units, "offset": offset, **pick_kwargs})
+
+
+def _table_ref(obj):
+    import ray
+
+    return ray.put(obj)
+
+
+def real_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
+    """Real training rows for ``n_rows`` samples: epochs from ``start_epoch``, each permuted
+    with its own seed (:mod:`training.epochs`), decoded and augmented in map_batches. The
+    driver holds the index once (in the object store), never a list as long as the budget."""
     n = len(src.real_rows)
-    items: list[dict[str, Any]] = []
-    for e in range(start_epoch, start_epoch + max(1, math.ceil(n_rows / n))):
-        perm = np.random.default_rng((cfg.seed, 1, e)).permutation(n)
-        items += [src.real_rows[i] for i in perm]
-    ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items), cfg))
+    columns = {k: np.array([r[k] for r in src.real_rows], dtype=object) for k in _INDEX_KEYS}
+    rows_ref = _table_ref(columns)
+    ds = _budget(n_rows, start_epoch * n, n, {"seed": cfg.seed, "salt": 1}, cfg, 1.0)
+    ds = ds.map_batches(real_rows, batch_format="numpy", num_cpus=cfg.data.num_cpus,
+                        fn_kwargs={"rows_ref": rows_ref, "seed": cfg.seed})
     return _map(ds, cfg, src.classes, source="index", train=True, fmt=cfg.real.format)
 
 
-# Read blocks of a few MB instead of whole shard files: decode/augment then runs as many small
-# tasks that stream, not one task per file (measured: a 4000-row toy epoch 21 s -> 15 s).
-READ_BLOCK_BYTES = 4 * 1024 * 1024
-
-
-# A subset read for several epochs is read once and kept in the object store when it is at
-# most this big (a small volume of a big dataset would otherwise re-read all of it per epoch).
-CACHE_SUBSET_BYTES = 2 * 1024**3
-
-
-def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int):
+def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
     """Synthetic rows for ``n_rows`` samples, split across the workers like the real stream.
 
-    Whole epochs of ``ray.data.read_parquet`` (file order shuffled per epoch, rows further by
-    the local buffer), only the ``synthetic.volume`` subset. A budget smaller than one epoch
-    keeps a uniform seeded sample of it (no decoding of rows it never reaches, and no bias to
-    the first files); a subset needed for several epochs and small enough is read once and
-    kept in the object store. One execution for the whole budget: a new execution per epoch
-    costs seconds of start-up, and run inside a worker it competes with training."""
-    import ray
+    The units are the Parquet chunks of one epoch (row groups, only the ``synthetic.volume``
+    subset's rows), in a new seeded order each epoch, rows further mixed by the local shuffle
+    buffer; bytes are read in the map tasks, never on the driver. A budget smaller than one
+    epoch keeps a uniform seeded sample of every chunk (no decoding of rows it never reaches,
+    and no bias to the first files). One execution for the whole budget."""
+    chunks = src.synthetic_chunks
+    per_epoch = max(1, src.synthetic_rows)
+    draw = min(1.0, n_rows / per_epoch)
+    epochs = max(1, math.ceil(n_rows / per_epoch))
+    n_units = len(chunks)
+    ds = _budget(epochs * n_units, start_epoch * n_units, n_units, {"seed": cfg.seed, "salt": 2}, cfg,
+                 per_epoch / n_units)
+    from training.ingest_idle import sleep_when_idle
 
-    from training.subsets import keep_rows
-
-    draw = min(1.0, n_rows / max(src.synthetic_rows, 1))
-    reps = max(1, math.ceil(n_rows / max(src.synthetic_rows, 1)))
-
-    def epoch():
-        ds = ray.data.read_parquet(src.synthetic_files, shuffle="files").select_columns([S.SAMPLE_ID, S.IMAGE, S.MASK])
-        ds.context.target_max_block_size = READ_BLOCK_BYTES
-        if src.synthetic_threshold is not None or draw < 1:
-            ds = ds.map_batches(keep_rows, batch_format="numpy", num_cpus=cfg.data.num_cpus,
-                                fn_kwargs={"threshold": src.synthetic_threshold, "draw_seed": cfg.seed,
-                                           "draw_fraction": draw})
-        return ds.select_columns([S.IMAGE, S.MASK])
-
-    from pipelines import storage
-
-    subset_bytes = sum(storage.size(storage.resolve_file(f)) for f in src.synthetic_files) * src.synthetic_rows / src.synthetic_files_rows
-    if reps > 1 and src.synthetic_threshold is not None and subset_bytes <= CACHE_SUBSET_BYTES:
-        cached = _read_subset(src, cfg.data.transform_batch_size * 4)
-        epochs = [cached.randomize_block_order() for _ in range(reps)]
-    else:
-        epochs = [epoch() for _ in range(reps)]
-    ds = epochs[0].union(*epochs[1:]) if reps > 1 else epochs[0]
-    return _map(ds, cfg, src.classes, source="bytes", train=True, synthetic=True)
-
-
-def _read_subset(src: Sources, rows_per_block: int):
-    """The ``synthetic.volume`` subset read with pyarrow into the object store, in small blocks
-    (a few hundred ms for the toy, where a Ray Data read of every file took ~10 s)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-
-    from training.subsets import subset_key
-
-    parts = []
-    for f in src.synthetic_files:
-        table = pq.read_table(f, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK])
-        keep = [subset_key(s) <= src.synthetic_threshold for s in table.column(S.SAMPLE_ID).to_pylist()]
-        parts.append(table.filter(pa.array(keep)).select([S.IMAGE, S.MASK]))
-    table = pa.concat_tables(parts).combine_chunks()
-    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])
+    # read + decode + augment in one map over single units: a separate transform map would be
+    # fused with it and bundle all units into one task (its batch size counts unit rows)
+    return sleep_when_idle(ds, cfg.data.idle_sleep_s).map_batches(
+        synthetic_batches, batch_size=1, batch_format="numpy", num_cpus=cfg.data.num_cpus,
+        fn_kwargs={"chunks_ref": _table_ref(chunks), "seed": cfg.seed, "draw_fraction": draw, "draw_seed": cfg.seed,
+                   "rows_per_batch": cfg.data.transform_batch_size,
+                   "transform": _transform_kwargs(cfg, src.classes, source="bytes", train=True, synthetic=True)})
 
 
 def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
@@ -201,8 +192,7 @@ def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
     trains. Source rows are cycled until the graph yields ~``n_rows`` samples."""
     from pipelines.config import GenerateConfig, load_config
     from pipelines.generate import index_rows, resolve_context
-    from pipelines.graphs import stage_plan
-    from pipelines.graphs.base import build_dataset
+    from pipelines.graph import build_dataset, stage_plan
 
     live = cfg.synthetic.live
     gcfg = load_config(GenerateConfig, _find(live.config), [
@@ -264,7 +254,8 @@ def build_datasets(cfg: TrainConfig, src: Sources, need: dict[str, int], consume
         if cfg.synthetic.live is not None:
             out["synthetic"] = live_stream(cfg, src, need["synthetic"])
         else:
-            out["synthetic"] = synthetic_stream(cfg, src, need["synthetic"])
+            out["synthetic"] = synthetic_stream(cfg, src, need["synthetic"],
+                                                consumed.get("synthetic", 0) // max(1, src.synthetic_rows))
     return out
 
 
@@ -289,13 +280,13 @@ class Mixer:
     def __init__(self, streams: dict[str, Iterator[dict[str, Any]]], p: float, batch_size: int, seed: Any = 0):
         self.streams, self.p, self.batch_size = streams, p, batch_size
         self.rng = np.random.default_rng(seed)
-        self.pending: dict[str, tuple[dict[str, Any], int] | None] = {k: None for k in streams}
-        self.taken = {k: 0 for k in streams}
+        self.pending: dict[str, tuple[dict[str, Any], int] | None] = {}
+        self.taken = {k: 0 for k in ("real", "synthetic")}  # streams may be added later (a later phase's)
 
     def _take(self, name: str, k: int) -> list[dict[str, Any]]:
         chunks, need = [], k
         while need:
-            cur = self.pending[name]
+            cur = self.pending.get(name)
             if cur is None or cur[1] >= len(cur[0][SYNTHETIC]):
                 try:
                     cur = (next(self.streams[name]), 0)

@@ -23,9 +23,10 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from training.loop import MODEL_DIR, evaluate_shard
+    from training.inference import evaluate_shard
     from training.metrics import summarize
     from training.models import load_model
+    from training.recipe import model_dir
 
     meta = config["meta"]
     if config.get("torch_threads"):
@@ -33,9 +34,9 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
 
         torch.set_num_threads(config["torch_threads"])
     device = ray.train.torch.get_device()
-    model = load_model(meta["arch"], Path(config["checkpoint"]) / MODEL_DIR).to(device)
+    model = load_model(meta["arch"], model_dir(Path(config["checkpoint"]))).to(device)
     conf = evaluate_shard(model, meta["arch"], ray.train.get_dataset_shard("val"), len(meta["classes"]), device,
-                          config["batch_size"], bf16=config.get("bf16", True))
+                          config["batch_size"], config.get("precision", "auto"), config["eval"], meta["mean"], meta["std"])
     summary = summarize(conf, meta["classes"])
     # results travel back as a (tiny) checkpoint: Train keeps metrics only with checkpoints
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,13 +49,14 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
 
 def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "voc", split: str = "val", *,
                  num_workers: int = 1, batch_size: int = 8, cpus_per_worker: float = 0.5, use_gpu: bool = False,
-                 out: str | Path | None = None, ray_cfg=None) -> dict[str, Any]:
+                 out: str | Path | None = None, ray_cfg=None, eval_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """mIoU, per-class IoU, pixel accuracy and confusion matrix of a checkpoint (or a run
-    directory's final/latest checkpoint) on ``data``'s ``split``; writes them as JSON
-    (default ``<checkpoint>/eval-<split>.json``) and returns them."""
+    directory's final/latest checkpoint) on ``data``'s ``split``, by the checkpoint's eval
+    protocol (``eval_overrides`` replace keys of it: mode, short_side, flip, scales, ...);
+    writes them as JSON (default ``<checkpoint>/eval-<split>.json``) and returns them."""
     from pipelines.runtime import init_ray
     from pipelines.sources import SourceError, index_source
-    from training.config import AugConfig, DataConfig, TrainConfig
+    from training.config import DataConfig, TrainConfig
     from training.data import Sources, val_dataset
     from training.loop import META_FILE
     from training.recipe import make_trainer, resolve_checkpoint
@@ -72,14 +74,16 @@ def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "vo
     from pipelines.config import RayConfig
 
     init_ray(ray_cfg or RayConfig())
-    cfg = TrainConfig(real={"path": str(data), "format": format},
-                      aug=AugConfig(eval_size=meta["eval_size"], mean=meta["mean"], std=meta["std"]),
-                      data=DataConfig())
+    from training.inference import eval_protocol
+
+    spec = eval_protocol(meta, eval_overrides)
+    cfg = TrainConfig(real={"path": str(data), "format": format}, data=DataConfig())
     rows = sorted(index.rows, key=lambda r: r["source_id"])
     ds = val_dataset(cfg, Sources(meta["classes"], [], [{k: r[k] for k in ("source_id", "source_path", "source_mask_path", "source_row")} for r in rows]))
     storage = Path(tempfile.mkdtemp(prefix="segfactory-eval-"))
     try:
-        trainer = make_trainer(eval_loop_per_worker, {"checkpoint": str(ckpt), "meta": meta, "batch_size": batch_size},
+        trainer = make_trainer(eval_loop_per_worker, {"checkpoint": str(ckpt), "meta": meta, "batch_size": batch_size,
+                                                      "eval": spec},
                                {"val": ds}, storage / "eval", num_workers=num_workers, use_gpu=use_gpu,
                                cpus_per_worker=cpus_per_worker)
         result = trainer.fit()
@@ -88,7 +92,7 @@ def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "vo
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     result = {"checkpoint": str(ckpt), "step": meta.get("step"), "data": str(data), "format": format,
-              "split": split, "samples": len(rows), "num_workers": num_workers, **summary}
+              "split": split, "samples": len(rows), "num_workers": num_workers, "protocol": spec, **summary}
     path = Path(out) if out else ckpt / f"eval-{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -18,12 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from training.accel import (
+    autocast,
+    grad_scaler,
+    maybe_compile,
+    maybe_sync_batchnorm,
+    to_model_input,
+)
 from training.config import TrainConfig
 from training.data import Mixer
-from training.metrics import all_reduce_, confusion, summarize
-from training.models import build_model, load_model, loss, predict, preload, save_model
+from training.inference import evaluate_shard
+from training.metrics import all_reduce_, summarize
+from training.models import build_model, load_model, loss, preload, save_image_processor, save_model
 from training.transforms import LABELS, PIXELS
 
 log = logging.getLogger("segfactory.train")
@@ -63,49 +69,16 @@ def poly_lambda(cfg: TrainConfig, iterations: int):
 
 
 def make_optimizer(cfg: TrainConfig, model, lr: float):
+    """AdamW or SGD over parameter groups: a pretrained backbone at ``lr x backbone_lr_mult``."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    from training.accel import param_groups
+
+    mult = cfg.optim.backbone_lr_mult or (0.1 if cfg.model.preset == "pretrained" else 1.0)
+    groups = param_groups(model, cfg.model.arch, lr, mult)
     if cfg.optim.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
-
-
-def evaluate_shard(model, arch: str, shard, num_classes: int, device, batch_size: int, bf16: bool) -> np.ndarray:
-    """Confusion matrix of this worker's val shard, summed over all workers."""
-    import torch
-
-    net = getattr(model, "module", model)
-    _sync_buffers(net)
-    was_training = net.training
-    net.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    with torch.no_grad(), _autocast(device, bf16):
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            y = batch[LABELS].long()
-            scores = predict(net, arch, batch[PIXELS], tuple(y.shape[-2:]))
-            conf += confusion(scores.argmax(1), y, num_classes)
-    all_reduce_(conf)
-    net.train(was_training)
-    return conf.cpu().numpy()
-
-
-def _sync_buffers(net) -> None:
-    """Give every worker rank 0's buffers (BatchNorm running stats): DDP broadcasts them at
-    the start of each forward, so other ranks lag one step; eval must use the saved model."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for buf in net.buffers():
-            dist.broadcast(buf, src=0)
-
-
-def _autocast(device, bf16: bool):
-    import torch
-
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
 
 
 def _sum(values: list[float], device) -> list[float]:
@@ -132,6 +105,8 @@ def _save(tmp: Path, model, opt, sched, step: int, consumed: dict[str, int], ext
     import torch
 
     save_model(model, tmp / MODEL_DIR)
+    cm = meta["checkpoint_meta"]
+    save_image_processor(cm["arch"], tmp / MODEL_DIR, cm["eval"], cm["mean"], cm["std"])
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                 "consumed": consumed, **extra}, tmp / STATE_FILE)
     (tmp / META_FILE).write_text(json.dumps({**meta["checkpoint_meta"], "step": step}, indent=1))
@@ -159,9 +134,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # streams first: their start-up overlaps model building and checkpoint loading
     batches = {"batch_size": cfg.batch_size, "prefetch_batches": cfg.data.prefetch_batches,
                "local_shuffle_buffer_size": cfg.data.shuffle_buffer or None, "device": device}
-    streams = {}
-    for name in meta["streams"]:
-        streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches)))
+    streams: dict[str, Any] = {}
+
+    def start_streams(p: float) -> None:
+        """Start the streams a phase reads (a stream's execution begins with its first read):
+        one started earlier and left idle through a long phase trips Ray Data's no-progress
+        guard (pretrain_finetune's real stream during pre-training)."""
+        for name in meta["streams"]:
+            if name not in streams and {"real": p < 1, "synthetic": p > 0}[name]:
+                seed = {"local_shuffle_seed": (cfg.seed * 1000 + rank) * 2 + (name == "synthetic")} if cfg.data.deterministic and cfg.data.shuffle_buffer else {}
+                streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches, **seed)))
+
+    start_streams(_phase_p(meta, meta["phases"][0]))
 
     resume = _restore(cfg, meta)
     importing.join()
@@ -171,8 +155,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = load_model(arch, Path(cfg.model.init_from) / MODEL_DIR)
     else:
         model = build_model(cfg.model, classes)
+    model = maybe_sync_batchnorm(model, world, device)
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": arch == "mask2former"})
+    model = maybe_compile(model, cfg.workers.compile)
+    scaler = grad_scaler(device, cfg.workers.precision)
+    mean, std = cfg.aug.mean, cfg.aug.std
     step, consumed, extra, state = 0, {"real": 0, "synthetic": 0}, {"best_miou": 0.0, "elapsed_s": 0.0}, None
     if resume:
         state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -197,24 +185,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state is not None and first < step:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-        mixer.p = {"real": 0.0, "synthetic": 1.0}[next(iter(streams))] if len(streams) == 1 else ph["p"]
+        mixer.p = _phase_p(meta, ph)
+        start_streams(mixer.p)
         window = _window(mixer)
         while step < end:
             t0 = time.perf_counter()
-            wait, value_sum = 0.0, 0.0
+            wait, value_sum = 0.0, torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 tw = time.perf_counter()
                 batch = next(mixer)
                 wait += time.perf_counter() - tw
-                x, y = batch[PIXELS].to(device, non_blocking=True), batch[LABELS].to(device, non_blocking=True).long()
+                # uint8 on the wire, normalised on the device
+                x = to_model_input(batch[PIXELS].to(device, non_blocking=True), mean, std)
+                y = batch[LABELS].to(device, non_blocking=True).long()
                 sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, cfg.workers.bf16):
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, cfg.workers.precision):
                     value = loss(model, arch, x, y, len(classes)) / cfg.grad_accum
-                value.backward()
-                value_sum += float(value.detach())
+                scaler.scale(value).backward()
+                value_sum += value.detach()  # stays on the device: no sync per step
             if cfg.optim.grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             lr = opt.param_groups[0]["lr"]
             sched.step()
@@ -232,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not (do_ckpt or step % cfg.log_interval == 0):
                 continue
             taken = {k: mixer.taken[k] - window["taken0"][k] for k in mixer.taken}
-            sums = _sum([window["loss"], window["n"], window["wait"], window["busy"], taken.get("synthetic", 0),
+            sums = _sum([float(window["loss"]), window["n"], window["wait"], window["busy"], taken.get("synthetic", 0),
                          sum(taken.values()), time.perf_counter() - window["t0"]], device)
             metrics: dict[str, Any] = {
                 "step": step, "phase": ph["name"], "iterations": total, "loss": sums[0] / max(1, sums[1]), "lr": lr,
@@ -240,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "steps_per_s": window["n"] / max(1e-9, sums[6] / world), "synthetic_fraction": sums[4] / max(1, sums[5])}
             if do_eval:
                 summary = summarize(evaluate_shard(model, arch, val, len(classes), device, cfg.eval_batch_size,
-                                                   cfg.workers.bf16), classes)
+                                                   cfg.workers.precision, cfg.eval.model_dump(), mean, std), classes)
                 extra["best_miou"] = max(extra["best_miou"], summary["miou"])
                 metrics.update({"eval_miou": summary["miou"], "eval_pixel_acc": summary["pixel_acc"],
                                 "eval_per_class_iou": summary["per_class_iou"], "best_miou": extra["best_miou"]})
@@ -259,6 +252,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics)
             window = _window(mixer)
+
+
+def _phase_p(meta: dict[str, Any], ph: dict[str, Any]) -> float:
+    """The synthetic share a phase draws; with one stream, that stream's (0 or 1)."""
+    names = meta["streams"]
+    return {"real": 0.0, "synthetic": 1.0}[names[0]] if len(names) == 1 else ph["p"]
 
 
 def _window(mixer: Mixer) -> dict[str, Any]:

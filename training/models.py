@@ -89,6 +89,25 @@ def save_model(model, path: Path) -> None:
     getattr(model, "module", model).save_pretrained(str(path), safe_serialization=True)
 
 
+def save_image_processor(arch: str, path: Path, eval_spec: dict[str, Any], mean: list[float], std: list[float]) -> None:
+    """``preprocessor_config.json`` beside the weights, so ``AutoImageProcessor`` and
+    ``pipeline("image-segmentation", model=path)`` use the run's normalisation and eval size
+    (the processor resizes to a fixed size: the protocol's short side, square; our own
+    evaluate/predict keep the aspect ratio, training.inference)."""
+    side = eval_spec.get("short_side") or eval_spec.get("crop_size") or 512
+    if arch == "segformer":
+        from transformers import SegformerImageProcessor
+
+        proc = SegformerImageProcessor(size={"height": side, "width": side}, image_mean=mean, image_std=std,
+                                       do_reduce_labels=False)
+    else:
+        from transformers import Mask2FormerImageProcessor
+
+        proc = Mask2FormerImageProcessor(size={"shortest_edge": side}, image_mean=mean, image_std=std,
+                                         ignore_index=IGNORE_INDEX, do_reduce_labels=False)
+    proc.save_pretrained(str(path))
+
+
 def load_model(arch: str, path: Path):
     """A model saved by :func:`save_model` (same code path as a pretrained preset)."""
     return _classes(arch).from_pretrained(str(path), use_safetensors=True)

@@ -4,8 +4,12 @@ Run directory (``output.path``)::
 
     config.yaml          resolved config
     metrics.csv          step, loss, lr, data-wait fraction, step time, eval mIoU, ... (live)
-    checkpoint_NNNNNNN/  model/ (safetensors + config), train_state.pt, segfactory.json
-    final.json           final eval (per-class IoU, confusion), throughput, checkpoint path
+    checkpoint_NNNNNNN/  model/ (safetensors + config), train_state.pt, segfactory.json (latest ones)
+    best/                the best checkpoint by val mIoU: a transformers model dir + image processor
+    tb/                  TensorBoard event files (the same metrics as metrics.csv, per-class IoU)
+    events.jsonl         failures Ray Train reported, resumes, failed fits (training.runlog)
+    final.json           final eval (per-class IoU, confusion), throughput, checkpoint path,
+                         failures / restarts / resumes
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def model_dir(ckpt: Path) -> Path:
+    """The transformers model directory of a checkpoint (``model/``) or of ``RUN/best``."""
+    return ckpt / "model" if (ckpt / "model").is_dir() else ckpt
+
+
 # --- metrics.csv ------------------------------------------------------------------------------
 
 
@@ -108,48 +117,13 @@ def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
             {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items() if k in CSV_COLUMNS})
 
 
-QUIET_EVERY_S = 60.0  # a training line at least this often when the command runs quiet
-
-
-def _callback(run_dir: Path):
-    from ray.train.v2.api.callback import UserCallback
-
-    from pipelines.runtime import own_loggers_in_ray_worker, ray_log_level
-
-    quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
-
-    class MetricsLog(UserCallback):
-        """Runs on the Train controller: writes metrics.csv and logs progress as it trains. Quiet:
-        the evaluation steps, the last step, and otherwise at most one line a minute."""
-
-        last_line = 0.0
-
-        def after_report(self, run_context, metrics, checkpoint):
-            own_loggers_in_ray_worker()  # the controller's process: lines of ours whatever Ray's root level is
-            m = metrics[0]
-            if "step" not in m:
-                return
-            append_metrics(run_dir / "metrics.csv", m)
-            now = time.monotonic()
-            if quiet and "eval_miou" not in m and m["step"] < m["iterations"] and now - self.last_line < QUIET_EVERY_S:
-                return
-            self.last_line = now
-            msg = (f"[{m['phase']}] step {m['step']}/{m['iterations']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                   f"{m['steps_per_s']:.2f} it/s data-wait {m['data_wait_fraction']:.0%} syn {m['synthetic_fraction']:.2f}")
-            if "eval_miou" in m:
-                msg += f" | val mIoU {m['eval_miou']:.4f} pixAcc {m['eval_pixel_acc']:.4f}"
-            log.info(msg)
-
-    return MetricsLog()
-
-
 # --- trainer ----------------------------------------------------------------------------------
 
 
-def _data_config(split: list[str]):
+def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
     """Split ``split`` datasets with ``equal=False`` (eval sees each val row exactly once; a
     worker that draws more real rows than another is not held back); the others are given
-    whole to every worker."""
+    whole to every worker. ``ordered``: datasets that keep their order (data.deterministic)."""
     from ray.train import DataConfig
 
     class UnequalSplit(DataConfig):
@@ -158,6 +132,8 @@ def _data_config(split: list[str]):
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
+                if name in ordered:  # a rerun gets the same rows in the same order
+                    ds.context.execution_options.preserve_order = True
                 if name not in split:
                     for i in range(world_size):
                         out[i][name] = ds.iterator()
@@ -171,7 +147,8 @@ def _data_config(split: list[str]):
 
 
 def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: Path, *, num_workers: int,
-                 use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=()):
+                 use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=(),
+                 ordered: tuple[str, ...] = ()):
     """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -190,7 +167,7 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks),
                              logging_config=train_logging),
-        datasets=datasets, dataset_config=_data_config(split_names(datasets)))
+        datasets=datasets, dataset_config=_data_config(split_names(datasets), ordered))
 
 
 def _summary(run_dir: Path, phase: str | None = None) -> dict[str, Any]:
@@ -232,6 +209,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from pipelines.runtime import init_ray
     from training.data import build_datasets, index_inputs
     from training.loop import META_FILE, train_loop_per_worker
+    from training.runlog import append_event, make_callback, read_events, run_record
 
     check_inputs(cfg)
     run_dir = Path(cfg.output.path).expanduser().resolve()
@@ -262,21 +240,29 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
         step, consumed = state["step"], state["consumed"]
         log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
+        append_event(run_dir, "resumed", step=step, checkpoint=resume_from.name)
     truncate_metrics(run_dir / "metrics.csv", step)
     datasets = build_datasets(cfg, src, _rows_needed(cfg, plan, step), consumed)
     meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan,
             "streams": [k for k in ("real", "synthetic") if k in datasets],
             "resume_from": str(resume_from) if resume_from else None,
             "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
-                                "eval_size": cfg.aug.eval_size, "mean": cfg.aug.mean, "std": cfg.aug.std}}
+                                "eval": cfg.eval.model_dump(), "mean": cfg.aug.mean, "std": cfg.aug.std}}
     w = cfg.workers
     trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
                            num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
-                           max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[_callback(run_dir)])
+                           max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[make_callback(run_dir, append_metrics)],
+                           ordered=("real", "synthetic") if cfg.data.deterministic else ())
     log.info("training %s: %s, %d steps x %d samples x %d workers -> %s", cfg.strategy,
              " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
              cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        # "run_failed": Ray Train gave up after a worker failure it reported (not restarted)
+        last = (read_events(run_dir) or [{}])[-1].get("event")
+        append_event(run_dir, "run_failed" if last == "failure" else "fit_error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        raise
     m = result.metrics or {}
     ckpt = resolve_checkpoint(run_dir)
     final = {"strategy": cfg.strategy, "final_step": json.loads((ckpt / META_FILE).read_text())["step"],
@@ -284,7 +270,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
              "per_class_iou": m.get("eval_per_class_iou"), "confusion": m.get("eval_confusion"),
              "best_miou": m.get("best_miou"), "classes": src.classes, "checkpoint": str(ckpt),
              "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
-             "restarts": len(list(run_dir.glob(".failed_at_*"))), **_summary(run_dir)}
+             "best_checkpoint": str(run_dir / "best") if (run_dir / "best").is_dir() else None,
+             **run_record(run_dir), **_summary(run_dir)}
     if len(plan) > 1:
         for ph in plan:
             final[ph["name"]] = _summary(run_dir, ph["name"])

@@ -71,6 +71,8 @@ class ScalingConfig(Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the base training config, nested like it (e.g. train.iterations=300)")
     volumes: list[int] = Field(..., min_length=1, description="synthetic volumes; 0 = the real-only baseline")
     p_aug: list[float] = Field([0.6], min_length=1, description="mix ratios, one curve each (SegGen's optimum is 0.6)")
+    gaps: list[float] | None = Field(None, description="generator quality axis (toy domain): one synthetic dataset per toy.gap, "
+                                     "generated with generate.overrides + toy.gap=G, one curve per (p_aug, gap); None = one dataset")
     seeds: list[int] = Field([0, 1], min_length=1, description="repeats: the trial seed (model init, mixing, augmentation)")
     synthetic: str = Field("", description="synthetic dataset directory; empty = OUTPUT/synthetic")
     generate: GenerateOnDemand | None = Field(None, description="generate missing samples (same graph, same seeds); None = stop and say how many are missing")
@@ -105,17 +107,19 @@ class Trial:
     volume: int
     p_aug: float | None  # None: volume 0, the real-only baseline of every p_aug line
     seed: int
+    gap: float | None = None  # the generator's toy.gap when the sweep has that axis
 
     @property
     def name(self) -> str:
         mix = "real" if self.p_aug is None else f"p{self.p_aug:g}"
-        return f"v{self.volume}-{mix}-s{self.seed}"
+        gap = "" if self.gap is None else f"-g{self.gap:g}"
+        return f"v{self.volume}-{mix}{gap}-s{self.seed}"
 
 
 def plan_trials(cfg: ScalingConfig) -> list[Trial]:
     """Seed-major: a sweep stopped early already has whole curves for its first seeds."""
-    return [Trial(v, None if v == 0 else p, s) for s in cfg.seeds for v in cfg.volumes
-            for p in ([None] if v == 0 else cfg.p_aug)]
+    return [Trial(v, None if v == 0 else p, s, None if v == 0 else g) for s in cfg.seeds for v in cfg.volumes
+            for p in ([None] if v == 0 else cfg.p_aug) for g in ([None] if v == 0 else (cfg.gaps or [None]))]
 
 
 def find_file(path: str) -> Path:
@@ -237,13 +241,20 @@ def _extension(root: Path, parts: list[Path], missing: int):
     return GenerateConfig.model_validate(merge(base.model_dump(mode="json"), update))
 
 
-def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str | None) -> list[str]:
-    """Directories holding at least ``need`` synthetic samples; generates them when allowed."""
+def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str | None,
+                      gap: float | None = None) -> list[str]:
+    """Directories holding at least ``need`` synthetic samples; generates them when allowed.
+    ``gap``: the dataset of that toy generator quality (``OUTPUT/synthetic-gapG``)."""
     if need == 0:
         return []
     from pipelines.config import GenerateConfig, load_config
 
-    root = Path(cfg.synthetic).expanduser().resolve() if cfg.synthetic else out / "synthetic"
+    if gap is not None:
+        root = out / f"synthetic-gap{gap:g}"
+        cfg = cfg.model_copy(update={"generate": cfg.generate and cfg.generate.model_copy(
+            update={"overrides": [*cfg.generate.overrides, f"toy.gap={gap}"]})})
+    else:
+        root = Path(cfg.synthetic).expanduser().resolve() if cfg.synthetic else out / "synthetic"
     if _manifest(root) is None:  # not there, or a generation that stopped midway: (re)run it
         if cfg.generate is None or not cfg.generate.config:
             raise ConfigError(f"synthetic: no finished dataset at {root} (no manifest.json) and no generate.config "
@@ -305,13 +316,15 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     base = base_train_config(cfg, real_path=source)
     trials = plan_trials(cfg)
     init_ray(cfg.ray)
-    synthetic = prepare_synthetic(cfg, out, max(cfg.volumes), source or base.real.path)
-    fp = fingerprint(base, synthetic)
+    gaps = cfg.gaps or [None]
+    synthetic = {g: prepare_synthetic(cfg, out, max(cfg.volumes), source or base.real.path, g) for g in gaps}
+    fp = fingerprint(base, synthetic[gaps[0]]) if cfg.gaps is None else hashlib.sha256(
+        "".join(fingerprint(base, synthetic[g]) for g in gaps).encode()).hexdigest()[:16]
     _check_sweep_dir(out, fp)
-    configs = {t.name: trial_config(base, t, synthetic, out) for t in trials}
+    configs = {t.name: trial_config(base, t, synthetic[t.gap], out) for t in trials}
     (out / "sweep.json.tmp").write_text(json.dumps({
         "fingerprint": fp, "sweep": cfg.model_dump(mode="json"), "train": base.model_dump(mode="json"),
-        "synthetic_paths": synthetic, "trials": [asdict(t) | {"name": t.name} for t in trials]}, indent=1))
+        "synthetic_paths": synthetic[gaps[0]] if cfg.gaps is None else {f"{g:g}": synthetic[g] for g in gaps}, "trials": [asdict(t) | {"name": t.name} for t in trials]}, indent=1))
     (out / "sweep.json.tmp").replace(out / "sweep.json")
 
     todo = [t for t in trials if not is_finished(out / TRIALS / t.name, base.iterations)]

@@ -35,7 +35,8 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows, classes = [], []
     for t in sweep["trials"]:
         run = out / TRIALS / t["name"]
-        row: dict[str, Any] = {"volume": t["volume"], "p_aug": t["p_aug"], "seed": t["seed"], "name": t["name"]}
+        row: dict[str, Any] = {"volume": t["volume"], "p_aug": t["p_aug"], "gap": t.get("gap"), "seed": t["seed"],
+                               "name": t["name"], "line": line_key(t["p_aug"], t.get("gap"))}
         final = json.loads((run / "final.json").read_text()) if (run / "final.json").is_file() else None
         if final and final.get("final_step") == iterations:
             classes = final["classes"]
@@ -52,7 +53,7 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def write_results(rows: list[dict[str, Any]], classes: list[str], path: Path) -> None:
-    columns = ["volume", "p_aug", "seed", "status", "miou", "pixel_acc", *[f"iou_{c}" for c in classes],
+    columns = ["volume", "p_aug", "gap", "seed", "status", "miou", "pixel_acc", *[f"iou_{c}" for c in classes],
                "iterations", "wall_s", "synthetic_fraction", "name", "error"]
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -66,6 +67,14 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
 
 
+def line_key(p_aug: float | None, gap: float | None) -> str | None:
+    """The curve a trial belongs to: its p_aug, and its generator's toy.gap when the sweep has
+    that axis (None: the real-only baseline, shared by every curve)."""
+    if p_aug is None:
+        return None
+    return f"{p_aug:g}" if gap is None else f"{p_aug:g} gap={gap:g}"
+
+
 def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]:
     """Per-p_aug curves and fits, and the best p_aug at each volume."""
     from training.scaling_fit import fit_scaling
@@ -74,10 +83,12 @@ def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]
     train = sweep["train"]
     per_step = train["batch_size"] * train["grad_accum"] * train["workers"]["num_workers"]
     lines: dict[str, Any] = {}
-    for p in sweep["sweep"]["p_aug"]:
-        pts = [r for r in ok if r["p_aug"] is None or r["p_aug"] == p]
+    specs = [(p, g) for p in sweep["sweep"]["p_aug"] for g in (sweep["sweep"].get("gaps") or [None])]
+    for p, g in specs:
+        key = line_key(p, g)
+        pts = [r for r in ok if r["p_aug"] is None or r["line"] == key]
         by_volume = {v: _stats([r["miou"] for r in pts if r["volume"] == v]) for v in sorted({r["volume"] for r in pts})}
-        line: dict[str, Any] = {"p_aug": p, "by_volume": {str(v): s for v, s in by_volume.items()},
+        line: dict[str, Any] = {"p_aug": p, "gap": g, "by_volume": {str(v): s for v, s in by_volume.items()},
                                 "synthetic_draws_per_trial": round(train["iterations"] * per_step * p)}
         try:
             line["fit"] = fit_scaling([r["volume"] for r in pts], [r["miou"] for r in pts]).to_dict()
@@ -89,13 +100,12 @@ def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]
         if line["fit"]:
             line["fit"]["rise_resolved"] = (not line["fit"]["at_bounds"]
                                             and line["fit"]["gain_in_range"] > line.get("standard_error_ends", 0.0))
-        lines[f"{p:g}"] = line
+        lines[key] = line
     best = {}
     for v in sorted({r["volume"] for r in ok if r["volume"] > 0}):
-        means = {f"{p:g}": lines[f"{p:g}"]["by_volume"][str(v)]["mean"] for p in sweep["sweep"]["p_aug"]
-                 if str(v) in lines[f"{p:g}"]["by_volume"]}
+        means = {k: line["by_volume"][str(v)]["mean"] for k, line in lines.items() if str(v) in line["by_volume"]}
         top = max(means, key=means.get)
-        best[str(v)] = {"p_aug": float(top), "miou": means[top], "all": means}
+        best[str(v)] = {"p_aug": lines[top]["p_aug"], "gap": lines[top]["gap"], "line": top, "miou": means[top], "all": means}
     failed = [r["name"] for r in rows if r["status"] == "failed"]
     not_run = [r["name"] for r in rows if r["status"] == "not_run"]
     return {"iterations": train["iterations"], "samples_per_step": per_step, "trials": len(rows),
@@ -119,7 +129,7 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> No
         vols = np.array([int(v) for v in line["by_volume"]])
         mean = np.array([s["mean"] for s in line["by_volume"].values()])
         std = np.array([s["std"] for s in line["by_volume"].values()])
-        pts = [r for r in ok if r["p_aug"] is None or f"{r['p_aug']:g}" == key]
+        pts = [r for r in ok if r["p_aug"] is None or r["line"] == key]
         dodge = 1 + 0.04 * (i - (len(analysis["lines"]) - 1) / 2)  # side by side, not on top of each other
         ax.scatter([r["volume"] * dodge for r in pts], [r["miou"] for r in pts], s=10, color=color, alpha=0.35)
         ax.errorbar(vols * dodge, mean, yerr=std, fmt="o", color=color, capsize=4, label=f"p_aug={key}: mean ± std")
@@ -201,5 +211,5 @@ def format_report(analysis: dict[str, Any]) -> str:
             lines.append(f"  no fit: {line.get('fit_error')}")
     if analysis["best_p_aug_per_volume"]:
         lines.append("best p_aug per volume: " + ", ".join(
-            f"{v}: {b['p_aug']:g} ({b['miou']:.4f})" for v, b in analysis["best_p_aug_per_volume"].items()))
+            f"{v}: {b.get('line') or b['p_aug']} ({b['miou']:.4f})" for v, b in analysis["best_p_aug_per_volume"].items()))
     return "\n".join(lines)

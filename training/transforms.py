@@ -1,12 +1,14 @@
 """CPU transforms that run inside Ray Data ``map_batches``: decode, augment, normalise.
 
-The training loop only moves the resulting tensors to its device. Every function here is
+The training loop only moves the resulting tensors to its device and normalises them there. Every function here is
 Ray-free (numpy + PIL) so tests call it directly. Masks are resampled nearest-neighbour
 only and padding uses the ignore index, so 255 = ignore survives every transform.
 
-Output columns of every transform (fixed shapes, so batches stack):
-``pixel_values`` float32 (N, 3, S, S) normalised; ``labels`` uint8 (int32 past 255 classes)
-(N, S, S); ``synthetic`` int8 (N,) 1 for synthetic rows (how the mix ratio is measured).
+Training output columns (fixed shapes, so batches stack): ``pixel_values`` uint8 (N, 3, S, S),
+normalised on the device (training.accel.to_model_input); ``labels`` uint8 (int32 past 255
+classes) (N, S, S); ``synthetic`` int8 (N,) 1 for synthetic rows (how the mix ratio is
+measured). Eval rows are only decoded: ``image`` uint8 (H, W, 3) and ``labels`` (H, W) at the
+image's own size (the standard protocol resizes on the device: training.inference).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from PIL import Image
 
 from pipelines import schema as S
 
-PIXELS, LABELS, SYNTHETIC = "pixel_values", "labels", "synthetic"
+PIXELS, LABELS, SYNTHETIC, IMAGE = "pixel_values", "labels", "synthetic", "image"
+AUG_KEY = "aug_key"  # optional int64 column: per-row augmentation seed (training.epochs.aug_keys)
 
 
 def _resize(image: np.ndarray, mask: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,23 +64,6 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, aug: 
     return image, mask
 
 
-def eval_resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Longest side to ``size`` (aspect kept), then pad to size x size with ignore."""
-    h, w = image.shape[:2]
-    if max(h, w) != size:
-        r = size / max(h, w)
-        image, mask = _resize(image, mask, max(1, round(h * r)), max(1, round(w * r)))
-    return _pad(image, mask, size, size)
-
-
-def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """uint8 (N, H, W, 3) → float32 (N, 3, H, W), ``(x / 255 - mean) / std``."""
-    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    return (x - m) / s
-
-
 def decode_png(data: bytes, what: str) -> np.ndarray:
     """PNG/JPEG bytes → array (RGB for images, class ids for masks)."""
     im = Image.open(io.BytesIO(data))
@@ -99,7 +85,7 @@ def _rows_from_index(batch: dict[str, np.ndarray], fmt: str, num_classes: int):
     """(image, mask) pairs of a source-index batch, decoded with pipelines.sources."""
     from pipelines.sources import load_pixels
 
-    keys = list(batch)
+    keys = [k for k in batch if k != AUG_KEY]
     for i in range(len(batch[keys[0]])):
         row = {k: batch[k][i] for k in keys}
         image, mask = load_pixels(row, fmt, num_classes)
@@ -112,25 +98,41 @@ def transform_batch(batch: dict[str, np.ndarray], *, source: str, train: bool, a
                     num_classes: int, fmt: str = "", synthetic: bool = False,
                     seed: int | None = None) -> dict[str, np.ndarray]:
     """The map_batches function: decode (``source`` = "index" rows or encoded "bytes" rows),
-    augment (``train``) or eval-resize, normalise. ``seed`` None draws fresh augmentations
-    each time the stream runs (a new epoch gets new crops)."""
+    augment and normalise (``train``), or only decode (eval: ``image`` uint8 HWC and
+    ``labels`` at their own size). Rows with an ``aug_key`` column draw their
+    augmentation from it (reproducible); otherwise from ``seed`` (None: fresh each run)."""
     rows = _rows_from_bytes(batch) if source == "bytes" else _rows_from_index(batch, fmt, num_classes)
-    rng = np.random.default_rng(seed)
+    keys = batch.get(AUG_KEY)
+    if keys is not None and S.DROP_REASON in batch:
+        keys = keys[np.asarray([not d for d in batch[S.DROP_REASON]], dtype=bool)]
+    shared = np.random.default_rng(seed)
     images, masks = [], []
-    for image, mask in rows:
+    for i, (image, mask) in enumerate(rows):
+        # a row's own key (sample id, epoch, run seed): the same crop whatever batch it lands in
+        rng = np.random.default_rng(int(keys[i])) if keys is not None else shared
         if mask.ndim != 2 or mask.shape != image.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} does not match image {image.shape}")
         if train:
             image, mask = augment(image, mask, rng, aug)
-        else:
-            image, mask = eval_resize(image, mask, aug["eval_size"])
         images.append(image)
         masks.append(mask)
-    side = aug["crop_size"] if train else aug["eval_size"]
     label_dtype = np.uint8 if num_classes <= S.IGNORE_INDEX else np.int32
     n = len(images)
+    if not train:  # the image and label as they are: the model side resizes (training.inference)
+        return {IMAGE: _ragged(images, np.uint8), LABELS: _ragged([m.astype(label_dtype) for m in masks], label_dtype)}
+    side = aug["crop_size"]
     return {
-        PIXELS: normalize(np.stack(images), aug["mean"], aug["std"]) if n else np.zeros((0, 3, side, side), np.float32),
+        # uint8 on the wire (4x fewer bytes than float32); training.accel.to_model_input normalises on the device
+        PIXELS: np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)) if n else np.zeros((0, 3, side, side), np.uint8),
         LABELS: np.stack(masks).astype(label_dtype) if n else np.zeros((0, side, side), label_dtype),
         SYNTHETIC: np.full(n, int(synthetic), np.int8),
     }
+
+
+def _ragged(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    """A column of arrays that may differ in shape (Ray Data keeps them as variable-shaped tensors)."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = [np.asarray(a, dtype=dtype) for a in arrays]
+    return out

@@ -26,7 +26,7 @@ SEGGEN_TOY = ROOT / "pipelines" / "configs" / "seggen-toy.yaml"
 def sweep_overrides(real: Path, syn: Path, out: Path, quick) -> list[str]:
     train = [f"train.{o}" for o in quick(real, out / "unused")
              if not o.startswith(("real.format", "output.path", "ray."))]
-    return [*train, "volumes=[0,40,80]", "p_aug=[0.5]", "seeds=[0]", f"synthetic={syn}", "generate=null",
+    return [*train, "volumes=[0,40,80]", "p_aug=[0.5]", "gaps=null", "seeds=[0]", f"synthetic={syn}", "generate=null",
             "toy_source=null", f"output={out}", "max_concurrent=1", "ray.no_progress_timeout_s=240"]
 
 

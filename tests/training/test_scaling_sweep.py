@@ -25,7 +25,7 @@ from training.scaling import (
     trial_resources,
 )
 from training.scaling_fit import saturating_power_law
-from training.scaling_report import render_report
+from training.scaling_report import format_report, render_report
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_SWEEP = ROOT / "training" / "configs" / "scaling-toy.yaml"
@@ -33,7 +33,19 @@ CLASSES = ["background", "circle", "square"]
 
 
 def sweep_config(*overrides: str) -> ScalingConfig:
-    return load_config(ScalingConfig, TOY_SWEEP, list(overrides))
+    """The shipped toy sweep without its generator-quality axis (unless an override sets one)."""
+    return load_config(ScalingConfig, TOY_SWEEP, ["gaps=null", *overrides])
+
+
+def test_the_shipped_toy_sweep_has_a_gap_axis_and_volumes_its_budget_can_consume():
+    cfg = load_config(ScalingConfig, TOY_SWEEP, [])
+    trials = plan_trials(cfg)
+    assert cfg.gaps == [0.0, 0.15, 0.3] and len(trials) == len(cfg.seeds) * (1 + 2 * 3)
+    assert {t.name for t in trials if t.seed == 0} == {"v0-real-s0"} | {
+        f"v{v}-p0.5-g{g:g}-s0" for v in (150, 600) for g in (0, 0.15, 0.3)}
+    base = base_train_config(cfg)
+    draws = base.iterations * base.batch_size * min(cfg.p_aug)
+    assert max(cfg.volumes) <= draws  # every volume is (at least) seen once by a trial
 
 
 def test_grid_has_one_real_only_baseline_per_seed_and_seed_major_order():
@@ -166,3 +178,32 @@ def test_report_command_rerenders_and_rejects_a_non_sweep_dir(tmp_path, capsys):
     assert main(["scaling", "--report", str(tmp_path)]) == 2
     assert "no sweep.json" in capsys.readouterr().err
     assert main(["scaling"]) == 2
+
+
+def test_report_has_one_curve_per_p_aug_and_gap(tmp_path):
+    """With the generator-quality axis, each (p_aug, gap) is its own curve sharing the
+    real-only baseline, and the best curve per volume names its gap."""
+    out = tmp_path / "sweep"
+    cfg = sweep_config("volumes=[0,150,600]", "p_aug=[0.5]", "gaps=[0,0.3]", "seeds=[0,1]", f"output={out}")
+    trials = plan_trials(cfg)
+    base = base_train_config(cfg)
+    out.mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": "x", "sweep": cfg.model_dump(mode="json"),
+                                                "train": base.model_dump(mode="json"), "synthetic_paths": {},
+                                                "trials": [asdict(t) | {"name": t.name} for t in trials]}))
+    for t in trials:
+        run = out / "trials" / t.name
+        run.mkdir(parents=True)
+        miou = 0.6 + (0.0 if t.gap is None else (0.05 if t.gap == 0 else -0.1) * t.volume / 600) + 0.001 * t.seed
+        (run / "final.json").write_text(json.dumps({
+            "final_step": base.iterations, "miou": miou, "pixel_acc": 0.9, "classes": CLASSES,
+            "per_class_iou": dict(zip(CLASSES, [0.9, miou, None], strict=True)), "wall_s": 1.0, "synthetic_fraction": 0.5}))
+    report = render_report(out)
+    assert set(report["lines"]) == {"0.5 gap=0", "0.5 gap=0.3"}
+    assert report["lines"]["0.5 gap=0.3"]["by_volume"]["600"]["mean"] == pytest.approx(0.5005)
+    assert report["lines"]["0.5 gap=0"]["by_volume"]["0"]["mean"] == pytest.approx(0.6005)  # the shared baseline
+    assert report["best_p_aug_per_volume"]["600"]["gap"] == 0 and report["best_p_aug_per_volume"]["600"]["line"] == "0.5 gap=0"
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["gap"] for r in rows}) == ["", "0", "0.3"]
+    assert "0.5 gap=0.3" in format_report(report)

@@ -53,7 +53,17 @@ def test_two_worker_mix_run_directory(mix_run, small_real):
     for name in ("model/model.safetensors", "model/config.json", "train_state.pt", "segfactory.json"):
         assert (run / "checkpoint_0000012" / name).is_file()
     assert json.loads((run / "final.json").read_text()) == json.loads(json.dumps(final))
-    assert final["restarts"] == 0 and final["final_step"] == 12
+    assert final["restarts"] == 0 and final["failures"] == 0 and final["final_step"] == 12
+    # the best checkpoint by val mIoU, besides the latest ones; metrics also in TensorBoard files
+    best = json.loads((run / "best" / "segfactory.json").read_text())
+    assert best["miou"] == pytest.approx(final["best_miou"]) and best["step"] in (6, 12)
+    assert final["best_checkpoint"] == str(run / "best")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [3, 6, 9, 12]
+    assert [e.value for e in acc.Scalars("eval/miou")] == pytest.approx([float(x["eval_miou"]) for x in rows(run) if x["eval_miou"]], rel=1e-5)
     r = rows(run)
     assert [int(x["step"]) for x in r] == [3, 6, 9, 12]
     assert list(r[0]) == ["step", "phase", "loss", "lr", "data_wait_fraction", "step_time_s", "steps_per_s",
@@ -85,6 +95,49 @@ def test_one_worker_evaluate_matches_the_two_worker_eval(mix_run, small_real, tm
     assert saved["miou"] == result["miou"] and saved["samples"] == 24 and "per_class_iou" in saved
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(420, method="thread")
+def test_predict_pngs_score_what_evaluate_reports_and_best_loads_in_a_pipeline(mix_run, small_real, tmp_path):
+    """``predict`` on the val images writes one PNG per image id; their mIoU against the
+    labels, computed here from a confusion matrix, equals ``evaluate``'s for the same model.
+    RUN/best is a transformers model directory with its image processor."""
+    from PIL import Image
+
+    from pipelines.sources import index_source
+    from training.evaluate import run_evaluate
+    from training.metrics import summarize
+    from training.predict import run_predict
+
+    run, final = mix_run
+    summary = run_predict(run, small_real, tmp_path / "masks", format="voc", split="val")
+    assert summary["checkpoint"] == str(run / "best") and summary["images"] == 24
+    idx = index_source(small_real, "voc", split="val")
+    conf = np.zeros((6, 6), np.int64)
+    for row in idx.rows:
+        pred = np.asarray(Image.open(tmp_path / "masks" / f"{row['source_id']}.png"))
+        truth = idx.load(row)[1]
+        assert pred.shape == truth.shape and pred.dtype == np.uint8
+        keep = truth != 255
+        conf += np.bincount(truth[keep].astype(np.int64) * 6 + pred[keep], minlength=36).reshape(6, 6)
+    result = run_evaluate(run / "best", small_real, "voc", "val", num_workers=1, out=tmp_path / "eval.json")
+    assert conf.tolist() == result["confusion"]
+    assert summarize(conf, final["classes"])["miou"] == pytest.approx(result["miou"], abs=1e-12)
+    assert result["miou"] == pytest.approx(json.loads((run / "best" / "segfactory.json").read_text())["miou"], abs=1e-9)
+
+    from transformers import AutoImageProcessor, pipeline
+
+    assert AutoImageProcessor.from_pretrained(run / "best").image_mean == pytest.approx([0.485, 0.456, 0.406])
+    seg = pipeline("image-segmentation", model=str(run / "best"))
+    first = idx.rows[0]
+    out = seg(Image.open(first["source_path"]).convert("RGB"))
+    assert out and {o["label"] for o in out} <= set(final["classes"])
+    ours = np.asarray(Image.open(tmp_path / "masks" / f"{first['source_id']}.png"))
+    theirs = np.full(ours.shape, -1)
+    for o in out:
+        theirs[np.asarray(o["mask"]) > 0] = final["classes"].index(o["label"])
+    assert (theirs == ours).mean() > 0.98  # same model, same normalisation; float rounding aside
+
+
 @pytest.mark.timeout(300, method="thread")
 def test_restart_after_worker_failure_then_resume(train_ray, small_real, quick, tmp_path):
     """Rank 0 dies at step 5: FailureConfig (max_failures=1) restarts the workers from the
@@ -100,7 +153,13 @@ def test_restart_after_worker_failure_then_resume(train_ray, small_real, quick, 
     with pytest.raises(ConfigError, match="already has checkpoints"):
         run_train(cfg_of(args))
     final = run_train(cfg_of([*args, "resume=true"]))
-    assert final["final_step"] == 12 and final["restarts"] == 2
+    # from Ray Train's own reports: 2 worker-group failures, 1 restart from a checkpoint (the
+    # second failure ended the fit), 1 resume by hand
+    assert final["final_step"] == 12
+    assert (final["failures"], final["restarts"], final["resumes"]) == (2, 1, 1)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["failure", "failure", "run_failed", "resumed"]
+    assert "simulated worker failure at step 5" in events[0]["errors"]["0"]
     r = rows(run)
     assert [int(x["step"]) for x in r] == [3, 6, 9, 12]
     assert r[:2] == first  # the rows before the checkpoint are kept, not rewritten
@@ -123,17 +182,23 @@ def test_live_generation_source_finishes_on_two_cpus(train_ray, small_real, quic
 
 
 @pytest.mark.timeout(300, method="thread")
-def test_pretrain_then_finetune(train_ray, small_real, small_synthetic, quick, tmp_path):
-    run = tmp_path / "run"
+def test_pretrain_then_finetune_outlasts_the_stall_timeout(train_ray, small_real, small_synthetic, quick, tmp_path):
+    """Each phase runs longer than ray.no_progress_timeout_s: the fine-tune (real) stream
+    starts when its phase does, so it is not left idle through pre-training."""
+    run, timeout = tmp_path / "run", 6
     final = run_train(cfg_of(quick(small_real, run, "strategy=pretrain_finetune", f"synthetic.paths=[{small_synthetic}]",
-                                   "iterations=6", "pretrain.iterations=6", "eval_interval=6")))
-    assert final["strategy"] == "pretrain_finetune" and final["final_step"] == 12 and final["iterations"] == 12
+                                   "iterations=120", "pretrain.iterations=120", "eval_interval=120", "log_interval=30",
+                                   f"ray.no_progress_timeout_s={timeout}")))
+    assert final["strategy"] == "pretrain_finetune" and final["final_step"] == 240 and final["iterations"] == 240
     assert final["pretrain"]["synthetic_fraction"] == 1.0 and final["finetune"]["synthetic_fraction"] == 0.0
     r = rows(run)
     assert [(int(x["step"]), x["phase"], bool(x["eval_miou"])) for x in r] == [
-        (3, "pretrain", False), (6, "pretrain", True), (9, "finetune", False), (12, "finetune", True)]
-    # fine-tuning starts a fresh optimizer and poly schedule: same lr 3 steps into each phase
-    assert float(r[2]["lr"]) == pytest.approx(float(r[0]["lr"]), rel=1e-6)
+        (30, "pretrain", False), (60, "pretrain", False), (90, "pretrain", False), (120, "pretrain", True),
+        (150, "finetune", False), (180, "finetune", False), (210, "finetune", False), (240, "finetune", True)]
+    elapsed = [float(x["elapsed_s"]) for x in r]
+    assert elapsed[3] > timeout and elapsed[7] - elapsed[3] > timeout, elapsed  # each phase outlasted the guard
+    # fine-tuning starts a fresh optimizer and poly schedule: same lr 30 steps into each phase
+    assert float(r[4]["lr"]) == pytest.approx(float(r[0]["lr"]), rel=1e-6)
 
 
 @pytest.mark.slow

@@ -15,8 +15,6 @@ from training.transforms import (
     PIXELS,
     SYNTHETIC,
     augment,
-    eval_resize,
-    normalize,
     transform_batch,
 )
 
@@ -77,33 +75,35 @@ def test_crop_and_flip_move_image_and_mask_together():
     assert sides == {"left", "right"}  # both flipped and unflipped crops occurred
 
 
-def test_eval_resize_keeps_aspect_and_pads():
-    image, mask = _scene(40, 80)
-    img, m = eval_resize(image, mask, 64)
-    assert img.shape == (64, 64, 3) and m.shape == (64, 64)
-    assert (m[32:] == S.IGNORE_INDEX).all()  # 40x80 -> 32x64, padded below
-    assert set(np.unique(m[:32])) <= {0, 1, 3, S.IGNORE_INDEX}
-
-
-def test_normalize_values():
-    x = np.full((1, 2, 2, 3), 255, np.uint8)
-    out = normalize(x, [0.5, 0.5, 0.5], [0.5, 0.25, 0.5])
-    assert out.shape == (1, 3, 2, 2) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0, :, 0, 0], [1.0, 2.0, 1.0])
-
-
 def test_transform_batch_bytes_skips_dropped_rows_and_marks_synthetic():
     image, mask = _scene()
     batch = {S.IMAGE: np.array([_png(image)] * 3, dtype=object), S.MASK: np.array([_png(mask)] * 3, dtype=object),
              S.DROP_REASON: np.array(["", "constant image", ""], dtype=object)}
-    aug = AugConfig(crop_size=32, eval_size=64).model_dump()
+    aug = AugConfig(crop_size=32).model_dump()
     out = transform_batch(batch, source="bytes", train=True, aug=aug, num_classes=6, synthetic=True)
-    assert out[PIXELS].shape == (2, 3, 32, 32) and out[PIXELS].dtype == np.float32
+    # uint8 on the wire (normalised on the device: training.accel.to_model_input)
+    assert out[PIXELS].shape == (2, 3, 32, 32) and out[PIXELS].dtype == np.uint8
     assert out[LABELS].shape == (2, 32, 32) and out[SYNTHETIC].tolist() == [1, 1]
     ev = transform_batch(batch, source="bytes", train=False, aug=aug, num_classes=6)
-    assert ev[LABELS].shape == (2, 64, 64) and ev[SYNTHETIC].tolist() == [0, 0]
-    # eval: resized 40x56 -> 46x64 then padded: the ignore count grows, ids stay the same
-    assert set(np.unique(ev[LABELS])) <= {0, 1, 3, S.IGNORE_INDEX}
+    # eval rows are only decoded: the image and label at their own size
+    assert ev["image"].shape == (2, 40, 56, 3) and ev[LABELS].shape == (2, 40, 56)
+    np.testing.assert_array_equal(ev[LABELS][0], mask)
+    np.testing.assert_array_equal(ev["image"][1], image)
+
+
+def test_per_row_aug_keys_make_crops_independent_of_batching():
+    """A row's crop depends on its own key, not on which batch or position it lands in."""
+    image, mask = _scene()
+    other, omask = _scene(seed=5)
+    aug = AugConfig(crop_size=24).model_dump()
+    both = {S.IMAGE: np.array([_png(image), _png(other)], dtype=object),
+            S.MASK: np.array([_png(mask), _png(omask)], dtype=object), "aug_key": np.array([11, 22])}
+    alone = {S.IMAGE: np.array([_png(other)], dtype=object), S.MASK: np.array([_png(omask)], dtype=object),
+             "aug_key": np.array([22])}
+    a = transform_batch(both, source="bytes", train=True, aug=aug, num_classes=6)
+    b = transform_batch(alone, source="bytes", train=True, aug=aug, num_classes=6)
+    np.testing.assert_array_equal(a[PIXELS][1], b[PIXELS][0])
+    np.testing.assert_array_equal(a[LABELS][1], b[LABELS][0])
 
 
 def test_transform_batch_index_rows_decode_real_source(small_real):
@@ -112,7 +112,7 @@ def test_transform_batch_index_rows_decode_real_source(small_real):
     idx = index_source(small_real, "voc", split="val")
     rows = idx.rows[:4]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in (S.SOURCE_ID, S.SOURCE_PATH, S.SOURCE_MASK_PATH, "source_row")}
-    out = transform_batch(batch, source="index", train=False, aug=AugConfig(eval_size=64).model_dump(),
+    out = transform_batch(batch, source="index", train=False, aug=AugConfig().model_dump(),
                           num_classes=6, fmt="voc")
     _, truth = idx.load(rows[0])
     np.testing.assert_array_equal(out[LABELS][0], truth)  # same size: eval is the identity on labels

@@ -1,0 +1,149 @@
+"""What the Train controller records while a run trains: metrics.csv, TensorBoard event files,
+the best checkpoint by val mIoU, and the failures Ray Train reports.
+
+TensorBoard, not MLflow: event files are plain files in the run directory (copied with it,
+readable offline, no tracking server or database to run on a cluster), and ``tensorboard
+--logdir RUN/tb`` or ``SWEEP/trials`` compares runs. One writer per controller process.
+
+Restarts are counted from Ray Train itself: ``UserCallback.after_exception`` is called on the
+controller each time the worker group fails; the controller then restarts it from the latest
+checkpoint while ``max_failures`` allows. Each failure is appended to ``events.jsonl``; the
+driver appends ``run_failed`` when ``fit()`` gives up and ``resumed`` for ``resume=true``, so
+``restarts = failures - run_failed`` across every attempt of the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("segfactory.train")
+
+EVENTS, BEST_DIR, TB_DIR = "events.jsonl", "best", "tb"
+MODEL_DIR = "model"
+
+
+def append_event(run_dir: Path, event: str, **fields: Any) -> None:
+    """One line of ``events.jsonl`` (failures, resumes, run failures)."""
+    with (Path(run_dir) / EVENTS).open("a") as f:
+        f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / EVENTS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_record(run_dir: Path) -> dict[str, int]:
+    """Failures Ray Train reported, restarts it made from a checkpoint, and resumes."""
+    events = [e["event"] for e in read_events(run_dir)]
+    failures = events.count("failure")
+    return {"failures": failures, "restarts": failures - events.count("run_failed"), "resumes": events.count("resumed")}
+
+
+def best_miou(run_dir: Path) -> float | None:
+    meta = Path(run_dir) / BEST_DIR / "segfactory.json"
+    return json.loads(meta.read_text()).get("miou") if meta.is_file() else None
+
+
+def keep_best(run_dir: Path, checkpoint_dir: Path, step: int, miou: float) -> bool:
+    """Copy a checkpoint's model to ``RUN/best`` when its val mIoU beats the kept one (ties:
+    the earlier one stays). ``RUN/best`` is a transformers model directory with its image
+    processor: ``from_pretrained`` and ``pipeline("image-segmentation")`` load it as it is."""
+    run_dir = Path(run_dir)
+    old = best_miou(run_dir)
+    if old is not None and miou <= old:
+        return False
+    tmp = run_dir / f".{BEST_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, tmp)
+    meta = json.loads((Path(checkpoint_dir) / "segfactory.json").read_text())
+    (tmp / "segfactory.json").write_text(json.dumps({**meta, "step": step, "miou": miou}, indent=1))
+    final = run_dir / BEST_DIR
+    if final.exists():
+        gone = run_dir / f".{BEST_DIR}.old"
+        shutil.rmtree(gone, ignore_errors=True)
+        final.rename(gone)
+        tmp.rename(final)
+        shutil.rmtree(gone, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return True
+
+
+SCALARS = ("loss", "lr", "steps_per_s", "data_wait_fraction", "step_time_s", "synthetic_fraction",
+           "eval_miou", "eval_pixel_acc")
+
+
+def tb_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """TensorBoard tags of one report: train/*, eval/*, eval_iou/<class>."""
+    out = {f"{'eval' if k.startswith('eval_') else 'train'}/{k.removeprefix('eval_')}": float(metrics[k])
+           for k in SCALARS if metrics.get(k) is not None}
+    for name, iou in (metrics.get("eval_per_class_iou") or {}).items():
+        if iou is not None:
+            out[f"eval_iou/{name}"] = float(iou)
+    return out
+
+
+QUIET_EVERY_S = 60.0  # a training line at least this often when the command runs quiet
+
+
+def make_callback(run_dir: Path, append_metrics):
+    """The controller-side callback (Ray Train ``UserCallback``)."""
+    from ray.train.v2.api.callback import UserCallback
+
+    from pipelines.runtime import own_loggers_in_ray_worker, ray_log_level
+
+    quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
+
+    class RunLog(UserCallback):
+        """Writes metrics.csv, TensorBoard files and best/; logs progress. Quiet: the evaluation
+        steps, the last step, and otherwise at most one line every QUIET_EVERY_S."""
+
+        def __init__(self):
+            self.writer = None
+            self.last_line = 0.0
+
+        def _log(self) -> None:
+            own_loggers_in_ray_worker()  # the controller's process: lines of ours whatever Ray's root level is
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self._log()
+            m = metrics[0]
+            if "step" not in m:
+                return
+            append_metrics(run_dir / "metrics.csv", m)
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / TB_DIR))
+            for tag, value in tb_scalars(m).items():
+                self.writer.add_scalar(tag, value, m["step"])
+            self.writer.flush()
+            now = time.monotonic()
+            if quiet and "eval_miou" not in m and m["step"] < m["iterations"] and now - self.last_line < QUIET_EVERY_S:
+                return
+            self.last_line = now
+            msg = (f"[{m['phase']}] step {m['step']}/{m['iterations']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                   f"{m['steps_per_s']:.2f} it/s data-wait {m['data_wait_fraction']:.0%} syn {m['synthetic_fraction']:.2f}")
+            if "eval_miou" in m:
+                msg += f" | val mIoU {m['eval_miou']:.4f} pixAcc {m['eval_pixel_acc']:.4f}"
+                if checkpoint is not None:
+                    with checkpoint.as_directory() as d:
+                        if keep_best(run_dir, Path(d), m["step"], m["eval_miou"]):
+                            msg += " (best so far: kept in best/)"
+            log.info(msg)
+
+        def after_exception(self, run_context, worker_exceptions):
+            self._log()
+            errors = {int(r): f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                      for r, e in worker_exceptions.items()}
+            append_event(run_dir, "failure", ranks=sorted(errors), errors=errors)
+            log.warning("worker group failed (%s); Ray Train restarts it from the latest checkpoint if "
+                        "max_failures allows", "; ".join(errors.values()))
+
+    return RunLog()
