@@ -187,17 +187,17 @@ def test_pretrain_then_finetune_outlasts_the_stall_timeout(train_ray, small_real
     starts when its phase does, so it is not left idle through pre-training."""
     run, timeout = tmp_path / "run", 6
     final = run_train(cfg_of(quick(small_real, run, "strategy=pretrain_finetune", f"synthetic.paths=[{small_synthetic}]",
-                                   "iterations=120", "pretrain.iterations=120", "eval_interval=120", "log_interval=30",
+                                   "iterations=200", "pretrain.iterations=200", "eval_interval=200", "log_interval=50",
                                    f"ray.no_progress_timeout_s={timeout}")))
-    assert final["strategy"] == "pretrain_finetune" and final["final_step"] == 240 and final["iterations"] == 240
+    assert final["strategy"] == "pretrain_finetune" and final["final_step"] == 400 and final["iterations"] == 400
     assert final["pretrain"]["synthetic_fraction"] == 1.0 and final["finetune"]["synthetic_fraction"] == 0.0
     r = rows(run)
     assert [(int(x["step"]), x["phase"], bool(x["eval_miou"])) for x in r] == [
-        (30, "pretrain", False), (60, "pretrain", False), (90, "pretrain", False), (120, "pretrain", True),
-        (150, "finetune", False), (180, "finetune", False), (210, "finetune", False), (240, "finetune", True)]
+        (50, "pretrain", False), (100, "pretrain", False), (150, "pretrain", False), (200, "pretrain", True),
+        (250, "finetune", False), (300, "finetune", False), (350, "finetune", False), (400, "finetune", True)]
     elapsed = [float(x["elapsed_s"]) for x in r]
     assert elapsed[3] > timeout and elapsed[7] - elapsed[3] > timeout, elapsed  # each phase outlasted the guard
-    # fine-tuning starts a fresh optimizer and poly schedule: same lr 30 steps into each phase
+    # fine-tuning starts a fresh optimizer and poly schedule: same lr 50 steps into each phase
     assert float(r[4]["lr"]) == pytest.approx(float(r[0]["lr"]), rel=1e-6)
 
 
