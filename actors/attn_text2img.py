@@ -114,7 +114,9 @@ class AttnText2Img:
             "text2img", preset, family=family, model_id=model_id, revision=revision,
             local_path=local_path, dtype=dtype, device=device, sampler=sampler, variant=variant)
         if lora_path:
-            self.pipe.load_lora_weights(lora_path, adapter_name="attn2mask")
+            from pipelines.storage import local_copy  # a URI: fetched once per node
+
+            self.pipe.load_lora_weights(local_copy(lora_path, "lora_path"), adapter_name="attn2mask")
             self.pipe.set_adapters(["attn2mask"], adapter_weights=[lora_scale])
             self.generator_name += f"+lora:{lora_path}"
         self.multiple = dm.size_multiple(self.pipe)

@@ -233,7 +233,9 @@ def _from_pretrained(cls: Any, model_id: str | None, revision: str | None,
     if variant:
         kwargs["variant"] = variant
     if local_path:
-        return cls.from_pretrained(local_path, use_safetensors=True, torch_dtype=dtype,
+        from pipelines.storage import local_copy  # a URI: fetched once per node
+
+        return cls.from_pretrained(local_copy(local_path), use_safetensors=True, torch_dtype=dtype,
                                    local_files_only=True, **kwargs)
     if not model_id:
         raise ValueError(f"{what}: give a model id or a local path")
@@ -346,9 +348,12 @@ def load_lora(pipe: Any, lora_path: str) -> None:
     """LoRA adapter weights (a folder or file, safetensors) into the pipeline's UNet."""
     import os
 
-    if not os.path.exists(lora_path):
+    from pipelines.storage import local_copy  # a URI: fetched once per node
+
+    local = local_copy(lora_path, "lora_path")
+    if not os.path.exists(local):
         raise FileNotFoundError(f"lora_path: {lora_path} not found")
-    pipe.load_lora_weights(lora_path, adapter_name="segfactory")
+    pipe.load_lora_weights(local, adapter_name="segfactory")
     log.info("loaded LoRA adapter %s", lora_path)
 
 
@@ -357,10 +362,14 @@ def check_palette(local_path: str | None, palette: Any) -> None:
     ``segfactory finetune``) differs from this run's: its colours would decode to wrong classes."""
     import json
 
-    if not local_path or not os.path.isfile(os.path.join(local_path, "segfactory.json")):
+    from pipelines import storage  # the folder may be on object storage: read only this file
+
+    if not local_path:
         return
-    with open(os.path.join(local_path, "segfactory.json"), encoding="utf-8") as f:
-        recorded = json.load(f).get("palette")
+    record = storage.resolve(local_path, "text2mask.model.local_path") / "segfactory.json"
+    if not storage.is_file(record):
+        return
+    recorded = json.loads(storage.read_text(record)).get("palette")
     ours = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
     if recorded is not None and (np.asarray(recorded).shape != ours.shape or (np.asarray(recorded) != ours).any()):
         raise ValueError(f"text2mask.model.local_path: {local_path} was trained with another palette "

@@ -65,6 +65,9 @@ def load_sam(model_type: str, checkpoint: str) -> Any:
         raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {MODEL_TYPES}")
     if not checkpoint:
         raise ValueError("sam.checkpoint: give the path of a SAM checkpoint (e.g. sam_vit_h_4b8939.pth)")
+    from pipelines.storage import local_copy  # a URI: fetched once per node
+
+    checkpoint = local_copy(str(checkpoint), "sam.checkpoint")
     sam = sam_model_registry[model_type](checkpoint=None)  # the registry's own loader unpickles
     if str(checkpoint).endswith(".safetensors"):
         from safetensors.torch import load_file

@@ -69,7 +69,9 @@ def load_pretrained(cls: Any, model_id: str | None, revision: str | None, local_
     if weights and variant:
         extra["variant"] = variant
     if local_path:
-        return cls.from_pretrained(local_path, local_files_only=True, **extra, **kwargs)
+        from pipelines.storage import local_copy  # a URI: fetched once per node
+
+        return cls.from_pretrained(local_copy(local_path), local_files_only=True, **extra, **kwargs)
     if not model_id:
         raise ValueError(f"{what}: give a model id or a local path (preset is not tiny)")
     if not revision or revision == "main":

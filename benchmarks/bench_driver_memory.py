@@ -47,9 +47,10 @@ print(json.dumps({"samples": m["rows"], "wall_s": round(wall, 2), "samples_per_s
 """
 
 
-def run(tree: Path, source: Path, out: Path, rows: int) -> dict:
+def run(tree: Path, source: Path, out: Path, arg: int | str, child: str = CHILD) -> dict:
+    """``child`` in a fresh process with ``tree``'s code; its last stdout line (JSON)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ADDRESS": "local"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(source), str(out), str(rows)], cwd=tree, env=env,
+    done = subprocess.run([sys.executable, "-c", child, str(source), str(out), str(arg)], cwd=tree, env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{tree}: run failed\n{done.stderr[-3000:]}")

@@ -242,24 +242,29 @@ def _sum_partials(ds, num_classes: int):
     return total, pairs
 
 
-def refine(ds, *, given_rows: list[dict[str, Any]] | None = None, cfg: Any = None, source_format: str,
+def refine(ds, *, given_rows: Any = None, cfg: Any = None, source_format: str,
            num_classes: int, mask_dtype: str, fss_kwargs: dict[str, Any], cpu: dict[str, Any], alpha: float,
            relabel: bool, keep_masks: bool, **pool: Any):
     """Algorithm 1 on a Dataset of generated rows (image_raw, coarse mask_raw, aligndiff_class).
 
-    ``given_rows`` are the source index rows (D_good); None re-reads them from ``cfg``'s
-    source. ``pool``: map_batches arguments of the FSS actor pools (``compute``, ``batch_size``,
-    ``num_gpus``...: the plan's dry run reads them like any pool's); ``cpu``: of CPU tasks.
+    ``given_rows`` are the source index rows (D_good; an Arrow table or a list of dicts); None
+    re-reads them from ``cfg``'s source. ``pool``: map_batches arguments of the FSS actor pools
+    (``compute``, ``batch_size``, ``num_gpus``...: the plan's dry run reads them like any
+    pool's); ``cpu``: of CPU tasks.
     Returns the round-2 Dataset (lazy); conditioning and round 1 run here.
     """
+    import pyarrow as pa
     import ray
 
     if given_rows is None:
         from pipelines.generate import index_rows  # the same rows, order and limit as the run
 
         _, given_rows = index_rows(cfg)
+    if not isinstance(given_rows, pa.Table):
+        given_rows = pa.Table.from_pylist(given_rows)
     host = {"fss_kwargs": fss_kwargs, "num_classes": num_classes, "mask_dtype": mask_dtype}
-    given = ray.data.from_items(given_rows, override_num_blocks=max(1, min(len(given_rows), 8)))
+    step = max(1, -(-given_rows.num_rows // 8))
+    given = ray.data.from_arrow([given_rows.slice(i, step) for i in range(0, max(given_rows.num_rows, 1), step)])
     cond = given.map_batches(ConditionPool, **pool, fn_constructor_kwargs={**host, "source_format": source_format})
     state0, pairs = _sum_partials(cond, num_classes)
     if state0 is None or pairs == 0:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,10 +18,12 @@ from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, stage_plan
 from pipelines.graphs.base import build_dataset, stage_label
 from pipelines.runtime import init_ray
+from pipelines.sources import SourceError
 from pipelines.stages import SIBLINGS
 from pipelines.storage import Location
 from pipelines.writer import (
     REJECTED_SCHEMA,
+    OutputConflict,
     complete_shards,
     prepare_output,
     summarize_output,
@@ -45,85 +48,142 @@ def resolve_context(cfg: GenerateConfig, index) -> RunContext:
     return RunContext(classes=list(index.classes), palette=palette, background=index.background_index)
 
 
-def _check_text2mask_palette(cfg: GenerateConfig, ctx: RunContext) -> None:
-    """A fine-tuned Text2Mask records its palette: refuse one that differs, in one line."""
-    from actors.diffusion_models import check_palette
-    from pipelines.config import ConfigError
-
-    if cfg.preset != "toy" and cfg.pipeline in ("masksyn", "seggen") and cfg.masksyn.samples_per_caption:
-        try:
-            check_palette(cfg.text2mask.model.local_path, ctx.palette)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+def _require_source(cfg: GenerateConfig) -> None:
+    if not cfg.source.path.strip():
+        raise SourceError("source.path: required (a local directory or a URI such as s3://bucket/prefix)")
 
 
 def index_rows(cfg: GenerateConfig):
-    """The source's rows in a stable order, each tagged with its shard."""
-    from pipelines.sources import SourceError, index_source
+    """The source's index and its rows (an Arrow table sorted by id, ``source.limit`` applied),
+    each row tagged with its shard."""
+    from pipelines.sources import index_source
 
-    if not cfg.source.path.strip():
-        raise SourceError("source.path: required (a local directory or a URI such as s3://bucket/prefix)")
+    _require_source(cfg)
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
                          require_masks=get_graph(cfg.pipeline).needs_masks)
-    rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
-    index.rows = []  # the sorted copy is the only one kept
-    if cfg.source.limit:
-        rows = rows[: cfg.source.limit]
-    if not rows:
+    rows = index.table.slice(0, cfg.source.limit) if cfg.source.limit else index.table
+    index.table = index.table.schema.empty_table()  # the rows are returned, not kept twice
+    if not rows.num_rows:
         why = f"; {len(index.problems)} row(s) rejected, e.g. {index.problems[0][2]} ({index.problems[0][1]})" \
             if index.problems else ""
         raise SourceError(f"source.path={cfg.source.path}: no usable rows (format={cfg.source.format}"
                           f"{', split=' + cfg.source.split if cfg.source.split else ''}){why}")
-    for i, row in enumerate(rows):
-        row[S.SHARD] = i // cfg.output.rows_per_shard
-    return index, rows
+    shards = np.arange(rows.num_rows, dtype=np.int64) // cfg.output.rows_per_shard
+    return index, rows.append_column(S.SHARD, pa.array(shards))
 
 
-def _write_index_problems(out: Location, config_hash: str, problems: list[tuple[str, str, str]]) -> None:
-    """Rows the source index could not use (duplicates, missing masks) go to rejected/ too."""
-    path = out / "rejected" / f"part-{config_hash}-index.parquet"
-    if not problems:
-        storage.remove(path)
-        return
+def _problems_table(problems: list[tuple[str, str, str]]) -> pa.Table:
+    """Rows the source index could not use (duplicates, missing masks), as rejected rows."""
     rows = [{S.SAMPLE_ID: f"{sid}/source", S.SOURCE_ID: sid, S.METHOD: "source", S.DROP_REASON: reason,
              S.SOURCE_PATH: where} for sid, where, reason in problems]
-    storage.write_parquet(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA), path)
+    return pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
 
 
-def _todo_table(rows: list[dict[str, Any]], done: set[int]) -> pa.Table:
-    """The rows of unfinished shards as one Arrow table (columns, not a dict per row)."""
-    return pa.Table.from_pylist([r for r in rows if r[S.SHARD] not in done])
+def _write_problems(problems: pa.Table, out_uri: str, config_hash: str) -> None:
+    path = storage.resolve(out_uri, "output.path") / "rejected" / f"part-{config_hash}-index.parquet"
+    if problems.num_rows:
+        storage.write_parquet(problems, path)
+    else:
+        storage.remove(path)
+
+
+def write_index_problems(problems_ref, out: Location, config_hash: str) -> None:
+    """The index's problems go to rejected/ from a Ray task: the table stays off the driver."""
+    import ray
+
+    ray.get(ray.remote(_write_problems).options(num_cpus=0).remote(problems_ref, _task_path(out), config_hash))
+
+
+def _task_path(loc: Location) -> str:
+    """What to hand a Ray task: a worker's working directory need not be the driver's."""
+    return loc.path if loc.is_local else loc.uri
+
+
+@dataclass
+class IndexSummary:
+    """What the driver keeps of the source index: no rows, only counts and object refs."""
+
+    index: Any  # SourceIndex with an empty table: classes, palette hint, background
+    n_rows: int
+    uncaptioned: int  # rows of unfinished shards without a caption (0: no captioner pool)
+    todo_shards: list[int]
+
+
+def _index_task(cfg: GenerateConfig, done: set[int]):
+    """Runs in a Ray task: index the source, then yield an :class:`IndexSummary`, the index's
+    problems (a rejected-rows table) and the rows of unfinished shards in slices (owned by the
+    driver, held in the object store: the driver process never holds the index)."""
+    from pipelines.source_index import iter_slices
+
+    index, rows = index_rows(cfg)
+    problems, index.problems = _problems_table(index.problems), []
+    shard = rows.column(S.SHARD)
+    todo = rows.filter(pc.invert(pc.is_in(shard, pa.array(sorted(done), pa.int64())))) if done else rows
+    captions = pc.fill_null(todo.column(S.CAPTION), "")
+    yield IndexSummary(index, rows.num_rows, int(pc.sum(pc.equal(captions, "")).as_py() or 0),
+                       pc.unique(todo.column(S.SHARD)).to_pylist())
+    yield problems
+    del rows, problems
+    # blocks of <= 10k rows (~200 for a small source, as Ray Data's own from_items would make)
+    yield from iter_slices(todo, min(10_000, max(1, -(-todo.num_rows // 200))))
+
+
+def index_in_ray(cfg: GenerateConfig, done: set[int]):
+    """:func:`_index_task` in a Ray task; returns the summary, the ref of its problems table and
+    the refs of the unfinished rows. A local source path is only known to exist on the driver's
+    node, so the task runs there; a URI source is indexed wherever Ray places it. No CPU is reserved: a one-off task
+    must not wait behind a head node started with ``num-cpus: 0``. A source error is re-raised
+    as itself (one line, exit 2), not as Ray's wrapped traceback."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
+    source = storage.resolve(cfg.source.path, "source.path")
+    if source.is_local:  # absolute paths: a worker's working directory need not be the driver's
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=False)
+        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": source.path})})
+    refs = ray.remote(_index_task).options(**options).remote(cfg, done)
+    try:
+        summary = ray.get(next(refs))
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause from None
+    return summary, next(refs), list(refs)
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
     """Run one generation; rerunning with the same config resumes where it stopped.
 
-    The driver handles only the source index and one small completion record per shard: image
-    and mask bytes go from the graph's workers to writer actors (:mod:`pipelines.sink`).
+    The driver handles one small completion record per shard: the source index is built in a
+    Ray task (its rows go to the object store) and image and mask bytes go from the graph's
+    workers to writer actors (:mod:`pipelines.sink`).
     """
     from pipelines.progress import Progress
 
     started = time.time()
     out = storage.resolve(cfg.output.path, "output.path")
-    index, rows = index_rows(cfg)
-    _check_text2mask_palette(cfg, resolve_context(cfg, index))  # before anything is written
-    n_rows = len(rows)
+    _require_source(cfg)  # before Ray starts
     config_hash = cfg.config_hash()
-    done = prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite)
-    _write_index_problems(out, config_hash, index.problems)
-    todo = _todo_table(rows, done)
-    del rows
-    total_shards = -(-n_rows // cfg.output.rows_per_shard)
+    storage.check_writable_root(out)
+    done = complete_shards(out, config_hash) if storage.is_dir(out / "shards") else set()
+    init_ray(cfg.ray)
+    summary, problems, todo = index_in_ray(cfg, done)
+    index, n_rows = summary.index, summary.n_rows
     ctx = resolve_context(cfg, index)
-    captions = pc.fill_null(todo.column(S.CAPTION), "") if todo.num_rows else pa.array([], pa.string())
-    ctx.uncaptioned = int(pc.sum(pc.equal(captions, "")).as_py() or 0)  # 0: no captioner pool
+    ctx.uncaptioned = summary.uncaptioned
+    graph = get_graph(cfg.pipeline)
+    if graph.check_context:  # before anything is written (a rerun may change the config)
+        graph.check_context(cfg, ctx)
+    if prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite) != done:
+        raise OutputConflict(f"{out}: its shards changed while this run started; is another run writing there?")
+    write_index_problems(problems, out, config_hash)
+    total_shards = -(-n_rows // cfg.output.rows_per_shard)
     log.info("%d source rows in %d shards; %d shards already complete; output %s", n_rows, total_shards,
              len(done), out)
 
     stage_seconds: dict[str, float] = {}
     per_node: dict[str, int] = {}
-    if todo.num_rows:
-        init_ray(cfg.ray)
+    if summary.todo_shards:
         from pipelines.prefetch import prefetch_models  # real presets: weights once per node
         from pipelines.resources import check_cluster
         from pipelines.sink import make_writers, route_to_writers, write_stage_kwargs
@@ -132,7 +192,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
         plan = stage_plan(cfg, ctx, cfg.source.format)
         prefetch_models(cfg, stage_names=names)
-        todo_shards = set(todo.column(S.SHARD).to_pylist())
+        todo_shards = set(summary.todo_shards)
         writers = make_writers(out, config_hash, n_rows, cfg.output.rows_per_shard, cfg.output.writers,
                                cfg.output.writer_num_cpus, cfg.faults.hang_after_shards)
         ds = build_dataset(todo, plan).map_batches(route_to_writers, **write_stage_kwargs(writers))

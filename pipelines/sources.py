@@ -1,12 +1,9 @@
 """Real (source) datasets: a cheap index of rows, then lazy decoding of one row's pixels.
 
-Reading is split in two so it scales to millions of rows: :func:`index_source` only lists
-files (no image decoding, one directory listing instead of a ``stat`` per file) and
-:func:`load_pixels` decodes one row inside a Ray Data task. Per-row problems found while
-indexing (duplicate ids, missing masks, unreadable caption lines) never raise: they are kept
-in :attr:`SourceIndex.problems` for ``rejected/``. Errors while decoding raise
-:class:`SourceError` naming the file. Only a source that cannot be read at all (missing root,
-no class list, unknown format) makes :func:`index_source` raise.
+Reading is split in two so it scales to millions of rows: :func:`index_source`
+(:mod:`pipelines.source_index`) only lists files into an Arrow table (no image decoding) and
+:func:`load_pixels` decodes one row inside a Ray Data task. Errors while decoding raise
+:class:`SourceError` naming the file.
 
 Pure python/numpy/pyarrow/PIL — no ray import — so tests and ``training/`` can use it.
 EXIF orientation is not applied (masks are drawn on the stored pixels); RGBA drops alpha.
@@ -16,11 +13,8 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
-import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +23,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import schema, storage
-from pipelines.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -85,318 +78,6 @@ class SourceError(ValueError):
     def __init__(self, message: str, reason: str = "bad_source"):
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass
-class SourceIndex:
-    """Rows of a source, listed without decoding any pixels.
-
-    Each row is a dict with ``source_id``, ``source_path``, ``source_mask_path`` ("" when
-    absent), ``source_row`` (row within a Parquet file, -1 otherwise) and ``caption``
-    ("" when unknown) — the same keys for every row, so it feeds ``ray.data.from_items``.
-    """
-
-    format: str
-    root: str
-    rows: list[dict[str, Any]]
-    classes: list[str]
-    palette_hint: str | None = None  # "voc", "ade20k" or None
-    background_index: int | None = None  # class left out of generated captions
-    problems: list[Problem] = field(default_factory=list)
-
-    def load(self, row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-        """:func:`load_pixels` with this source's format and class count."""
-        return load_pixels(row, self.format, len(self.classes) or None)
-
-
-def _row(
-    sid: str, path: Location | str, mask: Location | str | None, caption: str = "", i: int = -1
-) -> dict:
-    return {
-        schema.SOURCE_ID: sid,
-        schema.SOURCE_PATH: str(path),
-        schema.SOURCE_MASK_PATH: str(mask) if mask else "",
-        "source_row": i,
-        schema.CAPTION: caption,
-    }
-
-
-def _read_classes(path: Location) -> list[str] | None:
-    if not storage.is_file(path):
-        return None
-    return [ln.strip() for ln in storage.read_text(path).splitlines() if ln.strip()]
-
-
-def _walk(d: Location, exts: set[str] = IMAGE_EXTS) -> list[tuple[str, str]]:
-    """Sorted ``(id, path or URI)`` for files under ``d`` (id = relative path without suffix),
-    hidden entries skipped; two files with one id are both kept (the caller reports the
-    duplicate). One recursive listing (a ``LIST`` per 1000 keys on object stores)."""
-    from pyarrow.fs import FileType
-
-    out: list[tuple[str, str]] = []
-    base = d.path.rstrip("/") + "/"
-    for info in storage.iter_file_infos(d):
-        if info.type != FileType.File or not info.path.startswith(base):
-            continue
-        rel = info.path[len(base):]
-        parts = rel.split("/")
-        stem, dot, ext = parts[-1].rpartition(".")
-        if any(p.startswith(".") for p in parts) or not (dot and stem) or "." + ext.lower() not in exts:
-            continue
-        out.append(("/".join([*parts[:-1], stem]), d.join(rel).uri))
-    return sorted(out)
-
-
-def _first(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """``{id: path}`` keeping the first path of each id, in order."""
-    out: dict[str, str] = {}
-    for k, p in pairs:
-        out.setdefault(k, p)
-    return out
-
-
-def _pair(
-    images: Iterable[tuple[str, str | None]], masks: Mapping[str, str], require_masks: bool
-) -> tuple[list[dict], list[Problem]]:
-    """Rows for ``(id, image path or None)`` pairs; duplicates and missing files to problems."""
-    rows: list[dict] = []
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    for sid, img in images:
-        mask = masks.get(sid)
-        if sid in seen:
-            problems.append((sid, str(img or mask or ""), "duplicate_id: kept the first"))
-        elif img is None:
-            problems.append((sid, str(mask or ""), "missing_image: listed but not on disk"))
-        elif mask is None and require_masks:
-            problems.append((sid, str(img), "missing_mask: no mask file for this image"))
-        else:
-            rows.append(_row(sid, img, mask))
-        seen.add(sid)
-    return rows, problems
-
-
-def _index_voc(root: Location, split: str | None, require_masks: bool):
-    masks = _first(_walk(root / "SegmentationClass", {".png"}))
-    images = _first(_walk(root / "JPEGImages"))
-    sets_dir = root / "ImageSets" / "Segmentation"
-    split_file = sets_dir / f"{split or 'train'}.txt"
-    if storage.is_file(split_file):
-        ids = [ln.split()[0] for ln in storage.read_text(split_file).splitlines() if ln.strip()]
-    elif split is not None and storage.is_dir(sets_dir):
-        raise SourceError(f"{split_file}: split file not found (split={split!r})")
-    else:
-        log.warning("%s missing: using every mask in %s", split_file, root / "SegmentationClass")
-        ids = list(masks)
-    return _pair(((i, images.get(i)) for i in ids), masks, require_masks)
-
-
-def _index_dirs(img_dir: Location, mask_dir: Location, require_masks: bool):
-    if not storage.is_dir(img_dir):
-        raise SourceError(f"{img_dir}: image directory not found")
-    return _pair(_walk(img_dir), _first(_walk(mask_dir, {".png"})), require_masks)
-
-
-def _parquet_files(root: Location) -> list[Location]:
-    if storage.is_file(root):
-        return [root]
-    shards = root / "shards"
-    return storage.listdir(shards if storage.is_dir(shards) else root, ".parquet")
-
-
-def _find_manifest(root: Location) -> Location | None:
-    start = root if storage.is_dir(root) else root.parent
-    for d in (start, start.parent, start.parent.parent):
-        if d.path and storage.is_file(d / "manifest.json"):
-            return d / "manifest.json"
-    return None
-
-
-def _index_parquet(files: list[Location]) -> tuple[list[dict], list[Problem]]:
-    """Reads only ``sample_id`` and ``caption``; pixels are read per row group at load time."""
-    rows: list[dict] = []
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    for f in files:
-        try:
-            pf = pq.ParquetFile(f.path, filesystem=f.fs)
-            names = pf.schema_arrow.names
-            if schema.SAMPLE_ID not in names or schema.IMAGE not in names:
-                problems.append(("", str(f), f"bad_parquet: no {schema.SAMPLE_ID}/{schema.IMAGE} column"))
-                continue
-            cols = [c for c in (schema.SAMPLE_ID, schema.CAPTION) if c in names]
-            table = pf.read(columns=cols)
-        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
-            problems.append(("", str(f), f"corrupt_parquet: unreadable parquet file ({e})"))
-            continue
-        ids = table.column(schema.SAMPLE_ID).to_pylist()
-        caps = table.column(schema.CAPTION).to_pylist() if len(cols) == 2 else [""] * len(ids)
-        mask = f if schema.MASK in names else None
-        for i, (raw, cap) in enumerate(zip(ids, caps, strict=True)):
-            sid = "" if raw is None else str(raw)
-            if not sid or sid in seen:
-                why = "duplicate_id: kept the first" if sid else "missing_id: empty sample_id"
-                problems.append((sid or f"row {i}", str(f), why))
-                continue
-            seen.add(sid)
-            rows.append(_row(sid, f, mask, cap or "", i))
-    return rows, problems
-
-
-MAX_CAPTION_CHARS = 2000  # longer is a broken file, not a caption; prompts are cut to the tokenizer
-
-
-def _read_captions(path: Location) -> tuple[list[tuple[str, str]], list[Problem]]:
-    """``(id, caption)`` pairs from a ``captions.jsonl``, read line by line in bytes so one
-    bad line never hides the others. Empty, non-UTF-8 and over-long captions become
-    problems under their id (the row is rejected); unparseable lines under ``line N``."""
-    pairs: list[tuple[str, str]] = []
-    problems: list[Problem] = []
-    for n, raw in enumerate(storage.iter_lines(path), 1):
-        if not raw.strip():
-            continue
-        why = ""
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            line, why = raw.decode("utf-8", errors="replace"), "caption_not_utf8: line {n}"
-        try:
-            d = json.loads(line)
-            sid, cap = d.get("id", d.get("source_id")), d.get("caption")
-        except (json.JSONDecodeError, AttributeError):
-            sid, cap = None, None
-        if sid is None or not isinstance(cap, str):
-            problems.append((f"line {n}", str(path), "bad_caption_line: not a JSON object with id and caption"))
-            continue
-        if not why and not cap.strip():
-            why = "empty_caption: line {n}"
-        elif not why and len(cap) > MAX_CAPTION_CHARS:
-            why = f"caption_too_long: line {{n}} has {len(cap)} characters (> {MAX_CAPTION_CHARS})"
-        if why:
-            problems.append((str(sid), str(path), why.format(n=n)))
-        else:
-            pairs.append((str(sid), cap))
-    return pairs, problems
-
-
-def _index_captions(root: Location) -> tuple[list[dict], list[Problem]]:
-    path = root if storage.is_file(root) else root / "captions.jsonl"
-    if not storage.is_file(path):
-        raise SourceError(f"{path}: captions file not found")
-    pairs, problems = _read_captions(path)
-    rows: list[dict] = []
-    seen: set[str] = set()
-    for sid, cap in pairs:
-        if sid in seen:
-            problems.append((sid, str(path), "duplicate_id: kept the first"))
-            continue
-        seen.add(sid)
-        rows.append(_row(sid, "", None, cap))
-    return rows, problems
-
-
-def index_source(
-    path: str | os.PathLike | Location,
-    format: str,
-    split: str | None = None,
-    classes: Sequence[str] | None = None,
-    require_masks: bool = True,
-) -> SourceIndex:
-    """List a source's rows and class names without decoding pixels.
-
-    Class names: ``classes`` if given, else ``classes.txt`` in the source root, else the
-    format's own (VOC's 21, ADE20K's 150, the Parquet dataset's ``manifest.json``); a folder
-    (or Parquet) source without any class list is an error naming the missing file.
-    ``split``: VOC reads ``ImageSets/Segmentation/<split>.txt`` (default ``train``; with no
-    split file, every mask present — unless a split was asked for and other split files exist,
-    which is an error); ADE20K maps ``train``/``val`` to ``training``/``validation``; a folder
-    reads ``images/<split>`` and ``masks/<split>``; Parquet and captions ignore it.
-    ADE20K annotations use 0 = "other": :func:`load_pixels` maps 0 to 255 (ignore) and k to
-    k-1 (mmseg's ``reduce_zero_label``), so class id 0 is "wall".
-    ``require_masks=False`` keeps images without a mask (``source_mask_path`` = "").
-    """
-    if format not in FORMATS:
-        raise SourceError(f"unknown source format {format!r}; expected one of {FORMATS}")
-    try:
-        root = storage.resolve(path, "source.path")
-    except storage.StorageError as e:
-        raise SourceError(str(e)) from None
-    if not storage.exists(root):
-        raise SourceError(f"{root}: source path not found")
-    base = root if storage.is_dir(root) else root.parent
-    manifest: dict[str, Any] = {}
-    if format == "voc":
-        rows, problems = _index_voc(root, split, require_masks)
-    elif format == "ade20k":
-        sub = {"train": "training", "val": "validation"}.get(split or "train", split or "train")
-        rows, problems = _index_dirs(
-            root / "images" / sub, root / "annotations" / sub, require_masks
-        )
-    elif format == "folder":
-        parts = (split,) if split else ()
-        rows, problems = _index_dirs(
-            root.join("images", *parts), root.join("masks", *parts), require_masks
-        )
-    elif format == "parquet":
-        files = _parquet_files(root)
-        if not files:
-            raise SourceError(f"{root}: no .parquet files found")
-        rows, problems = _index_parquet(files)
-        mpath = _find_manifest(root)
-        if mpath is not None:
-            base = mpath.parent
-            try:
-                manifest = json.loads(storage.read_text(mpath))
-            except (OSError, ValueError) as e:
-                raise SourceError(f"{mpath}: unreadable manifest ({e})") from e
-    else:
-        rows, problems = _index_captions(root)
-
-    names = _resolve_classes(format, classes, base, manifest)
-    if format != "captions" and storage.is_file(base / "captions.jsonl"):
-        pairs, bad = _read_captions(base / "captions.jsonl")
-        bad_ids = {sid for sid, _, _ in bad}
-        problems += [p for p in bad if p[0] in {r[schema.SOURCE_ID] for r in rows}]
-        rows = [r for r in rows if r[schema.SOURCE_ID] not in bad_ids]  # rejected, not re-captioned
-        caps = dict(reversed(pairs))  # first occurrence wins
-        for r in rows:
-            if not r[schema.CAPTION]:
-                r[schema.CAPTION] = caps.get(r[schema.SOURCE_ID], "")
-    if format in ("voc", "folder"):
-        background: int | None = 0
-    elif format == "ade20k" or not names:
-        background = None
-    else:
-        background = 0 if names[0].lower() in _BACKGROUND_NAMES else None
-    hint = {"voc": "voc", "ade20k": "ade20k"}.get(format) or manifest.get("palette_hint")
-    if problems:
-        log.warning("%s: %d row problem(s), e.g. %s", root, len(problems), problems[0])
-    return SourceIndex(
-        format, str(root), rows, names, hint if hint in ("voc", "ade20k") else None,
-        background, problems,
-    )  # fmt: skip
-
-
-def _resolve_classes(
-    format: str, classes: Sequence[str] | None, base: Location, manifest: Mapping[str, Any]
-) -> list[str]:
-    if classes is not None:
-        return [str(c) for c in classes]
-    from_file = _read_classes(base / "classes.txt")
-    if from_file:
-        return from_file
-    if format == "voc":
-        return list(VOC_CLASSES)
-    if format == "ade20k":
-        return list(ADE20K_CLASSES)
-    if format == "parquet" and manifest.get("classes"):
-        return [c["name"] if isinstance(c, Mapping) else str(c) for c in manifest["classes"]]
-    if format == "captions":
-        return []
-    where = "manifest.json (classes) or classes.txt" if format == "parquet" else "classes.txt"
-    raise SourceError(f"{base}: no class list ({where}); write classes.txt there (one name per line, "
-                      "id 0 first) or name them in the config: source.classes=[background,cat,dog] "
-                      "(real.classes=[...] for train)")
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -555,3 +236,7 @@ def caption_from_mask(
     names[0] = ("an " if names[0][:1].lower() in "aeiou" else "a ") + names[0]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"a photo of {text}"
+
+
+# The index lives in its own module; it imports the names above, so it is imported last.
+from pipelines.source_index import SourceIndex, index_source  # noqa: E402,F401

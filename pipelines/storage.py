@@ -319,3 +319,50 @@ def resolve_file(path: str) -> Location:
     except Exception as e:
         raise StorageError(f"{path}: cannot open ({_one_line(e)})") from None
     return Location(fs, inner.rstrip("/") + "/" + key if slash else inner, path)
+
+
+def model_cache_dir() -> str:
+    """Where :func:`local_copy` keeps models fetched from object storage (one copy per node)."""
+    return os.environ.get("SEGFACTORY_MODEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                      "segfactory", "models")
+
+
+def local_copy(path: str, what: str = "local_path") -> str:
+    """``path`` itself when it is local; for a URI (a model folder or checkpoint file on object
+    storage) a copy in :func:`model_cache_dir`, fetched once per node: the actors of a pool share
+    it through a file lock, and a ``.complete`` marker makes a half-fetched copy invisible."""
+    if "://" not in path or path.split("://", 1)[0].lower() in ("file", "local"):
+        return resolve(path, what).path
+    import hashlib
+
+    from filelock import FileLock
+    from pyarrow import fs as pafs
+
+    src = resolve(path, what)
+    name = f"{hashlib.sha256(src.uri.encode()).hexdigest()[:16]}-{src.name or 'model'}"
+    dest = os.path.join(model_cache_dir(), name)
+    marker = dest + ".complete"
+    if os.path.exists(marker):
+        return dest
+    os.makedirs(model_cache_dir(), exist_ok=True)
+    with FileLock(dest + ".lock"):
+        if os.path.exists(marker):  # another actor on this node fetched it meanwhile
+            return dest
+        if not exists(src):
+            raise StorageError(f"{what}={src.uri}: not found")
+        tmp = dest + ".partial"
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        log.info("fetching %s into %s", src.uri, dest)
+        try:
+            pafs.copy_files(src.path, tmp, source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem(),
+                            use_threads=True)
+        except Exception as e:
+            raise StorageError(f"{what}={src.uri}: cannot fetch ({_one_line(e)})") from None
+        os.replace(tmp, dest)
+        open(marker, "w").close()
+    return dest

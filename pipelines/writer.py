@@ -147,7 +147,8 @@ def score_fields(rows: list[dict[str, Any]]) -> list[pa.Field]:
 
 def prepare_output(out: Location | str | os.PathLike, config_hash: str, resolved: dict[str, Any],
                    overwrite: bool) -> set[int]:
-    """Check the output belongs to this config; clear partial files; return complete shards."""
+    """Check the output belongs to this config (or holds no shard yet); clear partial files;
+    return complete shards."""
     out = storage.resolve(out, "output.path")
     storage.check_writable_root(out)
     for sub in ("shards", "rejected"):
@@ -156,7 +157,9 @@ def prepare_output(out: Location | str | os.PathLike, config_hash: str, resolved
     if storage.exists(stamp):
         previous = json.loads(storage.read_text(stamp)).get("config_hash")
         if previous != config_hash:
-            if not overwrite:
+            # a run that stopped before its first shard (e.g. a config error) has nothing to protect
+            made = any(f.name.startswith("part-") for f in storage.listdir(out / "shards", ".parquet"))
+            if made and not overwrite:
                 raise OutputConflict(
                     f"{out} holds a dataset made with another config (hash {previous}, this one "
                     f"{config_hash}); choose another output.path or pass output.overwrite=true")

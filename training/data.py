@@ -207,11 +207,25 @@ def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
         raise ConfigError(f"synthetic.live: generated classes {ctx.classes} differ from the real dataset's {src.classes}")
     plan = stage_plan(gcfg, ctx, gcfg.source.format)
     per_row = _copies_per_row(plan)
-    if not rows or per_row == 0:
+    if not rows.num_rows or per_row == 0:
         raise ConfigError("synthetic.live: the generation config yields no samples")
-    rows = [dict(rows[i % len(rows)]) for i in range(math.ceil(n_rows / per_row))]
-    ds = build_dataset(rows, plan)
+    import ray
+
+    # positions 0..k-1 cycle over the index rows, looked up in the map tasks: planned in O(1)
+    copies = math.ceil(n_rows / per_row)
+    positions = ray.data.range(copies, override_num_blocks=max(1, min(200, copies)))
+    ds = build_dataset(positions.map_batches(cycle_rows, batch_format="numpy", fn_kwargs={"rows_ref": ray.put(rows)}),
+                       plan)
     return _map(ds, cfg, src.classes, source="bytes", train=True, synthetic=True)
+
+
+def cycle_rows(batch: dict[str, np.ndarray], *, rows_ref) -> Any:
+    """map_batches: positions (``id``) → index rows ``id % n`` (an Arrow table)."""
+    import pyarrow as pa
+    import ray
+
+    rows = ray.get(rows_ref)
+    return rows.take(pa.array(np.asarray(batch["id"], dtype=np.int64) % rows.num_rows))
 
 
 def _find(path: str) -> str:

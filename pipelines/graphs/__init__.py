@@ -63,6 +63,9 @@ class GraphSpec:
     default_captions: Callable[[GenerateConfig], str] = lambda cfg: "captioner"
     # the real-weight presets whose models are downloaded (prefetch); others build in code
     download_presets: tuple[str, ...] = ("sdxl", "sd15")
+    # checks that need the source's classes and palette, run before any sample is made (raise
+    # ConfigError naming the key): e.g. a fine-tuned Text2Mask trained under another palette
+    check_context: Callable[[GenerateConfig, RunContext], None] | None = None
 
 
 _REGISTRY: dict[str, GraphSpec] = {}

@@ -198,14 +198,20 @@ def mask2img_models(cfg: GenerateConfig) -> list[ModelRef]:
 
 
 def build_dataset(rows, plan: list[Stage]):
-    """Source rows (ids, paths, captions, shard; a list of dicts or an Arrow table) → the stream
-    of finished rows (a ray Dataset)."""
+    """Source rows (ids, paths, captions, shard) → the stream of finished rows (a ray Dataset).
+
+    ``rows``: object refs of Arrow tables (the index task's slices), an Arrow table, a Dataset
+    of such rows, or a list of dicts."""
     import pyarrow as pa
     import ray
 
     if isinstance(rows, pa.Table):  # columns, zero-copy slices: no Python object per row
         step = max(1, -(-rows.num_rows // 200))
         ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, max(rows.num_rows, 1), step)])
+    elif isinstance(rows, ray.data.Dataset):
+        ds = rows
+    elif rows and isinstance(rows[0], ray.ObjectRef):
+        ds = ray.data.from_arrow_refs(rows)
     else:
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
     for stage in plan:

@@ -153,6 +153,19 @@ def _hash_extra(cfg: GenerateConfig, view: dict[str, Any]) -> dict[str, Any]:
     return {"captions": "captioner", "captioner": view["captioner"]}
 
 
+def _check_text2mask_palette(methods: tuple[str, ...]):
+    def check(cfg: GenerateConfig, ctx: RunContext) -> None:
+        """A fine-tuned Text2Mask records its palette: refuse one that differs, in one line."""
+        from actors.diffusion_models import check_palette
+
+        if cfg.preset != "toy" and "masksyn" in methods and cfg.masksyn.samples_per_caption:
+            try:
+                check_palette(cfg.text2mask.model.local_path, ctx.palette)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    return check
+
+
 for _name, _methods, _text in (
         ("seggen", ("imgsyn", "masksyn"), "SegGen: ImgSyn and MaskSyn in one stream"),
         ("imgsyn", ("imgsyn",), "SegGen ImgSyn: real mask -> K new images (Mask2Img)"),
@@ -164,4 +177,4 @@ for _name, _methods, _text in (
         needs_masks=True,
         hash_sections=HASH_SECTIONS, model_stages=_model_stages(_methods), plan=_plan(_methods),
         hash_extra=_hash_extra, default_captions=captioner_under_real_presets,
-        extendable=tuple(BRANCHES[m] for m in _methods)))
+        extendable=tuple(BRANCHES[m] for m in _methods), check_context=_check_text2mask_palette(_methods)))

@@ -193,3 +193,28 @@ def test_factory_models_load_local_copy_with_variant(tmp_path: Path, name: str) 
         assert int(out[S.BOX_COUNT][0]) >= 0 and len(out[S.BOXES][0]) == 16 * int(out[S.BOX_COUNT][0])
     else:
         assert np.linalg.norm(np.frombuffer(out[S.CLIP_EMBEDDING][0], "<f4")) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_local_path_on_object_storage_is_fetched_once_per_node(hub: dict, s3_bucket: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``local_path=s3://...``: the folder is copied into the node's model cache once (marker
+    file), then loaded like a local folder; a second load uses the copy (the bucket is empty
+    by then)."""
+    import pyarrow.fs as pafs
+
+    from pipelines import storage
+
+    monkeypatch.setenv("SEGFACTORY_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/models/sdxl-pipe"
+    dest = storage.resolve(uri)
+    pafs.copy_files(str(hub["sdxl"]["pipe"]), dest.path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest.fs)
+    pipe = dm.build_pipeline("text2img", "sdxl", local_path=uri, device="cpu")
+    assert _weights_like(pipe.unet, "sdxl", seed=1, half=False, part="unet")
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 3 and cached[0].endswith("sdxl-pipe") and cached[1].endswith(".complete"), cached
+    storage.remove_tree(dest)
+    again = dm.build_pipeline("text2img", "sdxl", local_path=uri, device="cpu")
+    assert _weights_like(again.unet, "sdxl", seed=1, half=False, part="unet")
+    with pytest.raises(storage.StorageError, match=f"local_path={s3_bucket}/models/missing: not found"):
+        storage.local_copy(f"{s3_bucket}/models/missing")

@@ -131,7 +131,7 @@ def test_tiny_run_writes_rounds_that_follow_the_rule(ray_local, toy_source, tmp_
 
     fss = PrototypeFSS("tiny", background=0, device="cpu", image_size=32)
     _, given = index_rows(cfg)
-    pairs = [load_pixels(g, "voc", len(manifest["classes"])) for g in given]
+    pairs = [load_pixels(g, "voc", len(manifest["classes"])) for g in given.to_pylist()]
     state = fss.condition([p[0] for p in pairs], [p[1] for p in pairs], len(manifest["classes"]))
     good = [r for r in rows if r[S.ALIGNDIFF_ROUND] == 1]
     if good:

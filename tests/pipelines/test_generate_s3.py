@@ -141,3 +141,39 @@ def test_a_source_without_usable_rows_exits_2(tmp_path, capsys):
     code = main(["generate", "--config", str(CONFIG), f"source.path={tmp_path / 'src'}",
                  f"output.path={tmp_path / 'out'}", *SMALL])
     assert code == 2 and _one_error_line(capsys.readouterr().err, "no usable rows")
+
+
+@pytest.fixture(scope="module")
+def locked_s3():
+    """A second moto server that checks credentials (moto's ``INITIAL_NO_AUTH_ACTION_COUNT=0``):
+    every request signed with an unknown key is refused with 403 AccessDenied, as a bucket the
+    user has no rights on. Reached through pyarrow's ``endpoint_override`` URI option."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("key", ["output.path", "source.path"])
+def test_an_unauthorized_bucket_exits_2_naming_the_uri(locked_s3, ray_local, toy_source, tmp_path, capsys, key):
+    from segfactory.cli import main
+
+    uri = f"s3://locked/data?{locked_s3}"
+    paths = {"source.path": str(toy_source), "output.path": str(tmp_path / "out"), key: uri}
+    code = main(["generate", "--config", str(CONFIG), *(f"{k}={v}" for k, v in paths.items()), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and _one_error_line(err, "s3://locked/data")
+    assert "access_denied" in next(ln for ln in err.splitlines() if ln.startswith("error:")).lower().replace(" ", "_")

@@ -111,14 +111,14 @@ def test_voc_split_fallback_and_problems(voc: Path) -> None:
     (voc / "SegmentationClass" / "ghost.png").write_bytes(b"whatever")
     index = index_source(voc, "voc")
     assert ids(index) == ["a", "b"]
-    assert index.problems == [
-        ("nomask", str(voc / "JPEGImages" / "nomask.jpg"), "missing_mask: no mask file for this image"),
-        ("ghost", str(voc / "SegmentationClass" / "ghost.png"), "missing_image: listed but not on disk"),
+    assert sorted(index.problems) == [
         ("a", str(voc / "JPEGImages" / "a.jpg"), "duplicate_id: kept the first"),
+        ("ghost", str(voc / "SegmentationClass" / "ghost.png"), "missing_image: listed but not on disk"),
+        ("nomask", str(voc / "JPEGImages" / "nomask.jpg"), "missing_mask: no mask file for this image"),
     ]
-    relaxed = index_source(voc, "voc", require_masks=False)
-    assert ids(relaxed) == ["a", "nomask", "b"] and relaxed.rows[1]["source_mask_path"] == ""
-    image, mask = relaxed.load(relaxed.rows[1])
+    relaxed = index_source(voc, "voc", require_masks=False)  # rows come sorted by id
+    assert ids(relaxed) == ["a", "b", "nomask"] and relaxed.rows[2]["source_mask_path"] == ""
+    image, mask = relaxed.load(relaxed.rows[2])
     assert mask is None and image.shape == (2, 3, 3)
 
 
@@ -198,9 +198,9 @@ def test_parquet_dataset(tmp_path: Path) -> None:
     assert index.classes == ["background", "cat", "dog"] and index.palette_hint == "voc"
     assert index.background_index == 0
     p1 = str(out / "shards" / "part-00001.parquet")
-    assert index.problems[0] == ("s/imgsyn/1", p1, "duplicate_id: kept the first")
-    assert index.problems[1][1].endswith("part-00002.parquet")
-    assert index.problems[1][2].startswith("corrupt_parquet: unreadable parquet")
+    assert index.problems[1] == ("s/imgsyn/1", p1, "duplicate_id: kept the first")  # duplicates last
+    assert index.problems[0][1].endswith("part-00002.parquet")
+    assert index.problems[0][2].startswith("corrupt_parquet: unreadable parquet")
     r = index.rows[2]  # third row: second row group of the first file
     assert (r["source_row"], r["caption"]) == (2, "cap s/imgsyn/2")
     image, mask = index.load(r)
@@ -209,7 +209,7 @@ def test_parquet_dataset(tmp_path: Path) -> None:
     image, _ = index.load(index.rows[3])
     np.testing.assert_array_equal(image, rgb(2, 2, 10))
     same = index_source(out / "shards" / "part-00001.parquet", "parquet")  # manifest above
-    assert ids(same) == ["t/imgsyn/0", "s/imgsyn/1"] and same.classes == index.classes
+    assert ids(same) == ["s/imgsyn/1", "t/imgsyn/0"] and same.classes == index.classes
     with pytest.raises(SourceError, match="row 7"):
         load_pixels({**r, "source_row": 7}, "parquet", 3)
 
@@ -226,8 +226,8 @@ def test_captions_source(tmp_path: Path) -> None:
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n\n")
     index = index_source(tmp_path, "captions")
     assert [(r["source_id"], r["caption"], r["source_path"]) for r in index.rows] == [
-        ("c1", "a cat on a mat", ""),
         ("2", "two dogs", ""),
+        ("c1", "a cat on a mat", ""),
     ]
     assert index.classes == [] and index_source(path, "captions").rows == index.rows
     assert [p[::2] for p in index.problems] == [
@@ -237,7 +237,7 @@ def test_captions_source(tmp_path: Path) -> None:
         ("c1", "duplicate_id: kept the first"),
     ]
     with pytest.raises(SourceError, match="no image"):
-        load_pixels(index.rows[0], "captions")
+        load_pixels(index.rows[1], "captions")
 
 
 @pytest.fixture
