@@ -55,7 +55,13 @@ def train_steps(cfg: FinetuneConfig, recipe: Any, rows: dict[str, np.ndarray], s
     import torch
 
     from training.finetune.models import noise_scheduler
-    from training.finetune.worker import denoising_loss, make_lr_schedule, make_optimizer, to_device
+    from training.finetune.worker import (
+        denoising_loss,
+        make_lr_schedule,
+        make_optimizer,
+        optimizer_step,
+        to_device,
+    )
 
     torch.manual_seed(cfg.seed)
     scheduler = noise_scheduler(recipe.comps)
@@ -74,11 +80,7 @@ def train_steps(cfg: FinetuneConfig, recipe: Any, rows: dict[str, np.ndarray], s
                           recipe.target_key, gen)
         loss = denoising_loss(recipe, recipe.module, batch, scheduler, gen)
         loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(cfg, params, opt, sched)
         losses.append(float(loss.detach()))
         if step == 0:
             t_first = time.perf_counter()

@@ -132,24 +132,9 @@ class InstanceText:
 
     def encode(self, prompts: list[str]) -> dict[str, Any]:
         """prompt_embeds (and SDXL pooled) with gradients to the tables."""
-        import torch
+        from training.finetune.models import encode_prompts
 
-        embeds, pooled = [], None
-        for tok_name, enc_name in self.pairs:
-            tok, enc = self.comps[tok_name], self.comps[enc_name]
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = enc(ids, output_hidden_states=True)
-            if self.sdxl:
-                embeds.append(out.hidden_states[-2])
-                if enc_name == "text_encoder_2":
-                    pooled = out[0]
-            else:
-                embeds.append(out[0])
-        result = {"prompt_embeds": torch.cat(embeds, dim=-1)}
-        if pooled is not None:
-            result["pooled"] = pooled
-        return result
+        return encode_prompts(self.comps, self.sdxl, prompts, self.device)
 
 
 def torch_where(cond: Any, a: Any, b: Any) -> Any:
@@ -181,33 +166,24 @@ def _loss(unet: Any, text: InstanceText, encoder: Any, scheduler: Any, batch: di
 def ti_loop(config: dict[str, Any]) -> None:
     """Each Ray Train worker: the instance table, trained on its shard of instance rows."""
     import ray.train
-    import ray.train.torch
     import torch
 
     from actors.textual_inversion import BankEntry, adjective_prompt, save_bank
-    from training.finetune.models import (
-        PairEncoder,
-        build_components,
-        eval_timesteps,
-        noise_scheduler,
+    from training.finetune.models import eval_timesteps
+    from training.finetune.worker import (
+        _epochs,
+        make_lr_schedule,
+        make_optimizer,
+        optimizer_step,
+        setup_worker,
     )
-    from training.finetune.worker import _epochs, make_lr_schedule, make_optimizer
 
-    cfg = FinetuneConfig.model_validate(config["cfg"])
-    meta = config["meta"]
+    w = setup_worker(config)
+    cfg, meta, rank, world, comps = w.cfg, w.meta, w.rank, w.world, w.comps
+    encoder, scheduler, family, res = w.encoder, w.scheduler, cfg.resolved_family, cfg.data.resolution
     ti = cfg.textual_inversion
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.workers.torch_threads:
-        torch.set_num_threads(cfg.workers.torch_threads)
-    device = ray.train.torch.get_device()
-    family, res = cfg.resolved_family, cfg.data.resolution
-    torch.manual_seed(cfg.seed)
-    comps = build_components(**meta["build"], device=str(device))
     entries = [BankEntry(**e) for e in meta["entries"]]
-    text = InstanceText(comps, family, [e.token for e in entries], [e.class_name for e in entries], device)
-    encoder = PairEncoder(comps, family, str(device))
-    scheduler = noise_scheduler(comps)
+    text = InstanceText(comps, family, [e.token for e in entries], [e.class_name for e in entries], w.device)
     unet = comps["unet"]
     params = text.parameters()
     opt = make_optimizer(cfg, params)
@@ -244,17 +220,13 @@ def ti_loop(config: dict[str, Any]) -> None:
             for p in params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr = optimizer_step(cfg, params, opt, sched)
         window.append(float(loss.detach()))
         last = step == cfg.iterations
         if step % cfg.log_interval and not last:
             continue
         metrics = {"step": step, "iterations": cfg.iterations, "loss": float(np.mean(window)),
-                   "lr": opt.param_groups[0]["lr"], "steps_per_s": len(window) / max(1e-9, time.perf_counter() - t0),
+                   "lr": lr, "steps_per_s": len(window) / max(1e-9, time.perf_counter() - t0),
                    "data_wait_fraction": 0.0, "step_time_s": (time.perf_counter() - t0) / len(window)}
         window, t0 = [], time.perf_counter()
         if not last:
