@@ -19,6 +19,7 @@ from pipelines.sources import caption_from_mask, index_source, load_pixels
 from training.finetune.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+LATENT_SHAPE = (4, 16, 16)  # the tiny SDXL VAE at the tiny recipes' 32 px: 4 channels, 2 blocks (/2)
 TINY_CAPTIONER = ["captions.source=captioner", "captioner.max_new_tokens=4", "captioner.min_new_tokens=2"]
 
 
@@ -151,11 +152,21 @@ def test_split_rejected_writes_the_bad_row_in_the_contract_schema(toy_source, tm
 
 
 @pytest.mark.timeout(300, method="thread")
-def test_pairs_from_an_s3_source_on_ray_with_the_captioner_pool(ray_local, s3_bucket, toy_source, tmp_path):
+def test_pairs_and_latent_cache_on_s3_on_ray_with_the_captioner_pool(ray_local, s3_bucket, toy_source, tmp_path):
     """The index lists s3:// keys; Ray tasks decode the pairs from the bucket; the captioner runs
-    as an actor pool; the corrupt image lands in rejected/ naming its s3:// key; the rest flow."""
+    as an actor pool; the corrupt image lands in rejected/ naming its s3:// key; the rest are
+    encoded by the caching pass into a latent cache on s3:// and read back."""
+    from pipelines import storage
     from training.finetune.pairs import captioner_stage
-    from training.finetune.run import pair_datasets, resolve_palette, write_index_problems
+    from training.finetune.run import (
+        cache_current,
+        cache_key,
+        cache_root,
+        cached_datasets,
+        pair_datasets,
+        resolve_palette,
+        write_index_problems,
+    )
 
     local, bad, rel = corrupt_copy(toy_source, tmp_path / "src", 6)
     (local / "SegmentationClass" / "toy_train_00003.png").unlink()  # a missing mask: an index problem
@@ -163,19 +174,23 @@ def test_pairs_from_an_s3_source_on_ray_with_the_captioner_pool(ray_local, s3_bu
     pafs.copy_files(str(local), f"{root}/toy", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
     uri = f"{s3_bucket}/toy"
     cfg = cfg_of("text2mask", uri, tmp_path / "run", *TINY_CAPTIONER, "captioner.resources.num_cpus=0.25",
-                 "data.encode_num_cpus=0.25")
+                 "data.encode_num_cpus=0.25", f"data.cache_path={s3_bucket}/cache", "data.flip=false")
     assert captioner_stage(cfg).kwargs["fn_constructor_kwargs"]["actor_kwargs"]["image_column"] == "target"
     index = index_source(uri, "voc")
     assert index.problems and index.problems[0][2].startswith("missing_mask")
     _, palette = resolve_palette(cfg, index)
     run = tmp_path / "run"
     write_index_problems(run, index.problems)
-    ds = pair_datasets(cfg, palette, index, [], run)["train"]
-    pairs = ds.take_all()
-    ids = sorted(r["source_id"] for r in pairs)
+    pairs = pair_datasets(cfg, palette, index, [], run)
+    cache, key = cache_root(cfg, run), cache_key(cfg, palette, "cond", True)
+    assert cache.uri == f"{s3_bucket}/cache" and not cache_current(cache, key)
+    cached = cached_datasets(cfg, {"train": pairs["train"]}, cache, key, "cond")["train"].take_all()
+    assert cache_current(cache, key) and storage.listdir(cache / "train", ".parquet")  # written to the bucket
+    ids = sorted(r["source_id"] for r in cached)
     assert len(ids) == 4 and bad not in ids and "toy_train_00003" not in ids
+    assert all(r["latents"].shape == LATENT_SHAPE and np.isfinite(r["latents"]).all() for r in cached)
     given = source_captions(local)
-    assert all(r["caption"].strip() and r["caption"] != given[r["source_id"]] for r in pairs)  # the captioner's
+    assert all(r["caption"].strip() and r["caption"] != given[r["source_id"]] for r in cached)  # the captioner's
     rejected = {r["source_id"]: r for f in sorted((run / "rejected").glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
     assert sorted(rejected) == sorted([bad, "toy_train_00003"])
     assert rejected[bad]["source_path"] == f"{uri}/{rel}"

@@ -56,6 +56,9 @@ class FinetuneData(Strict):
     flip: bool = Field(True, description="random horizontal flips (cached: both orientations are encoded once)")
     cache_latents: bool = Field(True, description="encode VAE latents + text embeddings once (Ray Data pass, Parquet under "
                                 "output.path/cache); false = encode from pixels at every step")
+    cache_path: str | None = Field(None, description="where the latent cache is written: a local path or a URI "
+                                   "(s3://bucket/prefix) every node reads; None = output.path/cache. A cache made for "
+                                   "the same base, source and pairs (its key.json) is reused")
     val_count: int = Field(4, ge=1, description="held-out pairs (from source.val_split) for the validation loss and samples")
     val_split: str = Field("val", description="source split the held-out pairs come from")
     encode_batch_size: int = Field(4, ge=1, description="rows per encoder call in the caching pass")

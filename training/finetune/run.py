@@ -3,7 +3,8 @@
 Run directory (``output.path``)::
 
     config.yaml            resolved config
-    cache/{train,val}/     Parquet: latents (+ flipped), text embeddings, colour maps (cache_latents)
+    cache/{train,val}/     Parquet: latents (+ flipped), text embeddings, colour maps (cache_latents;
+                           data.cache_path puts it elsewhere, a URI included)
     metrics.csv            step, loss, lr, timings, val_loss, val_fidelity (live)
     samples/step_*.png     validation sample grids
     checkpoint_NNNNNNN/    trained.safetensors (+ ema.safetensors), train_state.pt, segfactory.json
@@ -12,8 +13,8 @@ Run directory (``output.path``)::
                            in the dataset contract's rejected schema with their drop_reason
     final.json             loss before/after, throughput, rejected rows, where the model is
 
-``source.path`` may be a URI (s3://, gs://, ...: :mod:`pipelines.storage`); the run directory
-is local (its checkpoints, metrics and export are read back by the driver).
+``source.path`` and ``data.cache_path`` may be URIs (s3://, gs://, ...: :mod:`pipelines.storage`);
+the run directory is local (its checkpoints, metrics and export are read back by the driver).
 """
 
 from __future__ import annotations
@@ -210,17 +211,33 @@ def cache_key(cfg: FinetuneConfig, palette: Any, target_key: str, captioned: boo
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], run_dir: Path, key: str, target_key: str) -> dict[str, Any]:
-    """Encode once with an actor pool (Ray Data ``map_batches``), write Parquet, read it back.
+def cache_root(cfg: FinetuneConfig, run_dir: Path) -> Any:
+    """Where the latent cache lives (a :class:`pipelines.storage.Location`): ``data.cache_path``
+    (a local path or a URI every node reads, e.g. s3://) or ``RUN/cache``."""
+    from pipelines import storage
+
+    return storage.resolve(cfg.data.cache_path or str(run_dir / "cache"), "data.cache_path")
+
+
+def cache_current(root: Any, key: str) -> bool:
+    """Whether the cache at ``root`` was made for ``key`` (its ``key.json``)."""
+    from pipelines import storage
+
+    marker = root / "key.json"
+    return storage.is_file(marker) and json.loads(storage.read_text(marker)).get("key") == key
+
+
+def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], root: Any, key: str, target_key: str) -> dict[str, Any]:
+    """Encode once with an actor pool (Ray Data ``map_batches``), write Parquet under ``root``
+    (:func:`cache_root`; through its pyarrow file system, so a URI works), read it back.
 
     A cache whose ``key.json`` matches (same base, source, pairs) is reused as it is."""
     import ray
 
+    from pipelines import storage
     from training.finetune.pairs import EncodeActor
 
-    root = run_dir / "cache"
-    marker = root / "key.json"
-    if not cache_current(run_dir, key):
+    if not cache_current(root, key):
         started = time.perf_counter()
         d = cfg.data
         for name, ds in pairs.items():
@@ -230,17 +247,12 @@ def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], run_dir: Path, k
                 num_gpus=d.encode_num_gpus, num_cpus=d.encode_num_cpus,
                 fn_constructor_kwargs={"build": build_kwargs(cfg), "family": cfg.resolved_family,
                                        "target_key": target_key, "flip": d.flip, "seed": cfg.seed})
-            enc.write_parquet(str(root / name), mode="overwrite")
-        marker.write_text(json.dumps({"key": key, "encode_s": round(time.perf_counter() - started, 3)}))
+            enc.write_parquet((root / name).path, filesystem=root.fs, mode="overwrite")
+        storage.write_text(root / "key.json", json.dumps({"key": key, "encode_s": round(time.perf_counter() - started, 3)}))
         log.info("latent cache written to %s in %.1f s", root, time.perf_counter() - started)
     else:
         log.info("reusing the latent cache in %s", root)
-    return {name: ray.data.read_parquet(str(root / name)) for name in ("train", "val")}
-
-
-def cache_current(run_dir: Path, key: str) -> bool:
-    marker = run_dir / "cache" / "key.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+    return {name: ray.data.read_parquet((root / name).path, filesystem=root.fs) for name in pairs}
 
 
 # --- run ----------------------------------------------------------------------------------
@@ -310,12 +322,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     target_key = RECIPES[cfg.kind].target_key
-    key = cache_key(cfg, palette, target_key, captioned)
-    if not (cfg.data.cache_latents and cache_current(run_dir, key)):  # the pairs pass runs: its rejects are new
+    key, cache = cache_key(cfg, palette, target_key, captioned), cache_root(cfg, run_dir)
+    if not (cfg.data.cache_latents and cache_current(cache, key)):  # the pairs pass runs: its rejects are new
         shutil.rmtree(run_dir / "rejected", ignore_errors=True)
     write_index_problems(run_dir, problems)
     pairs = pair_datasets(cfg, palette, index, val_rows, run_dir)
-    datasets = cached_datasets(cfg, pairs, run_dir, key, target_key) if cfg.data.cache_latents else pairs
+    datasets = cached_datasets(cfg, pairs, cache, key, target_key) if cfg.data.cache_latents else pairs
     resume_from, step = None, 0
     if cfg.resume and existing:
         resume_from = existing[-1]
