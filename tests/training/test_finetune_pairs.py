@@ -196,3 +196,18 @@ def test_pairs_and_latent_cache_on_s3_on_ray_with_the_captioner_pool(ray_local, 
     assert rejected[bad]["source_path"] == f"{uri}/{rel}"
     assert rejected[bad]["drop_reason"].startswith(f"corrupt_image: {uri}/{rel}: corrupt or unreadable image")
     assert rejected["toy_train_00003"]["drop_reason"].startswith("missing_mask")
+
+
+def test_textual_inversion_instances_send_an_unreadable_row_to_rejected(toy_source, tmp_path):
+    from training.finetune.textual_inversion import make_instances
+
+    src, bad, rel = corrupt_copy(toy_source, tmp_path / "src", 3)
+    index = index_source(src, "voc")
+    rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = make_instances(batch, format="voc", classes=list(index.classes), background=0, resolution=16, only=None,
+                         min_fraction=0.0, rejected_to=str(tmp_path / "ti"))
+    assert bad not in set(out["source_id"]) and set(out["source_id"]) == {r[S.SOURCE_ID] for r in rows} - {bad}
+    got = pq.read_table(tmp_path / "ti" / "rejected").to_pylist()
+    assert [(r["source_id"], r["source_path"]) for r in got] == [(bad, str(src / rel))]
+    assert got[0]["drop_reason"].startswith(f"corrupt_image: {src / rel}")

@@ -126,27 +126,32 @@ def rejected_table(rows: list[dict[str, str]]):
         schema=REJECTED_SCHEMA)
 
 
+def write_rejected(rows: list[dict[str, str]], out: str | None, split: str) -> None:
+    """``rows`` (``source_id``, ``source_path``, ``drop_reason``) to ``out/rejected/`` (a local
+    path or a URI). The file name is a digest of the ids, so a retried task (or a pass re-run
+    every epoch when latents are not cached) rewrites the same file instead of adding one."""
+    if not rows or out is None:
+        return
+    from pipelines import storage
+
+    digest = hashlib.sha256("\n".join(sorted(r[S.SOURCE_ID] for r in rows)).encode()).hexdigest()[:16]
+    storage.write_parquet(rejected_table(rows),
+                          storage.resolve(out, "output.path") / "rejected" / f"part-{METHOD}-{split}-{digest}.parquet")
+
+
 def split_rejected(batch: dict[str, np.ndarray], *, out: str | None, split: str) -> dict[str, np.ndarray]:
     """Write the batch's rejected rows to ``out/rejected/`` (``out`` None: only log them) and
     return the kept pairs only.
 
     A kept row whose caption is still empty (the captioner returned no text) is rejected here.
-    The file name is a digest of the rejected ids, so a retried task (or a pass re-run every
-    epoch when latents are not cached) rewrites the same file instead of adding one.
     """
-    from pipelines import storage
-
     reasons = [str(r) for r in batch[DROP]]
     for i, cap in enumerate(batch[CAPTION]):
         if not reasons[i] and not str(cap).strip():
             reasons[i] = f"empty_caption: {batch[S.SOURCE_PATH][i]}: the captioner returned no text"
     bad = np.array([bool(r) for r in reasons], dtype=bool)
-    if bad.any() and out is not None:
-        rows = [{S.SOURCE_ID: str(batch[S.SOURCE_ID][i]), S.SOURCE_PATH: str(batch[S.SOURCE_PATH][i]),
-                 DROP: reasons[i]} for i in np.flatnonzero(bad)]
-        digest = hashlib.sha256("\n".join(sorted(r[S.SOURCE_ID] for r in rows)).encode()).hexdigest()[:16]
-        storage.write_parquet(rejected_table(rows),
-                              storage.resolve(out, "output.path") / "rejected" / f"part-{METHOD}-{split}-{digest}.parquet")
+    write_rejected([{S.SOURCE_ID: str(batch[S.SOURCE_ID][i]), S.SOURCE_PATH: str(batch[S.SOURCE_PATH][i]),
+                     DROP: reasons[i]} for i in np.flatnonzero(bad)], out, split)
     keep = ~bad
     return {k: v[keep] for k, v in batch.items() if k not in (DROP, S.SAMPLE_ID, S.SOURCE_PATH)}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,14 +45,16 @@ BANK_IN_CKPT = "bank.safetensors"
 
 
 def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[str], background: int | None,
-                   resolution: int, only: list[int] | None, min_fraction: float) -> dict[str, np.ndarray]:
+                   resolution: int, only: list[int] | None, min_fraction: float,
+                   rejected_to: str | None = None) -> dict[str, np.ndarray]:
     """Index rows -> one row per (source row, class present): ``image`` (R x R x 3),
     ``mask`` (R x R: 1 class, 0 rest, 255 ignored), ``class_id``, ``source_id``. Unreadable
-    rows are logged and skipped (the run goes on with the others)."""
+    rows go to ``rejected_to/rejected/`` with their reason (logged when None); the run goes on."""
     from pipelines.sources import SourceError, load_pixels
-    from training.finetune.pairs import resize_crop
+    from training.finetune.pairs import resize_crop, write_rejected
 
     out: dict[str, list] = {k: [] for k in ("source_id", "class_id", "image", "mask")}
+    rejected = []
     for i in range(len(batch["source_id"])):
         row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
         try:
@@ -59,7 +62,10 @@ def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[s
             if mask is None:
                 raise SourceError(f"{row['source_path']}: no mask", "missing_mask")
         except SourceError as exc:
-            log.warning("textual inversion: skipping %s: %s", row["source_id"], str(exc).splitlines()[0])
+            reason = f"{exc.reason}: {str(exc).splitlines()[0]}"[:500]
+            log.warning("textual inversion: rejecting %s (%s)", row["source_id"], reason)
+            rejected.append({"source_id": str(row["source_id"]), "source_path": str(row["source_path"]),
+                             "drop_reason": reason})
             continue
         img, msk, _ = resize_crop(image, mask, resolution)
         ids, counts = np.unique(msk, return_counts=True)
@@ -72,6 +78,7 @@ def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[s
             out["class_id"].append(int(c))
             out["image"].append(img)
             out["mask"].append(binary)
+    write_rejected(rejected, rejected_to, "instances")
     if not out["source_id"]:
         return {"source_id": np.array([], dtype=object), "class_id": np.array([], np.int64),
                 "image": np.zeros((0, resolution, resolution, 3), np.uint8),
@@ -257,7 +264,13 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
     from pipelines.config import ConfigError
     from pipelines.runtime import init_ray
     from pipelines.sources import SourceError, index_source
-    from training.finetune.run import _callback, build_kwargs, truncate_metrics
+    from training.finetune.run import (
+        _callback,
+        build_kwargs,
+        rejected_counts,
+        truncate_metrics,
+        write_index_problems,
+    )
 
     ti = cfg.textual_inversion
     run_dir = Path(cfg.output.path).expanduser().resolve()
@@ -282,10 +295,13 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
         only = [classes.index(c) for c in ti.classes]
     init_ray(cfg.ray)
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "rejected", ignore_errors=True)  # this run's instance pass writes its own
+    write_index_problems(run_dir, index.problems)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 16))).map_batches(
         make_instances, batch_size=4, num_cpus=cfg.data.encode_num_cpus, batch_format="numpy",
         fn_kwargs={"format": index.format, "classes": classes, "background": index.background_index,
-                   "resolution": cfg.data.resolution, "only": only, "min_fraction": ti.min_fraction}).materialize()
+                   "resolution": cfg.data.resolution, "only": only, "min_fraction": ti.min_fraction,
+                   "rejected_to": str(run_dir)}).materialize()
     keys = sorted({(str(r["source_id"]), int(r["class_id"])) for r in ds.select_columns(["source_id", "class_id"]).take_all()})
     if not keys:
         raise ConfigError(f"source.path: no instance (a non-background class covering >= {ti.min_fraction:.2%}) "
@@ -327,7 +343,8 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
     final = {"kind": cfg.kind, "final_step": cfg.iterations, "iterations": cfg.iterations, "model": bank,
              "bank": bank, "instances": len(entries), "classes": sorted({e.class_name for e in entries}),
              "val_loss_initial": losses["initial"], "val_loss_final": losses["final"],
-             "steps_per_s": (result.metrics or {}).get("steps_per_s"), "wall_s": round(time.time() - started, 3)}
+             "steps_per_s": (result.metrics or {}).get("steps_per_s"), "rejected": rejected_counts(run_dir),
+             "wall_s": round(time.time() - started, 3)}
     (run_dir / "final.json").write_text(json.dumps(final, indent=1))
     log.info("textual inversion done: fixed-noise loss %.4f -> %.4f, bank %s", losses["initial"], losses["final"], bank)
     return final
