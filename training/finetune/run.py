@@ -315,7 +315,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ConfigError(f"source.path: {cfg.source.path} has no training rows with masks")
     palette_name, palette = resolve_palette(cfg, index)
     captioned = uses_captioner(cfg, train_rows(cfg, index) + val_rows)
-    if captioned and cfg.preset in ("sdxl", "sd15") and not (cfg.captioner.model.id or cfg.captioner.model.local_path):
+    if captioned and cfg.preset != "tiny" and not (cfg.captioner.model.id or cfg.captioner.model.local_path):
         raise ConfigError(f"captioner.model.id: required (or captioner.model.local_path): rows without a caption are "
                           f"captioned under preset {cfg.preset}; or set captions.source=template")
     init_ray(cfg.ray)
