@@ -211,3 +211,10 @@ def test_textual_inversion_instances_send_an_unreadable_row_to_rejected(toy_sour
     got = pq.read_table(tmp_path / "ti" / "rejected").to_pylist()
     assert [(r["source_id"], r["source_path"]) for r in got] == [(bad, str(src / rel))]
     assert got[0]["drop_reason"].startswith(f"corrupt_image: {src / rel}")
+
+
+def test_a_run_directory_on_object_storage_is_a_clear_error(toy_source):
+    from training.finetune.run import run_finetune
+
+    with pytest.raises(ConfigError, match=r"^output.path=s3://b/run: finetune writes a local run directory"):
+        run_finetune(cfg_of("text2mask", toy_source, "s3://b/run"))
