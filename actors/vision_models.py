@@ -80,7 +80,10 @@ def load_pretrained(cls: Any, model_id: str | None, revision: str | None, local_
 
 
 def batch_images(batch: dict, column: str) -> list[np.ndarray]:
-    """uint8 HxWx3 arrays: ``column`` as raw bytes with ``height``/``width``, or encoded ``image``."""
+    """uint8 HxWx3 arrays: ``column`` as raw bytes with ``height``/``width`` (or already an N x H x
+    W x 3 array), or encoded ``image``."""
+    if column in batch and getattr(batch[column], "ndim", 1) == 4:  # decoded pictures, N x H x W x 3
+        return [np.array(im, dtype=np.uint8) for im in batch[column]]
     if column in batch:
         hs, ws = batch[HEIGHT], batch[WIDTH]
         # copies: torch warns on (and must not write into) read-only buffers

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipelines import schema as S
 from pipelines import stages
-from pipelines.config import GenerateConfig, Resources
+from pipelines.config import CaptionerStage, GenerateConfig, Resources
 
 
 @dataclass
@@ -111,19 +111,29 @@ def captioner_under_real_presets(cfg: GenerateConfig) -> str:
 
 def captioner_actor(cfg: GenerateConfig) -> tuple[type, dict]:
     """(class, kwargs) of the captioner actor."""
+    return captioner_actor_of(cfg.captioner, cfg.preset)
+
+
+def captioner_actor_of(cap: CaptionerStage, preset: str, **extra: Any) -> tuple[type, dict]:
+    """(class, kwargs) of the captioner actor of one ``captioner`` section (generation's, or
+    ``segfactory finetune``'s); ``extra`` adds actor arguments (e.g. ``image_column``)."""
     from actors.captioner import Captioner
 
-    cap = cfg.captioner
-    return Captioner, {"kind": cap.kind, "preset": cfg.preset, "model_id": cap.model.id,
+    return Captioner, {"kind": cap.kind, "preset": preset, "model_id": cap.model.id,
                        "revision": cap.model.revision, "local_path": cap.model.local_path, "dtype": cap.model.dtype,
                        "prompt": cap.prompt, "max_new_tokens": cap.max_new_tokens,
-                       "min_new_tokens": cap.min_new_tokens, "num_beams": cap.num_beams}
+                       "min_new_tokens": cap.min_new_tokens, "num_beams": cap.num_beams, **extra}
 
 
 def captioner_stage(cfg: GenerateConfig) -> Stage:
     """The captioner pool, gated on rows whose caption is empty."""
-    cls, kwargs = captioner_actor(cfg)
-    return Stage("captioner", CaptionerPool, {**pool_args(cfg.captioner.resources), "fn_constructor_kwargs": {
+    return captioner_pool(cfg.captioner, cfg.preset)
+
+
+def captioner_pool(cap: CaptionerStage, preset: str, **extra: Any) -> Stage:
+    """The captioner pool of one ``captioner`` section, gated on rows whose caption is empty."""
+    cls, kwargs = captioner_actor_of(cap, preset, **extra)
+    return Stage("captioner", CaptionerPool, {**pool_args(cap.resources), "fn_constructor_kwargs": {
         "actor_cls": cls, "actor_kwargs": kwargs, "stage": "captioner", "needs": S.CAPTION}})
 
 

@@ -45,3 +45,4 @@ def test_textual_inversion_lowers_the_loss_and_writes_the_bank(ray_local, toy_so
         start = table[comps["tokenizer"](e.class_name, add_special_tokens=False).input_ids].mean(0)
         assert not np.allclose(embeddings[0][k].numpy(), start, atol=1e-4)
     assert json.loads((tmp_path / "ti" / "final.json").read_text())["bank"] == final["bank"]
+    assert final["rejected"] == {} and not (tmp_path / "ti" / "rejected").exists()  # every given pair read

@@ -191,15 +191,27 @@ def rows(run: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 @pytest.mark.timeout(1500, method="thread")  # includes the trained_local fixture; ~2 min on an idle 2-CPU machine
 def test_text2mask_on_ray_train_resumes_and_its_outputs_generate(ray_local, toy_source, trained_local, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
     from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
     from training.finetune.run import run_finetune
 
+    src = tmp_path / "src"  # the toy source with one corrupt training image: rejected, the run goes on
+    shutil.copytree(toy_source, src)
+    bad = src / "JPEGImages" / "toy_train_00005.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
     run = tmp_path / "t2m"
     common = ["iterations=20", "validation.interval=20", "validation.samples=2", "log_interval=10",
               "source.limit=24", "ray.no_progress_timeout_s=300"]
-    final = run_finetune(quick_cfg("text2mask", toy_source, run, *common))
+    final = run_finetune(quick_cfg("text2mask", src, run, *common))
     assert final["final_step"] == 20 and [int(r["step"]) for r in rows(run)] == [0, 10, 20]
+    assert final["rejected"] == {"corrupt_image": 1}
+    rejected = pq.read_table(run / "rejected").to_pylist()
+    assert [(r["source_id"], r["source_path"]) for r in rejected] == [("toy_train_00005", str(bad))]
+    assert rejected[0]["drop_reason"].startswith(f"corrupt_image: {bad}: corrupt or unreadable image")
     # measured 1.14 -> 0.23 at step 20 (lr 1e-3): the UNet learns the flat colour maps fast
     assert final["val_loss_final"] < 0.5 * final["val_loss_initial"]
     assert 0.0 <= final["val_fidelity"] <= 1.0
@@ -209,9 +221,10 @@ def test_text2mask_on_ray_train_resumes_and_its_outputs_generate(ray_local, toy_
     assert json.loads((model / "segfactory.json").read_text())["palette_name"] == "voc"
 
     # resume continues the step count (and reuses the latent cache)
-    again = run_finetune(quick_cfg("text2mask", toy_source, run, *common, "iterations=30", "resume=true",
+    again = run_finetune(quick_cfg("text2mask", src, run, *common, "iterations=30", "resume=true",
                                    "validation.interval=10"))
     assert again["final_step"] == 30 and [int(r["step"]) for r in rows(run)] == [0, 10, 20, 30]
+    assert again["rejected"] == {"corrupt_image": 1}  # the reused cache keeps its pass's rejected rows
     assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_0000020", "checkpoint_0000030"]
 
     # the three exported folders run in seggen-tiny.yaml through local_path / lora_path
@@ -223,7 +236,6 @@ def test_text2mask_on_ray_train_resumes_and_its_outputs_generate(ray_local, toy_
                       [*base, f"output.path={tmp_path / 'gen'}"])
     result = run_generate(cfg)
     assert not result.over_limit
-    import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "gen" / "shards")
     assert table.num_rows == 4 and set(table.column("method").to_pylist()) == {"imgsyn", "masksyn"}

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import RayConfig, SourceConfig, Strict
+from pipelines.config import CaptionerStage, RayConfig, Resources, SourceConfig, Strict
 
 KINDS = ("text2mask", "mask2img", "lora", "textual_inversion")
 
@@ -28,11 +28,25 @@ class BaseModelSpec(Strict):
 
 
 class CaptionConfig(Strict):
-    """Where each pair's caption comes from."""
+    """Where each pair's caption comes from (generation's rule: a source's caption wins under auto)."""
 
-    source: Literal["auto", "template"] = Field("auto", description="auto = the source's captions.jsonl where a row has one, "
-                                                "else the class-name template; template = always the template")
+    source: Literal["auto", "file", "captioner", "template"] = Field(
+        "auto", description="auto = the source's captions.jsonl where a row has one, else what generation fills a "
+        "missing caption with: the captioner under the sdxl/sd15 presets, the class-name template under "
+        "tiny/sdxl-random; file = captions.jsonl only (a row without one goes to rejected/); captioner = the "
+        "`captioner` section's model for every row (SegGen: BLIP-2 asked 'Question: What are shown in the photo? "
+        "Answer:'), the source's captions ignored; template = the class-name template for every row")
     template: str = Field("{caption}", description="caption text; '{caption}' becomes the class-name caption, e.g. 'a photo of a dog and grass'")
+
+
+class FinetuneCaptioner(CaptionerStage):
+    """``generate``'s captioner section with SegGen's defaults: BLIP-2, and no GPU unless asked
+    (like the caching pass's encoders)."""
+
+    kind: Literal["blip", "blip2"] = Field("blip2", description="blip2 = Blip2ForConditionalGeneration (SegGen); "
+                                           "blip = BlipForConditionalGeneration")
+    resources: Resources = Field(default_factory=lambda: Resources(num_gpus=0.0, num_cpus=0.5),
+                                 description="pool and batch (num_gpus > 0 on a GPU cluster)")
 
 
 class FinetuneData(Strict):
@@ -42,6 +56,9 @@ class FinetuneData(Strict):
     flip: bool = Field(True, description="random horizontal flips (cached: both orientations are encoded once)")
     cache_latents: bool = Field(True, description="encode VAE latents + text embeddings once (Ray Data pass, Parquet under "
                                 "output.path/cache); false = encode from pixels at every step")
+    cache_path: str | None = Field(None, description="where the latent cache is written: a local path or a URI "
+                                   "(s3://bucket/prefix) every node reads; None = output.path/cache. A cache made for "
+                                   "the same base, source and pairs (its key.json) is reused")
     val_count: int = Field(4, ge=1, description="held-out pairs (from source.val_split) for the validation loss and samples")
     val_split: str = Field("val", description="source split the held-out pairs come from")
     encode_batch_size: int = Field(4, ge=1, description="rows per encoder call in the caching pass")
@@ -135,6 +152,10 @@ class FinetuneConfig(Strict):
         None, description="colour-map palette; None = the source's own, else auto (as `generate` resolves it); recorded in the output")
     source: SourceConfig = Field(default_factory=SourceConfig, description="training pairs: any source `generate` reads")
     captions: CaptionConfig = Field(default_factory=CaptionConfig, description="captions")
+    captioner: FinetuneCaptioner = Field(
+        default_factory=FinetuneCaptioner,
+        description="the captioner pool (the same keys and actor as `generate`'s captioner section) when captions "
+        "come from it; set model.id/revision (or local_path) for the sdxl/sd15 presets")
     data: FinetuneData = Field(default_factory=FinetuneData, description="pairs, resolution, flips, latent cache")
     seed: int = Field(0, description="seed of noise, timesteps, flips and init")
     iterations: int = Field(30000, ge=1, description="optimizer steps (SegGen: 30,000)")

@@ -16,20 +16,27 @@ from training.finetune.config import FinetuneConfig
 
 
 def pairs_from_source(cfg: FinetuneConfig, split: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], Any, Any]:
-    """(pairs, palette, index) of a source split, decoded in this process."""
+    """(pairs, palette, index) of a source split, decoded (and captioned, when captions come
+    from the captioner: the same gated captioner the Ray pass runs) in this process."""
     from pipelines.sources import index_source
-    from training.finetune.pairs import DROP, make_pairs
+    from training.finetune.pairs import (
+        captioner_stage,
+        make_pairs,
+        pair_kwargs,
+        split_rejected,
+        uses_captioner,
+    )
     from training.finetune.run import resolve_palette
 
     index = index_source(cfg.source.path, cfg.source.format, split=split, classes=cfg.source.classes)
     rows = sorted(index.rows, key=lambda r: r["source_id"])[:limit]
     _, palette = resolve_palette(cfg, index)
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    pairs = make_pairs(batch, format=index.format, classes=list(index.classes), background=index.background_index,
-                       palette=palette.tolist(), resolution=cfg.data.resolution,
-                       caption_source=cfg.captions.source, template=cfg.captions.template)
-    keep = pairs[DROP] == ""
-    return {k: v[keep] for k, v in pairs.items() if k != DROP}, palette, index
+    pairs = make_pairs(batch, **pair_kwargs(cfg, index, palette))
+    if uses_captioner(cfg, rows):
+        stage = captioner_stage(cfg)
+        pairs = stage.fn(**stage.kwargs["fn_constructor_kwargs"])(pairs)
+    return split_rejected(pairs, out=None, split=split), palette, index
 
 
 def encode(cfg: FinetuneConfig, pairs: dict[str, np.ndarray], target_key: str) -> dict[str, np.ndarray]:
@@ -48,7 +55,13 @@ def train_steps(cfg: FinetuneConfig, recipe: Any, rows: dict[str, np.ndarray], s
     import torch
 
     from training.finetune.models import noise_scheduler
-    from training.finetune.worker import denoising_loss, make_lr_schedule, make_optimizer, to_device
+    from training.finetune.worker import (
+        denoising_loss,
+        make_lr_schedule,
+        make_optimizer,
+        optimizer_step,
+        to_device,
+    )
 
     torch.manual_seed(cfg.seed)
     scheduler = noise_scheduler(recipe.comps)
@@ -67,11 +80,7 @@ def train_steps(cfg: FinetuneConfig, recipe: Any, rows: dict[str, np.ndarray], s
                           recipe.target_key, gen)
         loss = denoising_loss(recipe, recipe.module, batch, scheduler, gen)
         loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(cfg, params, opt, sched)
         losses.append(float(loss.detach()))
         if step == 0:
             t_first = time.perf_counter()

@@ -59,6 +59,32 @@ def vae_factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def encode_prompts(comps: dict[str, Any], sdxl: bool, captions: list[str], device: Any) -> dict[str, Any]:
+    """Captions through the pipeline's text encoder(s), as its ``encode_prompt`` does:
+    ``prompt_embeds`` (SDXL: both encoders' penultimate hidden states, concatenated) and, for
+    SDXL, ``pooled`` (the second encoder's projected embedding). Gradients flow where the
+    caller allows them (textual inversion trains token embeddings through this)."""
+    import torch
+
+    encoders = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if sdxl else [])
+    embeds, pooled = [], None
+    for tok_name, enc_name in encoders:
+        tok, enc = comps[tok_name], comps[enc_name]
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out = enc(ids, output_hidden_states=True)
+        if sdxl:
+            embeds.append(out.hidden_states[-2])
+            if enc_name == "text_encoder_2":
+                pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
+        else:
+            embeds.append(out[0])
+    result = {"prompt_embeds": torch.cat(embeds, dim=-1)}
+    if pooled is not None:
+        result["pooled"] = pooled
+    return result
+
+
 class PairEncoder:
     """Frozen VAE + text encoders: captions -> embeddings, uint8 pixels -> scaled latents."""
 
@@ -67,27 +93,11 @@ class PairEncoder:
         self.sdxl = family == "sdxl"
 
     def encode_text(self, captions: list[str]) -> dict[str, Any]:
-        """``prompt_embeds`` (B, 77, D) and, for SDXL, ``pooled`` (B, P)."""
+        """``prompt_embeds`` (B, 77, D) and, for SDXL, ``pooled`` (B, P); frozen (no grads)."""
         import torch
 
-        encoders = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if self.sdxl else [])
-        embeds, pooled = [], None
         with torch.no_grad():
-            for tok_name, enc_name in encoders:
-                tok, enc = self.comps[tok_name], self.comps[enc_name]
-                ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(self.device)
-                out = enc(ids, output_hidden_states=True)
-                if self.sdxl:
-                    embeds.append(out.hidden_states[-2])
-                    if enc_name == "text_encoder_2":
-                        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
-                else:
-                    embeds.append(out[0])
-        result = {"prompt_embeds": torch.cat(embeds, dim=-1)}
-        if pooled is not None:
-            result["pooled"] = pooled
-        return result
+            return encode_prompts(self.comps, self.sdxl, list(captions), self.device)
 
     def encode_pixels(self, pixels: Any, generator: Any = None) -> Any:
         """uint8 (B, H, W, 3) numpy or torch -> latents (B, C, H/f, W/f) * scaling_factor."""

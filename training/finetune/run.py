@@ -3,12 +3,18 @@
 Run directory (``output.path``)::
 
     config.yaml            resolved config
-    cache/{train,val}/     Parquet: latents (+ flipped), text embeddings, colour maps (cache_latents)
+    cache/{train,val}/     Parquet: latents (+ flipped), text embeddings, colour maps (cache_latents;
+                           data.cache_path puts it elsewhere, a URI included)
     metrics.csv            step, loss, lr, timings, val_loss, val_fidelity (live)
     samples/step_*.png     validation sample grids
     checkpoint_NNNNNNN/    trained.safetensors (+ ema.safetensors), train_state.pt, segfactory.json
     model/                 the diffusers folder to point generation at (+ segfactory.json: palette)
-    final.json             loss before/after, throughput, where the model is
+    rejected/*.parquet     source rows that made no pair (unreadable file, no mask, no caption...),
+                           in the dataset contract's rejected schema with their drop_reason
+    final.json             loss before/after, throughput, rejected rows, where the model is
+
+``source.path`` and ``data.cache_path`` may be URIs (s3://, gs://, ...: :mod:`pipelines.storage`);
+the run directory is local (its checkpoints, metrics and export are read back by the driver).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,9 @@ def check_inputs(cfg: FinetuneConfig) -> None:
         raise ConfigError("source.path: required (the training pairs)")
     if cfg.source.format == "captions":
         raise ConfigError("source.format: captions has no masks or images to train on")
+    if "://" in cfg.output.path and not cfg.output.path.startswith("file://"):
+        raise ConfigError(f"output.path={cfg.output.path}: finetune writes a local run directory (checkpoints, "
+                          "metrics.csv, model/); give a local or shared-file-system path")
     if cfg.workers.strategy == "fsdp" and (cfg.kind == "lora" or cfg.ema.enabled):
         raise ConfigError("workers.strategy: fsdp is for full fine-tuning without EMA (lora/ema use ddp)")
 
@@ -123,44 +133,111 @@ def resolve_palette(cfg: FinetuneConfig, index: Any) -> tuple[str, Any]:
     return name, palette_by_name(name, len(index.classes))
 
 
-def pair_datasets(cfg: FinetuneConfig, palette: Any, index: Any, val_rows: list[dict]) -> dict[str, Any]:
-    """Ray Datasets of pairs (pixels): ``train`` and ``val`` (bad rows filtered out)."""
+def train_rows(cfg: FinetuneConfig, index: Any) -> list[dict]:
+    """The source rows the run trains on (stable order, ``source.limit``)."""
+    return sorted(index.rows, key=lambda r: r["source_id"])[: cfg.source.limit or None]
+
+
+def pair_datasets(cfg: FinetuneConfig, palette: Any, index: Any, val_rows: list[dict],
+                  run_dir: Path | None = None) -> dict[str, Any]:
+    """Ray Datasets of pairs (pixels): ``train`` and ``val``. Captions the configured way
+    (generation's captioner pool where they come from the captioner); rows that make no pair
+    go to ``run_dir/rejected/`` (only logged when ``run_dir`` is None) and the rest flow on."""
     import ray
 
-    from training.finetune.pairs import DROP, make_pairs
+    from training.finetune.pairs import (
+        captioner_stage,
+        make_pairs,
+        pair_kwargs,
+        split_rejected,
+        uses_captioner,
+    )
 
-    rows = sorted(index.rows, key=lambda r: r["source_id"])[: cfg.source.limit or None]
-    kwargs = {"format": index.format, "classes": list(index.classes), "background": index.background_index,
-              "palette": palette.tolist(), "resolution": cfg.data.resolution,
-              "caption_source": cfg.captions.source, "template": cfg.captions.template}
+    rows = train_rows(cfg, index)
+    kwargs = pair_kwargs(cfg, index, palette)
+    cpu = {"batch_size": 8, "num_cpus": cfg.data.encode_num_cpus, "batch_format": "numpy"}
     out = {}
     for name, part in (("train", rows), ("val", val_rows)):
         ds = ray.data.from_items(part, override_num_blocks=max(1, min(len(part), 64)))
-        ds = ds.map_batches(make_pairs, fn_kwargs=kwargs, batch_size=8, num_cpus=cfg.data.encode_num_cpus,
-                            batch_format="numpy")
-        out[name] = ds.filter(lambda r: not r[DROP]).drop_columns([DROP])
+        ds = ds.map_batches(make_pairs, fn_kwargs=kwargs, **cpu)
+        if uses_captioner(cfg, part):
+            stage = captioner_stage(cfg)
+            ds = ds.map_batches(stage.fn, **stage.kwargs)
+        out[name] = ds.map_batches(split_rejected, fn_kwargs={"out": str(run_dir) if run_dir else None,
+                                                              "split": name}, **cpu)
     return out
 
 
-def cache_key(cfg: FinetuneConfig, palette: Any, target_key: str) -> str:
-    """What the cached latents depend on: base weights, source, pairs, flips, palette, seed."""
+def write_index_problems(run_dir: Path, problems: list[tuple[str, str, str]]) -> None:
+    """Rows the source index could not use (no mask, duplicate id, bad captions.jsonl line) go
+    to ``rejected/`` too, as ``generate`` does."""
+    from pipelines import storage
+    from training.finetune.pairs import METHOD, rejected_table
+
+    path = storage.resolve(run_dir) / "rejected" / f"part-{METHOD}-index.parquet"
+    if not problems:
+        storage.remove(path)
+        return
+    storage.write_parquet(rejected_table([{"source_id": sid, "source_path": where, "drop_reason": reason}
+                                          for sid, where, reason in problems]), path)
+
+
+def rejected_counts(run_dir: Path) -> dict[str, int]:
+    """Rejected source rows per reason code (a row written twice counts once)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.writer import drop_code
+
+    files = sorted((run_dir / "rejected").glob("*.parquet"))
+    seen = {}
+    for f in files:
+        t = pq.read_table(f, columns=["source_id", "source_path", "drop_reason"])
+        for sid, where, reason in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
+            seen[(sid, where)] = drop_code(reason)
+    counts: dict[str, int] = {}
+    for code in seen.values():
+        counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
+def cache_key(cfg: FinetuneConfig, palette: Any, target_key: str, captioned: bool = False) -> str:
+    """What the cached latents depend on: base weights, source, pairs, flips, palette, seed
+    (and the captioner's settings when ``captioned``: its captions enter the text embeddings)."""
     data = {"build": build_kwargs(cfg), "source": cfg.source.model_dump(), "captions": cfg.captions.model_dump(),
             "resolution": cfg.data.resolution, "flip": cfg.data.flip, "val": [cfg.data.val_split, cfg.data.val_count],
             "palette": palette.tolist(), "target": target_key}
+    if captioned:
+        data["captioner"] = cfg.captioner.model_dump(exclude={"resources"})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], run_dir: Path, key: str, target_key: str) -> dict[str, Any]:
-    """Encode once with an actor pool (Ray Data ``map_batches``), write Parquet, read it back.
+def cache_root(cfg: FinetuneConfig, run_dir: Path) -> Any:
+    """Where the latent cache lives (a :class:`pipelines.storage.Location`): ``data.cache_path``
+    (a local path or a URI every node reads, e.g. s3://) or ``RUN/cache``."""
+    from pipelines import storage
+
+    return storage.resolve(cfg.data.cache_path or str(run_dir / "cache"), "data.cache_path")
+
+
+def cache_current(root: Any, key: str) -> bool:
+    """Whether the cache at ``root`` was made for ``key`` (its ``key.json``)."""
+    from pipelines import storage
+
+    marker = root / "key.json"
+    return storage.is_file(marker) and json.loads(storage.read_text(marker)).get("key") == key
+
+
+def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], root: Any, key: str, target_key: str) -> dict[str, Any]:
+    """Encode once with an actor pool (Ray Data ``map_batches``), write Parquet under ``root``
+    (:func:`cache_root`; through its pyarrow file system, so a URI works), read it back.
 
     A cache whose ``key.json`` matches (same base, source, pairs) is reused as it is."""
     import ray
 
+    from pipelines import storage
     from training.finetune.pairs import EncodeActor
 
-    root = run_dir / "cache"
-    marker = root / "key.json"
-    if not (marker.is_file() and json.loads(marker.read_text()).get("key") == key):
+    if not cache_current(root, key):
         started = time.perf_counter()
         d = cfg.data
         for name, ds in pairs.items():
@@ -170,12 +247,12 @@ def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], run_dir: Path, k
                 num_gpus=d.encode_num_gpus, num_cpus=d.encode_num_cpus,
                 fn_constructor_kwargs={"build": build_kwargs(cfg), "family": cfg.resolved_family,
                                        "target_key": target_key, "flip": d.flip, "seed": cfg.seed})
-            enc.write_parquet(str(root / name), mode="overwrite")
-        marker.write_text(json.dumps({"key": key, "encode_s": round(time.perf_counter() - started, 3)}))
+            enc.write_parquet((root / name).path, filesystem=root.fs, mode="overwrite")
+        storage.write_text(root / "key.json", json.dumps({"key": key, "encode_s": round(time.perf_counter() - started, 3)}))
         log.info("latent cache written to %s in %.1f s", root, time.perf_counter() - started)
     else:
         log.info("reusing the latent cache in %s", root)
-    return {name: ray.data.read_parquet(str(root / name)) for name in ("train", "val")}
+    return {name: ray.data.read_parquet((root / name).path, filesystem=root.fs) for name in pairs}
 
 
 # --- run ----------------------------------------------------------------------------------
@@ -184,8 +261,6 @@ def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], run_dir: Path, k
 def export_model(cfg: FinetuneConfig, ckpt: Path, out: Path) -> None:
     """Build the base on CPU, load the checkpoint's trained (EMA if any) weights, save the
     diffusers folder. Runs in the driver so DDP and FSDP runs export the same way."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from training.finetune.models import build_components
@@ -209,6 +284,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from actors.colormap import default_ignore_color
     from pipelines.runtime import init_ray
     from pipelines.sources import SourceError, index_source
+    from training.finetune.pairs import uses_captioner
     from training.finetune.recipes import RECIPES
 
     check_inputs(cfg)
@@ -223,9 +299,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ConfigError(f"output.path: {run_dir} already has checkpoints; pass resume=true (--resume) or a new output.path")
     try:
         index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes)
+        problems = list(index.problems)
         try:
             held = index_source(cfg.source.path, cfg.source.format, split=cfg.data.val_split, classes=cfg.source.classes)
             val_rows = sorted(held.rows, key=lambda r: r["source_id"])[: cfg.data.val_count]
+            problems += held.problems
         except SourceError:
             val_rows = []
     except SourceError as exc:
@@ -236,13 +314,20 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if not index.rows:
         raise ConfigError(f"source.path: {cfg.source.path} has no training rows with masks")
     palette_name, palette = resolve_palette(cfg, index)
+    captioned = uses_captioner(cfg, train_rows(cfg, index) + val_rows)
+    if captioned and cfg.preset != "tiny" and not (cfg.captioner.model.id or cfg.captioner.model.local_path):
+        raise ConfigError(f"captioner.model.id: required (or captioner.model.local_path): rows without a caption are "
+                          f"captioned under preset {cfg.preset}; or set captions.source=template")
     init_ray(cfg.ray)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     target_key = RECIPES[cfg.kind].target_key
-    pairs = pair_datasets(cfg, palette, index, val_rows)
-    datasets = cached_datasets(cfg, pairs, run_dir, cache_key(cfg, palette, target_key), target_key) \
-        if cfg.data.cache_latents else pairs
+    key, cache = cache_key(cfg, palette, target_key, captioned), cache_root(cfg, run_dir)
+    if not (cfg.data.cache_latents and cache_current(cache, key)):  # the pairs pass runs: its rejects are new
+        shutil.rmtree(run_dir / "rejected", ignore_errors=True)
+    write_index_problems(run_dir, problems)
+    pairs = pair_datasets(cfg, palette, index, val_rows, run_dir)
+    datasets = cached_datasets(cfg, pairs, cache, key, target_key) if cfg.data.cache_latents else pairs
     resume_from, step = None, 0
     if cfg.resume and existing:
         resume_from = existing[-1]
@@ -268,6 +353,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
              "val_loss_final": float(rows[-1]["val_loss"]) if rows else None,
              "val_fidelity": float(rows[-1]["val_fidelity"]) if rows and rows[-1].get("val_fidelity") else None,
              "steps_per_s": sps[len(sps) // 2] if sps else None, "palette_name": palette_name,
+             "rejected": rejected_counts(run_dir),
              "restarts": len(list(run_dir.glob(".failed_at_*"))), "wall_s": round(time.time() - started, 3)}
     tmp = run_dir / "final.json.tmp"
     tmp.write_text(json.dumps(final, indent=1))

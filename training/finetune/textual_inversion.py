@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,14 +45,16 @@ BANK_IN_CKPT = "bank.safetensors"
 
 
 def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[str], background: int | None,
-                   resolution: int, only: list[int] | None, min_fraction: float) -> dict[str, np.ndarray]:
+                   resolution: int, only: list[int] | None, min_fraction: float,
+                   rejected_to: str | None = None) -> dict[str, np.ndarray]:
     """Index rows -> one row per (source row, class present): ``image`` (R x R x 3),
     ``mask`` (R x R: 1 class, 0 rest, 255 ignored), ``class_id``, ``source_id``. Unreadable
-    rows are logged and skipped (the run goes on with the others)."""
+    rows go to ``rejected_to/rejected/`` with their reason (logged when None); the run goes on."""
     from pipelines.sources import SourceError, load_pixels
-    from training.finetune.pairs import resize_crop
+    from training.finetune.pairs import resize_crop, write_rejected
 
     out: dict[str, list] = {k: [] for k in ("source_id", "class_id", "image", "mask")}
+    rejected = []
     for i in range(len(batch["source_id"])):
         row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
         try:
@@ -59,7 +62,10 @@ def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[s
             if mask is None:
                 raise SourceError(f"{row['source_path']}: no mask", "missing_mask")
         except SourceError as exc:
-            log.warning("textual inversion: skipping %s: %s", row["source_id"], str(exc).splitlines()[0])
+            reason = f"{exc.reason}: {str(exc).splitlines()[0]}"[:500]
+            log.warning("textual inversion: rejecting %s (%s)", row["source_id"], reason)
+            rejected.append({"source_id": str(row["source_id"]), "source_path": str(row["source_path"]),
+                             "drop_reason": reason})
             continue
         img, msk, _ = resize_crop(image, mask, resolution)
         ids, counts = np.unique(msk, return_counts=True)
@@ -72,6 +78,7 @@ def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[s
             out["class_id"].append(int(c))
             out["image"].append(img)
             out["mask"].append(binary)
+    write_rejected(rejected, rejected_to, "instances")
     if not out["source_id"]:
         return {"source_id": np.array([], dtype=object), "class_id": np.array([], np.int64),
                 "image": np.zeros((0, resolution, resolution, 3), np.uint8),
@@ -132,24 +139,9 @@ class InstanceText:
 
     def encode(self, prompts: list[str]) -> dict[str, Any]:
         """prompt_embeds (and SDXL pooled) with gradients to the tables."""
-        import torch
+        from training.finetune.models import encode_prompts
 
-        embeds, pooled = [], None
-        for tok_name, enc_name in self.pairs:
-            tok, enc = self.comps[tok_name], self.comps[enc_name]
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = enc(ids, output_hidden_states=True)
-            if self.sdxl:
-                embeds.append(out.hidden_states[-2])
-                if enc_name == "text_encoder_2":
-                    pooled = out[0]
-            else:
-                embeds.append(out[0])
-        result = {"prompt_embeds": torch.cat(embeds, dim=-1)}
-        if pooled is not None:
-            result["pooled"] = pooled
-        return result
+        return encode_prompts(self.comps, self.sdxl, prompts, self.device)
 
 
 def torch_where(cond: Any, a: Any, b: Any) -> Any:
@@ -181,33 +173,24 @@ def _loss(unet: Any, text: InstanceText, encoder: Any, scheduler: Any, batch: di
 def ti_loop(config: dict[str, Any]) -> None:
     """Each Ray Train worker: the instance table, trained on its shard of instance rows."""
     import ray.train
-    import ray.train.torch
     import torch
 
     from actors.textual_inversion import BankEntry, adjective_prompt, save_bank
-    from training.finetune.models import (
-        PairEncoder,
-        build_components,
-        eval_timesteps,
-        noise_scheduler,
+    from training.finetune.models import eval_timesteps
+    from training.finetune.worker import (
+        _epochs,
+        make_lr_schedule,
+        make_optimizer,
+        optimizer_step,
+        setup_worker,
     )
-    from training.finetune.worker import _epochs, make_lr_schedule, make_optimizer
 
-    cfg = FinetuneConfig.model_validate(config["cfg"])
-    meta = config["meta"]
+    w = setup_worker(config)
+    cfg, meta, rank, world, comps = w.cfg, w.meta, w.rank, w.world, w.comps
+    encoder, scheduler, family, res = w.encoder, w.scheduler, cfg.resolved_family, cfg.data.resolution
     ti = cfg.textual_inversion
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.workers.torch_threads:
-        torch.set_num_threads(cfg.workers.torch_threads)
-    device = ray.train.torch.get_device()
-    family, res = cfg.resolved_family, cfg.data.resolution
-    torch.manual_seed(cfg.seed)
-    comps = build_components(**meta["build"], device=str(device))
     entries = [BankEntry(**e) for e in meta["entries"]]
-    text = InstanceText(comps, family, [e.token for e in entries], [e.class_name for e in entries], device)
-    encoder = PairEncoder(comps, family, str(device))
-    scheduler = noise_scheduler(comps)
+    text = InstanceText(comps, family, [e.token for e in entries], [e.class_name for e in entries], w.device)
     unet = comps["unet"]
     params = text.parameters()
     opt = make_optimizer(cfg, params)
@@ -244,17 +227,13 @@ def ti_loop(config: dict[str, Any]) -> None:
             for p in params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr = optimizer_step(cfg, params, opt, sched)
         window.append(float(loss.detach()))
         last = step == cfg.iterations
         if step % cfg.log_interval and not last:
             continue
         metrics = {"step": step, "iterations": cfg.iterations, "loss": float(np.mean(window)),
-                   "lr": opt.param_groups[0]["lr"], "steps_per_s": len(window) / max(1e-9, time.perf_counter() - t0),
+                   "lr": lr, "steps_per_s": len(window) / max(1e-9, time.perf_counter() - t0),
                    "data_wait_fraction": 0.0, "step_time_s": (time.perf_counter() - t0) / len(window)}
         window, t0 = [], time.perf_counter()
         if not last:
@@ -285,7 +264,13 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
     from pipelines.config import ConfigError
     from pipelines.runtime import init_ray
     from pipelines.sources import SourceError, index_source
-    from training.finetune.run import _callback, build_kwargs, truncate_metrics
+    from training.finetune.run import (
+        _callback,
+        build_kwargs,
+        rejected_counts,
+        truncate_metrics,
+        write_index_problems,
+    )
 
     ti = cfg.textual_inversion
     run_dir = Path(cfg.output.path).expanduser().resolve()
@@ -310,10 +295,13 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
         only = [classes.index(c) for c in ti.classes]
     init_ray(cfg.ray)
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "rejected", ignore_errors=True)  # this run's instance pass writes its own
+    write_index_problems(run_dir, index.problems)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 16))).map_batches(
         make_instances, batch_size=4, num_cpus=cfg.data.encode_num_cpus, batch_format="numpy",
         fn_kwargs={"format": index.format, "classes": classes, "background": index.background_index,
-                   "resolution": cfg.data.resolution, "only": only, "min_fraction": ti.min_fraction}).materialize()
+                   "resolution": cfg.data.resolution, "only": only, "min_fraction": ti.min_fraction,
+                   "rejected_to": str(run_dir)}).materialize()
     keys = sorted({(str(r["source_id"]), int(r["class_id"])) for r in ds.select_columns(["source_id", "class_id"]).take_all()})
     if not keys:
         raise ConfigError(f"source.path: no instance (a non-background class covering >= {ti.min_fraction:.2%}) "
@@ -355,7 +343,8 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
     final = {"kind": cfg.kind, "final_step": cfg.iterations, "iterations": cfg.iterations, "model": bank,
              "bank": bank, "instances": len(entries), "classes": sorted({e.class_name for e in entries}),
              "val_loss_initial": losses["initial"], "val_loss_final": losses["final"],
-             "steps_per_s": (result.metrics or {}).get("steps_per_s"), "wall_s": round(time.time() - started, 3)}
+             "steps_per_s": (result.metrics or {}).get("steps_per_s"), "rejected": rejected_counts(run_dir),
+             "wall_s": round(time.time() - started, 3)}
     (run_dir / "final.json").write_text(json.dumps(final, indent=1))
     log.info("textual inversion done: fixed-noise loss %.4f -> %.4f, bank %s", losses["initial"], losses["final"], bank)
     return final

@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,54 @@ def make_lr_schedule(cfg: FinetuneConfig, opt: Any):
                          num_training_steps=cfg.iterations, **kwargs)
 
 
+def optimizer_step(cfg: FinetuneConfig, params: list[Any], opt: Any, sched: Any) -> float:
+    """Clip the global grad norm (``optim.grad_clip``), step the optimizer and the lr schedule,
+    clear the grads; returns the lr the step used. Shared by every fine-tuning loop."""
+    import torch
+
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return lr
+
+
+@dataclass
+class WorkerSetup:
+    """What every fine-tuning worker starts from: its config, rank, device and the frozen base."""
+
+    cfg: FinetuneConfig
+    meta: dict[str, Any]
+    rank: int
+    world: int
+    device: Any
+    comps: dict[str, Any]
+    encoder: Any  # models.PairEncoder on ``device``
+    scheduler: Any  # the DDPM training scheduler
+
+
+def setup_worker(config: dict[str, Any]) -> WorkerSetup:
+    """In a Ray Train worker: validate the config, set threads and the seed, build the base
+    components on this worker's device (the same for every rank: seeded)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from training.finetune.models import PairEncoder, build_components, noise_scheduler
+
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    if cfg.workers.torch_threads:
+        torch.set_num_threads(cfg.workers.torch_threads)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    comps = build_components(**config["meta"]["build"], device=str(device))
+    return WorkerSetup(cfg, config["meta"], ctx.get_world_rank(), ctx.get_world_size(), device, comps,
+                       PairEncoder(comps, cfg.resolved_family, str(device)), noise_scheduler(comps))
+
+
 def _autocast(device: Any, bf16: bool):
     import torch
 
@@ -170,31 +219,18 @@ def finetune_loop(config: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from training.finetune.models import (
-        PairEncoder,
-        build_components,
-        eval_timesteps,
-        noise_scheduler,
-    )
+    from training.finetune.models import eval_timesteps
     from training.finetune.recipes import make_recipe
     from training.finetune.validate import color_fidelity, held_out_loss, sample_grid
 
-    cfg = FinetuneConfig.model_validate(config["cfg"])
-    meta = config["meta"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.workers.torch_threads:
-        torch.set_num_threads(cfg.workers.torch_threads)
-    device = ray.train.torch.get_device()
-    family, res = cfg.resolved_family, cfg.data.resolution
-    torch.manual_seed(cfg.seed)
-    comps = build_components(**meta["build"], device=str(device))
-    recipe = make_recipe(cfg.kind, comps, family, res, lora=cfg.lora, controlnet_path=cfg.model.controlnet_local_path)
+    w = setup_worker(config)
+    cfg, meta, rank, world, device = w.cfg, w.meta, w.rank, w.world, w.device
+    encoder, scheduler, res = w.encoder, w.scheduler, cfg.data.resolution
+    recipe = make_recipe(cfg.kind, w.comps, cfg.resolved_family, res, lora=cfg.lora,
+                         controlnet_path=cfg.model.controlnet_local_path)
     if cfg.workers.gradient_checkpointing:
         recipe.module.enable_gradient_checkpointing()
     recipe.module.train()
-    encoder = PairEncoder(comps, family, str(device))
-    scheduler = noise_scheduler(comps)
 
     resume = _restore_dir(meta)
     state: dict[str, Any] | None = None
@@ -262,12 +298,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
                 loss = denoising_loss(recipe, model, batch, scheduler, gen)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr = optimizer_step(cfg, params, opt, sched)
         if ema is not None:
             ema.step(params)
         step += 1
