@@ -20,11 +20,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.metrics import format_table
     from training.recipe import run_train
+    from training.rundir import locate
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     cfg = load_config(TrainConfig, args.config, overrides)
     final = run_train(cfg)
-    print(f"run directory: {Path(cfg.output.path).resolve()}")
+    print(f"run directory: {locate(cfg.output.path, 'output.path')}")
     if final.get("pretrain"):
         evals = final["pretrain"]["evals"]
         print(f"pre-training (synthetic only): {final['pretrain']['last_step']} steps"
@@ -90,7 +91,7 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("scaling: give --config YAML (run a sweep) or --report DIR (re-render one)")
     print(format_report(report))
-    print(f"written: {Path(report['out']) / 'results.csv'}, fit.json, scaling.png")
+    print(f"written: {report['out']}/results.csv, fit.json, scaling.png")
     if report["failed"]:
         print(f"error: {len(report['failed'])} trial(s) failed (see trials/*/error.txt); rerun to retry only them",
               file=sys.stderr)
