@@ -146,3 +146,38 @@ def test_a_scaling_sweep_with_its_directory_on_s3(train_ray, s3_bucket, quick, m
     assert again["finished"] == 1  # the trial was not trained again: final.json is the same object
     assert final_loc.fs.get_file_info(final_loc.path).mtime_ns == stamp and json.loads(storage.read_text(final_loc)) == final
     assert sorted(p.name for p in Path(".").rglob("*")) == []
+
+
+def test_predict_lists_a_folder_of_images_on_s3(s3_bucket):
+    """``predict --format images --data s3://...``: every image under the prefix, ids relative to it."""
+    from training.predict import image_rows
+
+    s3 = storage.resolve(s3_bucket)
+    for key in ("imgs/a.png", "imgs/sub/b.JPG", "imgs/notes.txt", "imgs/.hidden.png"):
+        storage.write_bytes(s3 / key, b"x")
+    rows = image_rows(f"{s3_bucket}/imgs", "images", None)
+    assert rows == [{"id": "a", "path": f"{s3_bucket}/imgs/a.png", "format": "images"},
+                    {"id": "sub/b", "path": f"{s3_bucket}/imgs/sub/b.JPG", "format": "images"}]
+    with pytest.raises(ConfigError, match="--data: no images in"):
+        image_rows(f"{s3_bucket}/nothing", "images", None)
+
+
+def test_run_records_are_the_same_bytes_on_s3_as_on_disk(s3_bucket, tmp_path):
+    """metrics.csv (appended, then truncated by a restart) and events.jsonl: appended in place on a
+    disk, rewritten whole on S3 (objects cannot be appended to), with the same bytes."""
+    from training.recipe import _read_rows, append_metrics
+    from training.runlog import append_event, read_events
+
+    rows = [{"step": s, "phase": "train", "loss": 1.0 / s, "lr": 0.01, "eval_miou": 0.5 if s == 4 else None}
+            for s in (2, 4, 6, 4, 6)]  # a restart from step 3 re-reports steps 4 and 6
+    for run in (tmp_path / "run", f"{s3_bucket}/run"):
+        for m in rows:
+            append_metrics(f"{run}/metrics.csv", m)
+        append_event(run, "failure", ranks=[0])
+        append_event(run, "resumed", step=3)
+    local, remote = tmp_path / "run", storage.resolve(f"{s3_bucket}/run")
+    assert (local / "metrics.csv").read_bytes() == storage.read_bytes(remote / "metrics.csv")
+    assert [r["step"] for r in _read_rows(remote / "metrics.csv")] == ["2", "4", "6"]
+    assert [e["event"] for e in read_events(remote)] == ["failure", "resumed"]
+    assert [{k: v for k, v in e.items() if k != "time"} for e in read_events(local)] == \
+        [{k: v for k, v in e.items() if k != "time"} for e in read_events(remote)]
