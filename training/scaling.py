@@ -352,9 +352,11 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     limit = concurrency(ray.cluster_resources(), cpus, gpus, cfg.max_concurrent)
     log.info("%d trials, %d already finished; running %d at once (%.2g CPU, %g GPU each)",
              len(trials), len(trials) - len(todo), limit, cpus, gpus)
-    # Pinned to this node: the trial writes its run directory where this driver reads it.
-    task = ray.remote(_run_trial).options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False))
+    # A local sweep directory: pinned to this node, where this driver reads the run directories.
+    # On a URI every node sees the same directory, so a trial's driver may run on any node.
+    pin = {} if not out.is_local else {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
+    task = ray.remote(_run_trial).options(num_cpus=0, max_retries=0, **pin)
     running: dict[Any, Trial] = {}
     failed: list[str] = []
     while todo or running:
