@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipelines.config import ConfigError
 
@@ -82,7 +81,7 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     if args.report:
         if args.config or args.overrides:
             raise ConfigError("--report re-renders a finished sweep: give it alone, without --config or overrides")
-        report = render_report(Path(args.report))
+        report = render_report(args.report)  # a directory or a URI
     elif args.config:
         from pipelines.config import load_config
         from training.scaling import ScalingConfig, run_sweep

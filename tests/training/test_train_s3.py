@@ -145,6 +145,11 @@ def test_a_scaling_sweep_with_its_directory_on_s3(train_ray, s3_bucket, quick, m
     again = run_sweep(load_config(ScalingConfig, ROOT / "training" / "configs" / "scaling-toy.yaml", overrides))
     assert again["finished"] == 1  # the trial was not trained again: final.json is the same object
     assert final_loc.fs.get_file_info(final_loc.path).mtime_ns == stamp and json.loads(storage.read_text(final_loc)) == final
+    results_loc = storage.resolve(f"{out}/results.csv")
+    storage.remove(results_loc)
+    from segfactory.cli import main
+
+    assert main(["scaling", "--report", out]) == 0 and storage.read_text(results_loc).startswith("volume,p_aug")
     assert sorted(p.name for p in Path(".").rglob("*")) == []
 
 
