@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipelines.config import ConfigError
 
@@ -20,11 +19,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.metrics import format_table
     from training.recipe import run_train
+    from training.rundir import locate
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     cfg = load_config(TrainConfig, args.config, overrides)
     final = run_train(cfg)
-    print(f"run directory: {Path(cfg.output.path).resolve()}")
+    print(f"run directory: {locate(cfg.output.path, 'output.path')}")
     if final.get("pretrain"):
         evals = final["pretrain"]["evals"]
         print(f"pre-training (synthetic only): {final['pretrain']['last_step']} steps"
@@ -81,7 +81,7 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     if args.report:
         if args.config or args.overrides:
             raise ConfigError("--report re-renders a finished sweep: give it alone, without --config or overrides")
-        report = render_report(Path(args.report))
+        report = render_report(args.report)  # a directory or a URI
     elif args.config:
         from pipelines.config import load_config
         from training.scaling import ScalingConfig, run_sweep
@@ -90,7 +90,7 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("scaling: give --config YAML (run a sweep) or --report DIR (re-render one)")
     print(format_report(report))
-    print(f"written: {Path(report['out']) / 'results.csv'}, fit.json, scaling.png")
+    print(f"written: {report['out']}/results.csv, fit.json, scaling.png")
     if report["failed"]:
         print(f"error: {len(report['failed'])} trial(s) failed (see trials/*/error.txt); rerun to retry only them",
               file=sys.stderr)

@@ -27,6 +27,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     from training.metrics import summarize
     from training.models import load_model
     from training.recipe import model_dir
+    from training.rundir import fetch_dir, locate
 
     meta = config["meta"]
     if config.get("torch_threads"):
@@ -34,7 +35,8 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
 
         torch.set_num_threads(config["torch_threads"])
     device = ray.train.torch.get_device()
-    model = load_model(meta["arch"], model_dir(Path(config["checkpoint"]))).to(device)
+    # a checkpoint on a URI is copied down to this node's cache once
+    model = load_model(meta["arch"], fetch_dir(model_dir(locate(config["checkpoint"], "--checkpoint")))).to(device)
     conf = evaluate_shard(model, meta["arch"], ray.train.get_dataset_shard("val"), len(meta["classes"]), device,
                           config["batch_size"], config.get("precision", "auto"), config["eval"], meta["mean"], meta["std"])
     summary = summarize(conf, meta["classes"])
@@ -54,15 +56,18 @@ def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "vo
     directory's final/latest checkpoint) on ``data``'s ``split``, by the checkpoint's eval
     protocol (``eval_overrides`` replace keys of it: mode, short_side, flip, scales, ...);
     writes them as JSON (default ``<checkpoint>/eval-<split>.json``) and returns them."""
+    from pipelines import storage
     from pipelines.runtime import init_ray
     from pipelines.sources import SourceError, index_source
     from training.config import DataConfig, TrainConfig
     from training.data import Sources, val_dataset
     from training.loop import META_FILE
     from training.recipe import make_trainer, resolve_checkpoint
+    from training.rundir import writable
 
     ckpt = resolve_checkpoint(checkpoint_dir)
-    meta = json.loads((ckpt / META_FILE).read_text())
+    meta = json.loads(storage.read_text(ckpt / META_FILE))
+    dest = writable(out, "--out") if out else ckpt / f"eval-{split}.json"
     try:
         index = index_source(data, format, split=split)
     except SourceError as e:
@@ -80,22 +85,20 @@ def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "vo
     cfg = TrainConfig(real={"path": str(data), "format": format}, data=DataConfig())
     rows = sorted(index.rows, key=lambda r: r["source_id"])
     ds = val_dataset(cfg, Sources(meta["classes"], [], [{k: r[k] for k in ("source_id", "source_path", "source_mask_path", "source_row")} for r in rows]))
-    storage = Path(tempfile.mkdtemp(prefix="segfactory-eval-"))
+    scratch = Path(tempfile.mkdtemp(prefix="segfactory-eval-"))
     try:
         trainer = make_trainer(eval_loop_per_worker, {"checkpoint": str(ckpt), "meta": meta, "batch_size": batch_size,
                                                       "eval": spec},
-                               {"val": ds}, storage / "eval", num_workers=num_workers, use_gpu=use_gpu,
+                               {"val": ds}, scratch / "eval", num_workers=num_workers, use_gpu=use_gpu,
                                cpus_per_worker=cpus_per_worker)
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             summary = json.loads((Path(d) / "eval.json").read_text())
     finally:
-        shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     result = {"checkpoint": str(ckpt), "step": meta.get("step"), "data": str(data), "format": format,
               "split": split, "samples": len(rows), "num_workers": num_workers, "protocol": spec, **summary}
-    path = Path(out) if out else ckpt / f"eval-{split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    result["json"] = str(path)
-    log.info("evaluated %s on %s/%s: mIoU %.4f (%s)", ckpt, data, split, summary["miou"], path)
+    storage.write_text(dest, json.dumps(result, indent=1))
+    result["json"] = str(dest)
+    log.info("evaluated %s on %s/%s: mIoU %.4f (%s)", ckpt, data, split, summary["miou"], dest)
     return result

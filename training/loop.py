@@ -95,10 +95,13 @@ def _restore(cfg: TrainConfig, meta: dict[str, Any]):
     else the driver's choice for resume=true."""
     import ray.train
 
+    from training.rundir import fetch_dir
+
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         return ckpt.to_directory()
-    return meta.get("resume_from")
+    # the driver's choice: a local path, or a URI copied down to this node's cache
+    return fetch_dir(meta["resume_from"]) if meta.get("resume_from") else None
 
 
 def _save(tmp: Path, model, opt, sched, step: int, consumed: dict[str, int], extra: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -152,7 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume:
         model = load_model(arch, Path(resume) / MODEL_DIR)
     elif cfg.model.init_from:
-        model = load_model(arch, Path(cfg.model.init_from) / MODEL_DIR)
+        from training.rundir import fetch_dir
+
+        model = load_model(arch, fetch_dir(cfg.model.init_from) / MODEL_DIR)
     else:
         model = build_model(cfg.model, classes)
     model = maybe_sync_batchnorm(model, world, device)
@@ -215,9 +220,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k, v in (("loss", value_sum), ("n", 1), ("wait", wait), ("busy", time.perf_counter() - t0)):
                 window[k] += v
             if step in cfg.debug.fail_at_steps and rank == 0:
-                marker = Path(meta["run_dir"]) / f".failed_at_{step}"
-                if not marker.exists():
-                    marker.touch()
+                from pipelines import storage
+
+                marker = storage.resolve(meta["run_dir"]) / f".failed_at_{step}"
+                if not storage.exists(marker):
+                    storage.write_bytes(marker, b"")
                     raise RuntimeError(f"debug.fail_at_steps: simulated worker failure at step {step}")
 
             do_eval = step % cfg.eval_interval == 0 or step == end

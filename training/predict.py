@@ -4,13 +4,16 @@ One mask PNG per image, named by the image's id (``OUT/<id>.png``, class ids, ui
 16-bit past 255 classes), made by the same code as ``evaluate`` (:func:`training.inference.segment`,
 the checkpoint's eval protocol), so the masks score exactly the mIoU ``evaluate`` reports.
 Images are read and the model runs in a Ray Data actor pool (the model loads once per actor);
-the PNGs are written by the actors, the driver only counts them.
+the PNGs are written by the actors, the driver only counts them. ``--checkpoint``, ``--data``
+and ``--out`` may be URIs (``s3://...``): each actor copies the model down to its node's cache.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +26,41 @@ log = logging.getLogger("segfactory.train")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def resolve_model(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(model dir, segfactory.json) of a run (its best checkpoint, else final/latest), a
-    checkpoint directory or a ``best/`` directory."""
+def resolve_model(path: str | Path):
+    """(model dir :class:`~pipelines.storage.Location`, segfactory.json) of a run (its best
+    checkpoint, else final/latest), a checkpoint directory or a ``best/`` directory."""
+    from pipelines import storage
     from training.recipe import model_dir, resolve_checkpoint
+    from training.rundir import locate
 
-    path = Path(path)
-    if (path / "best" / "segfactory.json").is_file():
-        path = path / "best"
-    ckpt = resolve_checkpoint(path)
-    return model_dir(ckpt), json.loads((ckpt / "segfactory.json").read_text())
+    loc = locate(path, "--checkpoint")
+    if storage.is_file(loc / "best" / "segfactory.json"):
+        loc = loc / "best"
+    ckpt = resolve_checkpoint(loc)
+    return model_dir(ckpt), json.loads(storage.read_text(ckpt / "segfactory.json"))
 
 
 def image_rows(data: str | Path, format: str, split: str | None) -> list[dict[str, str]]:
     """(id, image path) of the images to segment: a plain folder of images (``format=images``)
     or a source dataset's split (labels not needed)."""
+    from pipelines import storage
     from pipelines.sources import SourceError, index_source
 
-    root = Path(data)
     if format == "images":
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if root.is_dir() else []
-        rows = [{"id": str(p.relative_to(root).with_suffix("")), "path": str(p), "format": "images"} for p in files]
+        try:
+            root = storage.resolve(str(data), "--data")
+            files = storage.listdir(root, recursive=True) if storage.is_dir(root) else []
+        except storage.StorageError as e:
+            raise ConfigError(str(e)) from None
+        rows = []
+        for f in files:
+            rel = f.path[len(root.path):].lstrip("/")
+            stem, ext = os.path.splitext(rel)
+            if ext.lower() in IMAGE_EXTS:
+                rows.append({"id": stem, "path": f.uri, "format": "images"})
     else:
         try:
-            index = index_source(root, format, split=split, require_masks=False)
+            index = index_source(data, format, split=split, require_masks=False)
         except SourceError as e:
             raise ConfigError(f"--data: {e}") from None
         rows = [{"id": str(r["source_id"]), "path": str(r["source_path"]), "format": format,
@@ -67,13 +81,17 @@ class Segmenter:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.arch, self.meta, self.spec, self.out = meta["arch"], meta, spec, Path(out)
-        self.model = load_model(self.arch, Path(model_path)).to(self.device).eval()
+        from pipelines import storage
+        from training.rundir import fetch_dir
+
+        self.arch, self.meta, self.spec, self.out = meta["arch"], meta, spec, storage.resolve(out)
+        self.model = load_model(self.arch, fetch_dir(model_path)).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         from PIL import Image
 
+        from pipelines import storage
         from pipelines.sources import load_pixels
         from training.accel import autocast
         from training.inference import segment
@@ -82,7 +100,7 @@ class Segmenter:
         for i in range(len(batch["id"])):
             row = {k: batch[k][i] for k in batch}
             if row["format"] == "images":
-                image = np.asarray(Image.open(row["path"]).convert("RGB"))
+                image = np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.resolve_file(row["path"])))).convert("RGB"))
             else:
                 image, _ = load_pixels({"source_id": row["id"], "source_path": row["path"],
                                         "source_row": row["source_row"] or 0}, row["format"])
@@ -91,20 +109,19 @@ class Segmenter:
                                 self.spec, self.meta["mean"], self.meta["std"])
             pred = probs.argmax(0).cpu().numpy()
             dest = self.out / f"{row['id']}.png"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            write_mask(pred, dest, len(self.meta["classes"]))
+            storage.write_bytes(dest, mask_png(pred, len(self.meta["classes"])))  # temp + rename, or one PUT
             written.append(str(dest))
         return {"path": np.array(written, dtype=object)}
 
 
-def write_mask(pred: np.ndarray, dest: Path, num_classes: int) -> None:
-    """Class ids as a single-channel PNG (uint8, or 16-bit past 255 classes), via tmp + rename."""
+def mask_png(pred: np.ndarray, num_classes: int) -> bytes:
+    """Class ids as a single-channel PNG (uint8, or 16-bit past 255 classes)."""
     from PIL import Image
 
     im = Image.fromarray(pred.astype(np.uint8)) if num_classes <= 255 else Image.fromarray(pred.astype(np.uint16))
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(dest)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, format: str = "images",
@@ -114,6 +131,7 @@ def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, forma
     ``OUT/predict.json``)."""
     import ray
 
+    from pipelines import storage
     from pipelines.config import RayConfig
     from pipelines.runtime import init_ray
     from training.inference import eval_protocol
@@ -121,8 +139,10 @@ def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, forma
     model_path, meta = resolve_model(checkpoint)
     spec = eval_protocol(meta, eval_overrides)
     rows = image_rows(data, format, split)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from training.rundir import writable
+
+    out = writable(out, "--out")
+    storage.makedirs(out)
     init_ray(ray_cfg or RayConfig(show_progress=False))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(200, len(rows) // batch_size)))
     ds = ds.map_batches(Segmenter, batch_size=batch_size, batch_format="numpy",
@@ -132,6 +152,6 @@ def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, forma
     written = sum(len(b["path"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy"))
     summary = {"checkpoint": str(model_path), "step": meta.get("step"), "data": str(data), "format": format,
                "split": split, "images": written, "out": str(out), "protocol": spec}
-    (out / "predict.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(out / "predict.json", json.dumps(summary, indent=1))
     log.info("predicted %d masks with %s -> %s", written, model_path, out)
     return summary

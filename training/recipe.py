@@ -1,6 +1,7 @@
 """The driver side of training: build the TorchTrainer, run it, write the run directory.
 
-Run directory (``output.path``)::
+Run directory (``output.path``: a local path or a URI such as ``s3://bucket/runs/x``,
+see :mod:`training.rundir`)::
 
     config.yaml          resolved config
     metrics.csv          step, loss, lr, data-wait fraction, step time, eval mIoU, ... (live)
@@ -15,18 +16,22 @@ Run directory (``output.path``)::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.storage import Location
 from training.config import TrainConfig
 from training.data import split_names
+from training.rundir import append_text, locate, read_json, read_text, subdirs, writable, write_json
 
 log = logging.getLogger("segfactory.train")
 
@@ -38,7 +43,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Config combinations a field validator cannot see; raises ConfigError naming the key."""
     if not cfg.output.path:
         raise ConfigError("output.path: required (the run directory)")
-    require_local_dir("output.path", cfg.output.path)
+    writable(cfg.output.path, "output.path")
     if not cfg.real.path:
         raise ConfigError("real.path: required (evaluation always uses the real val split)")
     if cfg.strategy != "real_only" and not (cfg.synthetic.paths or cfg.synthetic.live):
@@ -47,74 +52,64 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ConfigError("synthetic.live.config: required (a generation YAML)")
 
 
-def require_local_dir(key: str, path: str) -> None:
-    """Run directories (checkpoints, metrics, final.json) are local or on a shared mount for now;
-    an object-store URI is a clear error instead of a local folder named ``s3:``."""
-    from pipelines import storage
-
-    try:
-        loc = storage.resolve(path, key)
-    except storage.StorageError as e:
-        raise ConfigError(str(e)) from None
-    if not loc.is_local:
-        raise ConfigError(f"{key}={path}: a training run directory must be a local path or a shared mount "
-                          "(datasets may be URIs: real.path, synthetic.paths, --data)")
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
+def checkpoints(run_dir: str | os.PathLike | Location) -> list[Location]:
     """Complete checkpoints of a run, oldest first."""
-    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / "train_state.pt").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    run = locate(run_dir, "output.path")
+    return [c for c in subdirs(run, "checkpoint_") if storage.is_file(c / "train_state.pt")]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | os.PathLike | Location) -> Location:
     """A checkpoint directory from a checkpoint dir, or a run dir (final.json's, else latest)."""
-    require_local_dir("--checkpoint", str(path))
-    path = Path(path)
-    if (path / "segfactory.json").is_file():
-        return path
-    if (path / "final.json").is_file():
-        return Path(json.loads((path / "final.json").read_text())["checkpoint"])
-    found = checkpoints(path)
+    loc = locate(path, "--checkpoint")
+    if storage.is_file(loc / "segfactory.json"):
+        return loc
+    final = read_json(loc / "final.json")
+    if final is not None:
+        return locate(final["checkpoint"], "--checkpoint")
+    found = checkpoints(loc)
     if not found:
-        what = "no such directory" if not path.is_dir() else "no checkpoint in it"
-        raise ConfigError(f"--checkpoint {path}: {what}; give a run directory of `segfactory train` "
+        what = "no such directory" if not storage.exists(loc) else "no checkpoint in it"
+        raise ConfigError(f"--checkpoint {loc}: {what}; give a run directory of `segfactory train` "
                           "(its output.path) or one of its checkpoint_* folders")
     return found[-1]
 
 
-def model_dir(ckpt: Path) -> Path:
+def model_dir(ckpt: Location) -> Location:
     """The transformers model directory of a checkpoint (``model/``) or of ``RUN/best``."""
-    return ckpt / "model" if (ckpt / "model").is_dir() else ckpt
+    return ckpt / "model" if storage.is_dir(ckpt / "model") else ckpt
 
 
 # --- metrics.csv ------------------------------------------------------------------------------
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+def _read_rows(path: str | os.PathLike | Location) -> list[dict[str, str]]:
+    text = read_text(locate(path))
+    return list(csv.DictReader(io.StringIO(text, newline=""))) if text else []
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop rows past ``after_step`` (a resumed run re-does those steps)."""
-    rows = [r for r in _read_rows(path) if int(r["step"]) <= after_step]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
+def _csv_text(rows: list[dict[str, Any]], header: bool) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, CSV_COLUMNS)
+    if header:
         w.writeheader()
-        w.writerows(rows)
+    w.writerows(rows)
+    return buf.getvalue()
 
 
-def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+def truncate_metrics(path: str | os.PathLike | Location, after_step: int) -> None:
+    """Drop rows past ``after_step`` (a resumed run re-does those steps)."""
+    loc = locate(path)
+    storage.write_text(loc, _csv_text([r for r in _read_rows(loc) if int(r["step"]) <= after_step], header=True))
+
+
+def append_metrics(path: str | os.PathLike | Location, metrics: dict[str, Any]) -> None:
     """Append one row; a step at or before the last row (restart) first drops the later rows."""
-    rows = _read_rows(path)
+    loc = locate(path)
+    rows = _read_rows(loc)
     if not rows or int(rows[-1]["step"]) >= metrics["step"]:
-        truncate_metrics(path, metrics["step"] - 1)
-    with path.open("a", newline="") as f:
-        csv.DictWriter(f, CSV_COLUMNS).writerow(
-            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items() if k in CSV_COLUMNS})
+        truncate_metrics(loc, metrics["step"] - 1)
+    append_text(loc, _csv_text([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()
+                                 if k in CSV_COLUMNS}], header=False))
 
 
 # --- trainer ----------------------------------------------------------------------------------
@@ -146,10 +141,11 @@ def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
     return UnequalSplit(datasets_to_split=list(split))
 
 
-def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: Path, *, num_workers: int,
+def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: str | os.PathLike | Location, *, num_workers: int,
                  use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=(),
                  ordered: tuple[str, ...] = ()):
-    """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it)."""
+    """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it; on a URI Ray Train
+    uploads them through the run directory's pyarrow file system)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -160,17 +156,19 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
     train_logging = LoggingConfig(log_level="WARNING") if ray_log_level() else None
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    run = locate(run_dir, "output.path")
+    where = {} if run.is_local else {"storage_filesystem": run.fs}  # local: Ray resolves the path itself
     return TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=run.name, storage_path=run.parent.path, **where,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks),
                              logging_config=train_logging),
         datasets=datasets, dataset_config=_data_config(split_names(datasets), ordered))
 
 
-def _summary(run_dir: Path, phase: str | None = None) -> dict[str, Any]:
+def _summary(run_dir: Location, phase: str | None = None) -> dict[str, Any]:
     """Throughput, data-wait, synthetic share and eval history from metrics.csv."""
     rows = [r for r in _read_rows(run_dir / "metrics.csv") if phase is None or r["phase"] == phase]
     val = lambda k: [float(r[k]) for r in rows if r.get(k) not in (None, "")]  # noqa: E731
@@ -212,29 +210,29 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from training.runlog import append_event, make_callback, read_events, run_record
 
     check_inputs(cfg)
-    run_dir = Path(cfg.output.path).expanduser().resolve()
+    run_dir = locate(cfg.output.path, "output.path")
     started = time.time()
     plan = phases(cfg)
     total = sum(ph["iterations"] for ph in plan)
     existing = checkpoints(run_dir)
     if existing and not cfg.resume:
         raise ConfigError(f"output.path: {run_dir} already has checkpoints; pass resume=true (--resume) or a new output.path")
-    if cfg.resume and (run_dir / "final.json").is_file():
-        final = json.loads((run_dir / "final.json").read_text())
-        if final.get("final_step") == total:
-            log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
-            return final
+    final = read_json(run_dir / "final.json") if cfg.resume else None
+    if final is not None and final.get("final_step") == total:
+        log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
+        return final
     src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
     init_ray(cfg.ray)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    storage.makedirs(run_dir)
+    storage.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     step, consumed, resume_from = 0, {}, None
     if cfg.resume and existing:
         import torch
 
         resume_from = existing[-1]
         try:
-            state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(storage.read_bytes(resume_from / "train_state.pt")), map_location="cpu",
+                               weights_only=True)
         except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
             raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
@@ -265,18 +263,16 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         raise
     m = result.metrics or {}
     ckpt = resolve_checkpoint(run_dir)
-    final = {"strategy": cfg.strategy, "final_step": json.loads((ckpt / META_FILE).read_text())["step"],
+    final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],
              "iterations": total, "miou": m.get("eval_miou"), "pixel_acc": m.get("eval_pixel_acc"),
              "per_class_iou": m.get("eval_per_class_iou"), "confusion": m.get("eval_confusion"),
              "best_miou": m.get("best_miou"), "classes": src.classes, "checkpoint": str(ckpt),
              "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
-             "best_checkpoint": str(run_dir / "best") if (run_dir / "best").is_dir() else None,
+             "best_checkpoint": str(run_dir / "best") if storage.is_dir(run_dir / "best") else None,
              **run_record(run_dir), **_summary(run_dir)}
     if len(plan) > 1:
         for ph in plan:
             final[ph["name"]] = _summary(run_dir, ph["name"])
-    tmp = run_dir / "final.json.tmp"  # atomic: a sweep treats final.json as "this trial is done"
-    tmp.write_text(json.dumps(final, indent=1))
-    tmp.replace(run_dir / "final.json")
+    write_json(run_dir / "final.json", final)  # atomic: a sweep treats final.json as "this trial is done"
     log.info("%s done: step %s, val mIoU %.4f (%s)", cfg.strategy, final["final_step"], final["miou"] or math.nan, run_dir)
     return final

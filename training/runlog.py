@@ -10,16 +10,25 @@ controller each time the worker group fails; the controller then restarts it fro
 checkpoint while ``max_failures`` allows. Each failure is appended to ``events.jsonl``; the
 driver appends ``run_failed`` when ``fit()`` gives up and ``resumed`` for ``resume=true``, so
 ``restarts = failures - run_failed`` across every attempt of the run directory.
+
+A run directory on a URI (:mod:`training.rundir`): the files go through ``pipelines.storage``;
+TensorBoard writes to a local temporary directory that is copied up after each flush; ``best/``
+is copied up with ``segfactory.json`` last (it is what marks ``best/`` complete).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines import storage
+from pipelines.storage import Location
+from training.rundir import append_text, locate, read_json, read_text, upload_dir, write_json
 
 log = logging.getLogger("segfactory.train")
 
@@ -27,37 +36,43 @@ EVENTS, BEST_DIR, TB_DIR = "events.jsonl", "best", "tb"
 MODEL_DIR = "model"
 
 
-def append_event(run_dir: Path, event: str, **fields: Any) -> None:
+RunDir = str | os.PathLike | Location
+
+
+def append_event(run_dir: RunDir, event: str, **fields: Any) -> None:
     """One line of ``events.jsonl`` (failures, resumes, run failures)."""
-    with (Path(run_dir) / EVENTS).open("a") as f:
-        f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+    append_text(locate(run_dir) / EVENTS, json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / EVENTS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def read_events(run_dir: RunDir) -> list[dict[str, Any]]:
+    text = read_text(locate(run_dir) / EVENTS) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def run_record(run_dir: Path) -> dict[str, int]:
+def run_record(run_dir: RunDir) -> dict[str, int]:
     """Failures Ray Train reported, restarts it made from a checkpoint, and resumes."""
     events = [e["event"] for e in read_events(run_dir)]
     failures = events.count("failure")
     return {"failures": failures, "restarts": failures - events.count("run_failed"), "resumes": events.count("resumed")}
 
 
-def best_miou(run_dir: Path) -> float | None:
-    meta = Path(run_dir) / BEST_DIR / "segfactory.json"
-    return json.loads(meta.read_text()).get("miou") if meta.is_file() else None
+def best_miou(run_dir: RunDir) -> float | None:
+    meta = read_json(locate(run_dir) / BEST_DIR / "segfactory.json")
+    return meta.get("miou") if meta is not None else None
 
 
-def keep_best(run_dir: Path, checkpoint_dir: Path, step: int, miou: float) -> bool:
+def keep_best(run_dir: RunDir, checkpoint_dir: Path, step: int, miou: float) -> bool:
     """Copy a checkpoint's model to ``RUN/best`` when its val mIoU beats the kept one (ties:
     the earlier one stays). ``RUN/best`` is a transformers model directory with its image
     processor: ``from_pretrained`` and ``pipeline("image-segmentation")`` load it as it is."""
-    run_dir = Path(run_dir)
-    old = best_miou(run_dir)
+    run = locate(run_dir)
+    old = best_miou(run)
     if old is not None and miou <= old:
         return False
+    if not run.is_local:
+        _upload_best(run, Path(checkpoint_dir), step, miou)
+        return True
+    run_dir = Path(run.path)
     tmp = run_dir / f".{BEST_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, tmp)
@@ -73,6 +88,17 @@ def keep_best(run_dir: Path, checkpoint_dir: Path, step: int, miou: float) -> bo
     else:
         tmp.rename(final)
     return True
+
+
+def _upload_best(run: Location, checkpoint_dir: Path, step: int, miou: float) -> None:
+    """``best/`` on an object store: the old one removed, the model copied up, ``segfactory.json``
+    last (objects cannot be renamed as a whole directory; a reader sees no best in between)."""
+    best = run / BEST_DIR
+    storage.remove(best / "segfactory.json")
+    storage.remove_tree(best)
+    upload_dir(checkpoint_dir / MODEL_DIR, best)
+    meta = json.loads((checkpoint_dir / "segfactory.json").read_text())
+    write_json(best / "segfactory.json", {**meta, "step": step, "miou": miou})
 
 
 SCALARS = ("loss", "lr", "steps_per_s", "data_wait_fraction", "step_time_s", "synthetic_fraction",
@@ -92,13 +118,14 @@ def tb_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 QUIET_EVERY_S = 60.0  # a training line at least this often when the command runs quiet
 
 
-def make_callback(run_dir: Path, append_metrics):
+def make_callback(run_dir: RunDir, append_metrics):
     """The controller-side callback (Ray Train ``UserCallback``)."""
     from ray.train.v2.api.callback import UserCallback
 
     from pipelines.runtime import own_loggers_in_ray_worker, ray_log_level
 
     quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
+    run = locate(run_dir)
 
     class RunLog(UserCallback):
         """Writes metrics.csv, TensorBoard files and best/; logs progress. Quiet: the evaluation
@@ -106,6 +133,7 @@ def make_callback(run_dir: Path, append_metrics):
 
         def __init__(self):
             self.writer = None
+            self.tb_local = None  # run directory on a URI: TensorBoard writes here, copied up after each flush
             self.last_line = 0.0
 
         def _log(self) -> None:
@@ -116,14 +144,19 @@ def make_callback(run_dir: Path, append_metrics):
             m = metrics[0]
             if "step" not in m:
                 return
-            append_metrics(run_dir / "metrics.csv", m)
+            append_metrics(run / "metrics.csv", m)
             if self.writer is None:
+                import tempfile
+
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / TB_DIR))
+                self.tb_local = None if run.is_local else tempfile.mkdtemp(prefix="segfactory-tb-")
+                self.writer = SummaryWriter(self.tb_local or str(Path(run.path) / TB_DIR))
             for tag, value in tb_scalars(m).items():
                 self.writer.add_scalar(tag, value, m["step"])
             self.writer.flush()
+            if self.tb_local:
+                upload_dir(self.tb_local, run / TB_DIR)
             now = time.monotonic()
             if quiet and "eval_miou" not in m and m["step"] < m["iterations"] and now - self.last_line < QUIET_EVERY_S:
                 return
@@ -134,7 +167,7 @@ def make_callback(run_dir: Path, append_metrics):
                 msg += f" | val mIoU {m['eval_miou']:.4f} pixAcc {m['eval_pixel_acc']:.4f}"
                 if checkpoint is not None:
                     with checkpoint.as_directory() as d:
-                        if keep_best(run_dir, Path(d), m["step"], m["eval_miou"]):
+                        if keep_best(run, Path(d), m["step"], m["eval_miou"]):
                             msg += " (best so far: kept in best/)"
             log.info(msg)
 
@@ -142,7 +175,7 @@ def make_callback(run_dir: Path, append_metrics):
             self._log()
             errors = {int(r): f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                       for r, e in worker_exceptions.items()}
-            append_event(run_dir, "failure", ranks=sorted(errors), errors=errors)
+            append_event(run, "failure", ranks=sorted(errors), errors=errors)
             log.warning("worker group failed (%s); Ray Train restarts it from the latest checkpoint if "
                         "max_failures allows", "; ".join(errors.values()))
 

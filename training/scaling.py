@@ -11,7 +11,8 @@ resumes from its last checkpoint, and a trial that fails leaves ``error.txt`` an
 the next run; the other trials go on. (Ray Tune would add search algorithms and schedulers a
 fixed grid at a fixed budget does not need, and a second resume state next to ours.)
 
-Sweep directory (``output``)::
+Sweep directory (``output.path``: a local path or a URI such as ``s3://bucket/sweeps/x``; the
+trial run directories and every file below go there through :mod:`training.rundir`)::
 
     sweep.json         resolved sweep and training config, trial list, fingerprint
     synthetic/         the dataset generated on demand (unless ``synthetic`` names one)
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +35,11 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from pipelines import storage
 from pipelines.config import ConfigError, RayConfig, Strict, first_error_line, merge
+from pipelines.storage import Location
 from training.config import TrainConfig
+from training.rundir import locate, read_json, subdirs, upload_dir, writable, write_json
 
 log = logging.getLogger("segfactory.scaling")
 
@@ -142,7 +147,8 @@ def base_train_config(cfg: ScalingConfig, real_path: str | None = None) -> Train
         raise ConfigError(f"train.{first_error_line(exc)}") from None
 
 
-def trial_config(base: TrainConfig, trial: Trial, synthetic_paths: list[str], out: Path) -> TrainConfig:
+def trial_config(base: TrainConfig, trial: Trial, synthetic_paths: list[str], out: str | os.PathLike | Location) -> TrainConfig:
+    out = locate(out, "output.path")
     update: dict[str, Any] = {"seed": trial.seed, "resume": True, "output": {"path": str(out / TRIALS / trial.name)}}
     if trial.volume == 0:
         update |= {"strategy": "real_only", "synthetic": {"paths": [], "volume": None, "live": None}}
@@ -159,14 +165,14 @@ def fingerprint(base: TrainConfig, synthetic_paths: list[str]) -> str:
         recipe.pop(key)
     recipe["real"].pop("path")
     # The dataset itself, not its extensions: growing it keeps every subset already trained on.
-    data = _manifest(Path(synthetic_paths[0])) if synthetic_paths else {}
+    data = _manifest(synthetic_paths[0]) if synthetic_paths else {}
     blob = json.dumps({"recipe": recipe, "synthetic": [data.get("config_hash"), data.get("rows")]}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def is_finished(run_dir: Path, iterations: int) -> bool:
-    final = run_dir / "final.json"
-    return final.is_file() and json.loads(final.read_text()).get("final_step") == iterations
+def is_finished(run_dir: str | os.PathLike | Location, iterations: int) -> bool:
+    final = read_json(locate(run_dir) / "final.json")
+    return final is not None and final.get("final_step") == iterations
 
 
 def trial_resources(t: TrainConfig) -> tuple[float, float]:
@@ -190,15 +196,18 @@ def concurrency(cluster: dict[str, float], cpus: float, gpus: float, cap: int | 
 # --- synthetic data: nested subsets of one dataset, generated on demand -----------------------
 
 
-def _manifest(path: Path) -> dict[str, Any] | None:
-    m = path / "manifest.json"
-    return json.loads(m.read_text()) if m.is_file() else None
+def _manifest(path: str | os.PathLike | Location) -> dict[str, Any] | None:
+    return read_json(locate(path, "synthetic") / "manifest.json")
 
 
-def synthetic_parts(root: Path) -> list[Path]:
+def _extensions(root: Location) -> list[Location]:
+    return sorted(subdirs(root / "extensions", "copies-"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def synthetic_parts(root: str | os.PathLike | Location) -> list[Location]:
     """The dataset and its finished extensions (``root/extensions/*``), in copy order."""
-    ext = sorted((root / "extensions").glob("copies-*"), key=lambda p: int(p.name.split("-")[1]))
-    return [p for p in [root, *ext] if _manifest(p) is not None]
+    root = locate(root, "synthetic")
+    return [p for p in [root, *_extensions(root)] if _manifest(p) is not None]
 
 
 def _generate(gen_cfg) -> None:
@@ -209,7 +218,7 @@ def _generate(gen_cfg) -> None:
     log.info("generated %d samples in %s", result.manifest["rows"], gen_cfg.output.path)
 
 
-def _extension(root: Path, parts: list[Path], missing: int):
+def _extension(root: Location, parts: list[Location], missing: int):
     """Config of the next extension: the dataset's own graph with copies numbered on from the
     last ones, enough of them for ``missing`` more samples."""
     from pipelines.config import GenerateConfig
@@ -241,7 +250,7 @@ def _extension(root: Path, parts: list[Path], missing: int):
     return GenerateConfig.model_validate(merge(base.model_dump(mode="json"), update))
 
 
-def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str | None,
+def prepare_synthetic(cfg: ScalingConfig, out: str | os.PathLike | Location, need: int, source_path: str | None,
                       gap: float | None = None) -> list[str]:
     """Directories holding at least ``need`` synthetic samples; generates them when allowed.
     ``gap``: the dataset of that toy generator quality (``OUTPUT/synthetic-gapG``)."""
@@ -249,12 +258,13 @@ def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str
         return []
     from pipelines.config import GenerateConfig, load_config
 
+    out = locate(out, "output.path")
     if gap is not None:
         root = out / f"synthetic-gap{gap:g}"
         cfg = cfg.model_copy(update={"generate": cfg.generate and cfg.generate.model_copy(
             update={"overrides": [*cfg.generate.overrides, f"toy.gap={gap}"]})})
     else:
-        root = Path(cfg.synthetic).expanduser().resolve() if cfg.synthetic else out / "synthetic"
+        root = locate(cfg.synthetic, "synthetic") if cfg.synthetic else out / "synthetic"
     if _manifest(root) is None:  # not there, or a generation that stopped midway: (re)run it
         if cfg.generate is None or not cfg.generate.config:
             raise ConfigError(f"synthetic: no finished dataset at {root} (no manifest.json) and no generate.config "
@@ -262,9 +272,9 @@ def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str
         extra = [f"source.path={source_path}"] if source_path else []
         _generate(load_config(GenerateConfig, find_file(cfg.generate.config),
                               [*extra, *cfg.generate.overrides, f"output.path={root}"]))
-    for stale in (root / "extensions").glob("copies-*"):  # an extension that stopped midway
-        if _manifest(stale) is None and (stale / "config.json").is_file():
-            _generate(GenerateConfig.model_validate(json.loads((stale / "config.json").read_text())["config"]))
+    for stale in _extensions(root):  # an extension that stopped midway
+        if _manifest(stale) is None and (started := read_json(stale / "config.json")) is not None:
+            _generate(GenerateConfig.model_validate(started["config"]))
     for _ in range(3):  # quality filters may drop some: top up at most a few times
         parts = synthetic_parts(root)
         have = sum(_manifest(p)["rows"] for p in parts)
@@ -281,15 +291,33 @@ def prepare_synthetic(cfg: ScalingConfig, out: Path, need: int, source_path: str
 # --- the sweep ----------------------------------------------------------------------------------
 
 
+def _toy_source(t: ToySource, dest: Location) -> str:
+    """The toy real dataset of a sweep, made in ``dest`` (on a URI: made locally, copied up once)."""
+    import tempfile
+
+    from pipelines.toy_data import make_toy_dataset
+
+    if dest.is_local:
+        return str(make_toy_dataset(Path(dest.path), n_train=t.train, n_val=t.val, size=t.size, seed=t.seed))
+    if not storage.exists(dest / "classes.txt"):
+        with tempfile.TemporaryDirectory(prefix="segfactory-toy-") as tmp:
+            made = make_toy_dataset(Path(tmp) / "toy", n_train=t.train, n_val=t.val, size=t.size, seed=t.seed)
+            classes = (made / "classes.txt").read_bytes()
+            (made / "classes.txt").unlink()
+            upload_dir(made, dest)
+            storage.write_bytes(dest / "classes.txt", classes)  # last: marks the copy complete
+    return str(dest)
+
+
 def _run_trial(cfg_json: dict[str, Any]) -> dict[str, Any]:
     from training.recipe import run_train
 
     return run_train(TrainConfig.model_validate(cfg_json))
 
 
-def _check_sweep_dir(out: Path, fp: str) -> None:
-    old = out / "sweep.json"
-    if old.is_file() and json.loads(old.read_text()).get("fingerprint") != fp:
+def _check_sweep_dir(out: Location, fp: str) -> None:
+    old = read_json(out / "sweep.json")
+    if old is not None and old.get("fingerprint") != fp:
         raise ConfigError(f"output: {out} holds a sweep with another training recipe or synthetic dataset; "
                           "its trials would not be comparable (use a new output directory)")
 
@@ -300,19 +328,12 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipelines.runtime import init_ray
-    from training.recipe import require_local_dir
     from training.scaling_report import render_report
 
     started = time.time()
-    require_local_dir("output.path", cfg.output.path)  # a sweep directory holds run directories: local or a mount
-    out = Path(cfg.output.path).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    source = None
-    if cfg.toy_source is not None:
-        from pipelines.toy_data import make_toy_dataset
-
-        t = cfg.toy_source
-        source = str(make_toy_dataset(out / "toy-source", n_train=t.train, n_val=t.val, size=t.size, seed=t.seed))
+    out = writable(cfg.output.path, "output.path")
+    storage.makedirs(out)
+    source = _toy_source(cfg.toy_source, out / "toy-source") if cfg.toy_source is not None else None
     base = base_train_config(cfg, real_path=source)
     trials = plan_trials(cfg)
     init_ray(cfg.ray)
@@ -322,26 +343,27 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
         "".join(fingerprint(base, synthetic[g]) for g in gaps).encode()).hexdigest()[:16]
     _check_sweep_dir(out, fp)
     configs = {t.name: trial_config(base, t, synthetic[t.gap], out) for t in trials}
-    (out / "sweep.json.tmp").write_text(json.dumps({
+    write_json(out / "sweep.json", {
         "fingerprint": fp, "sweep": cfg.model_dump(mode="json"), "train": base.model_dump(mode="json"),
-        "synthetic_paths": synthetic[gaps[0]] if cfg.gaps is None else {f"{g:g}": synthetic[g] for g in gaps}, "trials": [asdict(t) | {"name": t.name} for t in trials]}, indent=1))
-    (out / "sweep.json.tmp").replace(out / "sweep.json")
+        "synthetic_paths": synthetic[gaps[0]] if cfg.gaps is None else {f"{g:g}": synthetic[g] for g in gaps}, "trials": [asdict(t) | {"name": t.name} for t in trials]})
 
     todo = [t for t in trials if not is_finished(out / TRIALS / t.name, base.iterations)]
     cpus, gpus = trial_resources(base)
     limit = concurrency(ray.cluster_resources(), cpus, gpus, cfg.max_concurrent)
     log.info("%d trials, %d already finished; running %d at once (%.2g CPU, %g GPU each)",
              len(trials), len(trials) - len(todo), limit, cpus, gpus)
-    # Pinned to this node: the trial writes its run directory where this driver reads it.
-    task = ray.remote(_run_trial).options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False))
+    # A local sweep directory: pinned to this node, where this driver reads the run directories.
+    # On a URI every node sees the same directory, so a trial's driver may run on any node.
+    pin = {} if not out.is_local else {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
+    task = ray.remote(_run_trial).options(num_cpus=0, max_retries=0, **pin)
     running: dict[Any, Trial] = {}
     failed: list[str] = []
     while todo or running:
         while todo and len(running) < limit:
             t = todo.pop(0)
-            (out / TRIALS / t.name).mkdir(parents=True, exist_ok=True)
-            (out / TRIALS / t.name / "error.txt").unlink(missing_ok=True)
+            storage.makedirs(out / TRIALS / t.name)
+            storage.remove(out / TRIALS / t.name / "error.txt")
             running[task.remote(configs[t.name].model_dump(mode="json"))] = t
             log.info("trial %s started", t.name)
         ready, _ = ray.wait(list(running), num_returns=1)
@@ -351,7 +373,7 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
             log.info("trial %s finished: val mIoU %.4f (%.0f s)", t.name, final["miou"], final["wall_s"])
         except Exception as exc:  # noqa: BLE001 - one trial's failure must not stop the others
             failed.append(t.name)
-            (out / TRIALS / t.name / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+            storage.write_text(out / TRIALS / t.name / "error.txt", f"{type(exc).__name__}: {exc}\n")
             log.error("trial %s failed (%s); the others go on, a rerun retries it", t.name, str(exc).splitlines()[0])
     report = render_report(out)
     report |= {"wall_s": round(time.time() - started, 1), "concurrency": limit}

@@ -15,51 +15,57 @@ Everything is rebuilt from the trial directories (``trials/<name>/final.json``),
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
 
+from pipelines import storage
+from pipelines.storage import Location
+from training.rundir import locate, read_json, read_text
 from training.scaling import TRIALS
 
 log = logging.getLogger("segfactory.scaling")
 
 
-def collect(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def collect(out: str | os.PathLike | Location) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per planned trial (finished, failed or not run yet) and the class names."""
-    sweep = json.loads((out / "sweep.json").read_text())
+    out = locate(out, "output.path")
+    sweep = read_json(out / "sweep.json")
     iterations = sweep["train"]["iterations"]
     rows, classes = [], []
     for t in sweep["trials"]:
         run = out / TRIALS / t["name"]
         row: dict[str, Any] = {"volume": t["volume"], "p_aug": t["p_aug"], "gap": t.get("gap"), "seed": t["seed"],
                                "name": t["name"], "line": line_key(t["p_aug"], t.get("gap"))}
-        final = json.loads((run / "final.json").read_text()) if (run / "final.json").is_file() else None
+        final = read_json(run / "final.json")
         if final and final.get("final_step") == iterations:
             classes = final["classes"]
             row |= {"status": "ok", "miou": final["miou"], "pixel_acc": final["pixel_acc"],
                     "iterations": final["final_step"], "wall_s": final["wall_s"],
                     "synthetic_fraction": final.get("synthetic_fraction"),
                     **{f"iou_{c}": final["per_class_iou"].get(c) for c in classes}}  # {class: IoU}
-        elif (run / "error.txt").is_file():
-            row |= {"status": "failed", "error": (run / "error.txt").read_text().strip()[:500]}
+        elif (error := read_text(run / "error.txt")) is not None:
+            row |= {"status": "failed", "error": error.strip()[:500]}
         else:
             row |= {"status": "not_run"}
         rows.append(row)
     return rows, classes
 
 
-def write_results(rows: list[dict[str, Any]], classes: list[str], path: Path) -> None:
+def write_results(rows: list[dict[str, Any]], classes: list[str], path: str | os.PathLike | Location) -> None:
     columns = ["volume", "p_aug", "gap", "seed", "status", "miou", "pixel_acc", *[f"iou_{c}" for c in classes],
                "iterations", "wall_s", "synthetic_fraction", "name", "error"]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, columns, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    storage.write_text(locate(path), buf.getvalue())
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -113,7 +119,7 @@ def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]
             "best_p_aug_per_volume": best, "fit_formula": "miou(N) = a - b * (N + n0) ** (-c)"}
 
 
-def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: str | os.PathLike | Location) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,22 +159,25 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> No
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")  # where it hides the fewest points
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    storage.write_bytes(locate(path), buf.getvalue())
 
 
-def render_report(out: Path) -> dict[str, Any]:
-    """Write results.csv, fit.json and scaling.png for the sweep in ``out``; returns fit.json's content."""
-    out = Path(out)
-    if not (out / "sweep.json").is_file():
+def render_report(out: str | os.PathLike | Location) -> dict[str, Any]:
+    """Write results.csv, fit.json and scaling.png for the sweep in ``out`` (a directory or a
+    URI); returns fit.json's content."""
+    out = locate(out, "--report")
+    sweep = read_json(out / "sweep.json")
+    if sweep is None:
         from pipelines.config import ConfigError
 
         raise ConfigError(f"--report: {out} is not a sweep directory (no sweep.json)")
-    sweep = json.loads((out / "sweep.json").read_text())
     rows, classes = collect(out)
     write_results(rows, classes, out / "results.csv")
     analysis = analyse(rows, sweep)
-    (out / "fit.json").write_text(json.dumps(_finite(analysis), indent=1))
+    storage.write_text(out / "fit.json", json.dumps(_finite(analysis), indent=1))
     plot(analysis, rows, out / "scaling.png")
     return analysis | {"out": str(out)}
 
