@@ -327,19 +327,25 @@ def model_cache_dir() -> str:
                                                                       "segfactory", "models")
 
 
-def local_copy(path: str, what: str = "local_path") -> str:
+def local_copy(path: str | Location, what: str = "local_path", by_content: bool = False) -> str:
     """``path`` itself when it is local; for a URI (a model folder or checkpoint file on object
     storage) a copy in :func:`model_cache_dir`, fetched once per node: the actors of a pool share
-    it through a file lock, and a ``.complete`` marker makes a half-fetched copy invisible."""
-    if "://" not in path or path.split("://", 1)[0].lower() in ("file", "local"):
-        return resolve(path, what).path
+    it through a file lock, and a ``.complete`` marker makes a half-fetched copy invisible.
+    ``by_content``: the copy is keyed by the files' sizes and times too (a run's ``best/`` or a
+    checkpoint that may be rewritten under the same URI), not by the URI alone."""
+    src = resolve(path, what)
+    if src.is_local:
+        return src.path
     import hashlib
+    import json
 
     from filelock import FileLock
     from pyarrow import fs as pafs
 
-    src = resolve(path, what)
-    name = f"{hashlib.sha256(src.uri.encode()).hexdigest()[:16]}-{src.name or 'model'}"
+    key = [src.uri]
+    if by_content:
+        key += sorted((i.path, i.size, i.mtime_ns) for i in iter_file_infos(src) if i.type == pafs.FileType.File)
+    name = f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}-{src.name or 'model'}"
     dest = os.path.join(model_cache_dir(), name)
     marker = dest + ".complete"
     if os.path.exists(marker):
@@ -358,6 +364,8 @@ def local_copy(path: str, what: str = "local_path") -> str:
         elif os.path.exists(tmp):
             os.remove(tmp)
         log.info("fetching %s into %s", src.uri, dest)
+        if is_dir(src):  # pyarrow makes the sub-folders, not the top one
+            os.makedirs(tmp)
         try:
             pafs.copy_files(src.path, tmp, source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem(),
                             use_threads=True)

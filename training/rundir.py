@@ -13,19 +13,15 @@ Local paths behave as before: resolved like ``pathlib.Path.resolve()``, same fil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.storage import Location
-
-CACHE_DIR = "segfactory-cache"  # under the system temp dir: models copied down from a URI
 
 
 def locate(path: str | os.PathLike | Location, key: str = "path") -> Location:
@@ -111,30 +107,11 @@ def upload_dir(local: str | Path, dest: Location) -> None:
 
 def fetch_dir(path: str | Location) -> Path:
     """A local directory with ``path``'s files: the directory itself when local, else a copy in
-    the local cache, made once per content (keyed by the URI and the files' sizes and times)."""
+    the node's model cache, made once per content (``pipelines.storage.local_copy``)."""
     loc = locate(path, "checkpoint")
     if loc.is_local:
         return Path(loc.path)
-    from pyarrow import fs as pafs
-
-    files = sorted((i.path, i.size, i.mtime_ns) for i in storage.iter_file_infos(loc) if i.type == pafs.FileType.File)
-    if not files:
+    if not storage.listdir(loc, recursive=True):
         raise ConfigError(f"{loc.uri}: no files there")
-    key = hashlib.sha256(json.dumps([loc.uri, files]).encode()).hexdigest()[:20]
-    root = Path(tempfile.gettempdir()) / CACHE_DIR
-    final = root / key
-    if (final / ".complete").is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_mkdir(root)))
-    pafs.copy_files(loc.path, str(tmp), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
-    (tmp / ".complete").touch()
-    try:
-        tmp.rename(final)
-    except OSError:  # another process on this machine finished the same copy first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(storage.local_copy(loc, "checkpoint", by_content=True))
 
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
