@@ -24,7 +24,7 @@ import numpy as np
 from pipelines import schema as S
 from pipelines.config import ConfigError
 from training.config import TrainConfig
-from training.epochs import pick_units, real_rows, synthetic_batches
+from training.epochs import real_span, synthetic_span
 from training.transforms import SYNTHETIC, transform_batch
 
 log = logging.getLogger(__name__)
@@ -126,20 +126,26 @@ def _blocks(n: int, cfg: TrainConfig) -> int:
     return max(1, min(2000, math.ceil(n / cfg.data.transform_batch_size)))
 
 
-def _budget(n_rows: int, offset: int, n_units: int, pick_kwargs: dict[str, Any], cfg: TrainConfig, rows_per_unit: float):
-    """``ray.data.range`` over ``n_rows`` budget positions mapped to (epoch, unit): the plan is
-    the same few operators for one epoch or a thousand (no union of per-epoch reads).
+SPANS = 2000  # most map tasks a training stream is cut into (each costs a ray.put when it is built)
 
-    One task per ~``transform_batch_size`` output rows: an explicit batch size, or Ray Data
-    bundles small range blocks up to its default batch (1024 rows) into one task and one
-    block, and a split across workers hands that block to one of them."""
+
+def _budget(n_rows: int, per_task: float):
+    """The input of a training stream: ``n_rows`` budget positions as spans (``from_items``,
+    one span per block, so one map task each): the plan is the same few operators for one
+    epoch or a thousand (no union of per-epoch reads), and each span ~``per_task`` rows, at
+    most :data:`SPANS` of them.
+
+    Not ``ray.data.range``: its read operator runs before the maps that make batches, and in
+    Ray 2.60 an operator gets no CPU budget while the one before it still runs. Measured in a
+    160k-step toy run: ~2,000 range reads, one at a time, ~25 ms each, and the first batch
+    waited ~50 s behind them. Spans are in the object store when execution starts, so the
+    decode/augment tasks run at once."""
     import ray
 
-    per_task = max(1, math.floor(cfg.data.transform_batch_size / max(rows_per_unit, 1e-9)))
-    blocks = max(1, min(2000, math.ceil(n_rows / per_task)))
-    ds = ray.data.range(n_rows, override_num_blocks=min(blocks, n_rows))
-    return ds.map_batches(pick_units, batch_size=per_task, batch_format="numpy", num_cpus=cfg.data.num_cpus,
-                          fn_kwargs={"n": n_units, "offset": offset, **pick_kwargs})
+    from training.epochs import spans
+
+    items = spans(n_rows, min(SPANS, max(1, math.ceil(n_rows / max(per_task, 1.0)))))
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 def _table_ref(obj):
@@ -148,17 +154,25 @@ def _table_ref(obj):
     return ray.put(obj)
 
 
+def _span_map(ds, cfg: TrainConfig, fn, **fn_kwargs):
+    """One span per task (``batch_size=1``), its transform batches yielded as they are made."""
+    from training.ingest_idle import sleep_when_idle
+
+    return sleep_when_idle(ds, cfg.data.idle_sleep_s).map_batches(
+        fn, batch_size=1, batch_format="numpy", num_cpus=cfg.data.num_cpus, fn_kwargs=fn_kwargs)
+
+
 def real_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
     """Real training rows for ``n_rows`` samples: epochs from ``start_epoch``, each permuted
     with its own seed (:mod:`training.epochs`), decoded and augmented in map_batches. The
     driver holds the index once (in the object store), never a list as long as the budget."""
     n = len(src.real_rows)
     columns = {k: np.array([r[k] for r in src.real_rows], dtype=object) for k in _INDEX_KEYS}
-    rows_ref = _table_ref(columns)
-    ds = _budget(n_rows, start_epoch * n, n, {"seed": cfg.seed, "salt": 1}, cfg, 1.0)
-    ds = ds.map_batches(real_rows, batch_format="numpy", num_cpus=cfg.data.num_cpus,
-                        fn_kwargs={"rows_ref": rows_ref, "seed": cfg.seed})
-    return _map(ds, cfg, src.classes, source="index", train=True, fmt=cfg.real.format)
+    tbs = cfg.data.transform_batch_size
+    return _span_map(_budget(n_rows, tbs), cfg, real_span,
+                     pick={"n": n, "offset": start_epoch * n, "seed": cfg.seed, "salt": 1},
+                     rows_ref=_table_ref(columns), seed=cfg.seed, rows_per_batch=tbs,
+                     transform=_transform_kwargs(cfg, src.classes, source="index", train=True, fmt=cfg.real.format))
 
 
 def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
@@ -174,17 +188,12 @@ def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: i
     draw = min(1.0, n_rows / per_epoch)
     epochs = max(1, math.ceil(n_rows / per_epoch))
     n_units = len(chunks)
-    ds = _budget(epochs * n_units, start_epoch * n_units, n_units, {"seed": cfg.seed, "salt": 2}, cfg,
-                 per_epoch / n_units)
-    from training.ingest_idle import sleep_when_idle
-
-    # read + decode + augment in one map over single units: a separate transform map would be
-    # fused with it and bundle all units into one task (its batch size counts unit rows)
-    return sleep_when_idle(ds, cfg.data.idle_sleep_s).map_batches(
-        synthetic_batches, batch_size=1, batch_format="numpy", num_cpus=cfg.data.num_cpus,
-        fn_kwargs={"chunks_ref": _table_ref(chunks), "seed": cfg.seed, "draw_fraction": draw, "draw_seed": cfg.seed,
-                   "rows_per_batch": cfg.data.transform_batch_size,
-                   "transform": _transform_kwargs(cfg, src.classes, source="bytes", train=True, synthetic=True)})
+    rows_per_unit = per_epoch / n_units
+    return _span_map(_budget(epochs * n_units, max(1, math.floor(cfg.data.transform_batch_size / rows_per_unit))),
+                     cfg, synthetic_span, pick={"n": n_units, "offset": start_epoch * n_units, "seed": cfg.seed, "salt": 2},
+                     chunks_ref=_table_ref(chunks), seed=cfg.seed, draw_fraction=draw, draw_seed=cfg.seed,
+                     rows_per_batch=cfg.data.transform_batch_size,
+                     transform=_transform_kwargs(cfg, src.classes, source="bytes", train=True, synthetic=True))
 
 
 def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):

@@ -41,6 +41,42 @@ def pick_units(batch: dict[str, np.ndarray], *, n: int, seed: int, salt: int, of
     return {EPOCH: epoch, UNIT: unit}
 
 
+SPAN_START, SPAN_STOP = "start", "stop"
+
+
+def spans(n_rows: int, n_spans: int) -> list[dict[str, int]]:
+    """``n_spans`` contiguous [start, stop) ranges covering ``range(n_rows)``: the rows of a
+    training stream's input (one span per map task; see training.data._budget)."""
+    bounds = np.linspace(0, n_rows, max(1, min(n_spans, n_rows)) + 1).astype(np.int64)
+    return [{SPAN_START: int(a), SPAN_STOP: int(b)} for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def span_positions(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The budget positions of a batch of spans, in order."""
+    parts = [np.arange(a, b, dtype=np.int64) for a, b in zip(batch[SPAN_START], batch[SPAN_STOP], strict=True)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def real_span(batch: dict[str, np.ndarray], *, pick: dict[str, Any], rows_ref, seed: int, rows_per_batch: int,
+              transform: dict[str, Any]):
+    """map_batches (one span per call): positions → (epoch, unit) → real rows, decoded and
+    augmented (training.transforms.transform_batch) ``rows_per_batch`` at a time."""
+    from training.transforms import transform_batch
+
+    units = pick_units({"id": span_positions(batch)}, **pick)
+    for i in range(0, len(units[UNIT]), rows_per_batch):
+        part = {k: v[i:i + rows_per_batch] for k, v in units.items()}
+        yield transform_batch(real_rows(part, rows_ref=rows_ref, seed=seed), **transform)
+
+
+def synthetic_span(batch: dict[str, np.ndarray], *, pick: dict[str, Any], **kwargs):
+    """map_batches (one span per call): positions → (epoch, unit) → :func:`synthetic_batches`
+    one unit at a time."""
+    units = pick_units({"id": span_positions(batch)}, **pick)
+    for i in range(len(units[UNIT])):
+        yield from synthetic_batches({k: v[i:i + 1] for k, v in units.items()}, **kwargs)
+
+
 def units_table(ref):
     """The units table behind an object ref, fetched once per worker process."""
     key = ref.hex()

@@ -158,6 +158,13 @@ def trial_config(base: TrainConfig, trial: Trial, synthetic_paths: list[str], ou
     return TrainConfig.model_validate(merge(base.model_dump(mode="json"), update))
 
 
+def trial_configs(base: TrainConfig, trials: list[Trial], synthetic: dict[float | None, list[str]],
+                  out: str | os.PathLike | Location) -> dict[str, TrainConfig]:
+    """Each trial's config; ``synthetic`` maps a gap (None without the gap axis) to its dataset's
+    paths. Volume 0, the real-only baseline, has no gap and reads no synthetic data."""
+    return {t.name: trial_config(base, t, synthetic.get(t.gap, []), out) for t in trials}
+
+
 def fingerprint(base: TrainConfig, synthetic_paths: list[str]) -> str:
     """What makes two trials comparable: the recipe and the synthetic data (not paths/runtime)."""
     recipe = base.model_dump(mode="json")
@@ -342,7 +349,7 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     fp = fingerprint(base, synthetic[gaps[0]]) if cfg.gaps is None else hashlib.sha256(
         "".join(fingerprint(base, synthetic[g]) for g in gaps).encode()).hexdigest()[:16]
     _check_sweep_dir(out, fp)
-    configs = {t.name: trial_config(base, t, synthetic[t.gap], out) for t in trials}
+    configs = trial_configs(base, trials, synthetic, out)
     write_json(out / "sweep.json", {
         "fingerprint": fp, "sweep": cfg.model_dump(mode="json"), "train": base.model_dump(mode="json"),
         "synthetic_paths": synthetic[gaps[0]] if cfg.gaps is None else {f"{g:g}": synthetic[g] for g in gaps}, "trials": [asdict(t) | {"name": t.name} for t in trials]})

@@ -48,6 +48,21 @@ def test_the_shipped_toy_sweep_has_a_gap_axis_and_volumes_its_budget_can_consume
     assert max(cfg.volumes) <= draws  # every volume is (at least) seen once by a trial
 
 
+
+def test_the_gap_axis_gives_each_trial_its_datasets_and_the_baseline_none(tmp_path):
+    """The shipped sweep's gaps: volume 0 has no gap (it once failed with KeyError: None
+    before any trial ran); a mixed trial trains on its gap's dataset at its volume."""
+    from training.scaling import base_train_config, plan_trials, trial_configs
+
+    cfg = load_config(ScalingConfig, TOY_SWEEP, [f"output={tmp_path}"])
+    synthetic = {g: [str(tmp_path / f"synthetic-gap{g:g}")] for g in cfg.gaps}
+    configs = trial_configs(base_train_config(cfg, real_path=str(tmp_path / "real")), plan_trials(cfg), synthetic, tmp_path)
+    assert len(configs) == 14
+    base = configs["v0-real-s1"]
+    assert base.strategy == "real_only" and base.synthetic.paths == [] and base.seed == 1
+    mixed = configs["v150-p0.5-g0.3-s0"]
+    assert mixed.synthetic.paths == synthetic[0.3] and mixed.synthetic.volume == 150 and mixed.p_aug == 0.5
+
 def test_grid_has_one_real_only_baseline_per_seed_and_seed_major_order():
     cfg = sweep_config("volumes=[1000,0,250,250]", "p_aug=[0.6,0.3]", "seeds=[0,1]")
     trials = plan_trials(cfg)

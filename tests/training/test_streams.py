@@ -68,30 +68,49 @@ def _plan_ops(ds) -> int:
     return n
 
 
-@pytest.mark.timeout(240, method="thread")
-def test_a_thousand_epoch_budget_plans_like_one_and_streams_at_once(train_ray, small_real, small_synthetic):
+@pytest.mark.timeout(300, method="thread")
+def test_a_thousand_epoch_budget_plans_like_one_and_trains_its_first_step_within_a_minute(
+        train_ray, small_real, small_synthetic, quick, tmp_path):
     """160k steps x 8 x p_aug 0.6 on 96 synthetic and 48 real samples: ~8,000 synthetic and
-    ~10,000 real epochs. The plan has as many operators as a one-epoch budget's, and each
-    stream yields its first batch within a minute (seconds here)."""
+    ~10,000 real epochs. The plan has as many operators as a one-epoch budget's, no read
+    operator runs before the decode tasks (Ray 2.60 gives them no CPU until it ends: the
+    first step of this run took 83-150 s with ``ray.data.range``), and the TorchTrainer's
+    first step is reported within a minute of ``run_train`` starting."""
     from training.data import build_datasets, index_inputs
+    from training.recipe import run_train
 
-    cfg = load_config(TrainConfig, TOY, [f"real.path={small_real}", f"synthetic.paths=[{small_synthetic}]",
-                                         "iterations=160000", "aug.crop_size=48", "eval.short_side=64",
-                                         "data.transform_batch_size=8"])
+    run = tmp_path / "run"
+    # rank 0 raises at step 2 and the run ends there: step 1 is the one timed
+    args = quick(small_real, run, f"synthetic.paths=[{small_synthetic}]", "strategy=mix", "p_aug=0.6",
+                 "iterations=160000", "batch_size=8", "log_interval=1", "eval_interval=100000",
+                 "debug.fail_at_steps=[2]", "max_failures=0")
+    cfg = load_config(TrainConfig, TOY, args)
     src = index_inputs(cfg)
     need = {"real": cfg.samples_needed(1 - cfg.p_aug), "synthetic": cfg.samples_needed(cfg.p_aug)}
     assert need["synthetic"] / src.synthetic_rows > 1000 and need["real"] / len(src.real_rows) > 1000
     t0 = time.perf_counter()
     long = build_datasets(cfg, src, need, {})
     short = build_datasets(cfg, src, {"real": 40, "synthetic": 90}, {})
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 20  # a ray.put per span: at most training.data.SPANS each
     for name in ("real", "synthetic"):
-        assert _plan_ops(long[name]) == _plan_ops(short[name]) <= 6
-        t0 = time.perf_counter()
-        batch = next(iter(long[name].iter_batches(batch_size=8, batch_format="numpy")))
-        assert time.perf_counter() - t0 < 60
-        assert batch["pixel_values"].shape == (8, 3, 48, 48)
-        assert batch["synthetic"].tolist() == [int(name == "synthetic")] * 8
+        assert _plan_ops(long[name]) == _plan_ops(short[name]) <= 4
+        assert "Read" not in _op_names(long[name])
+
+    started = time.time()
+    with pytest.raises(Exception, match="simulated worker failure at step 2"):
+        run_train(cfg)
+    first = (run / "metrics.csv").read_text().splitlines()
+    assert len(first) == 2 and first[1].startswith("1,")  # header + step 1
+    assert (run / "metrics.csv").stat().st_mtime - started < 60
+
+
+def _op_names(ds) -> list[str]:
+    names, todo = [], [ds._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        names.append(op.name)
+        todo += op.input_dependencies
+    return names
 
 
 @pytest.mark.timeout(240, method="thread")
