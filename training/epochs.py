@@ -1,7 +1,7 @@
 """Epochs that repeat inside one Ray Data stream, planned in O(1) of the budget.
 
-A training stream is ``ray.data.range(budget)``: each row is a position in the whole budget.
-:func:`pick_units` turns a position into (epoch, unit) with a permutation seeded by the
+A training stream's input is the whole budget's positions, as a few thousand spans at most
+(:func:`spans`; one map task each, :func:`real_span` / :func:`synthetic_span`). :func:`pick_units` turns a position into (epoch, unit) with a permutation seeded by the
 epoch, so every epoch has its own order and a budget of 1,000 epochs plans like one. A unit
 is a real training row (index only), or a chunk of a synthetic Parquet file (file, row group,
 row positions inside it). The map tasks look units up in a table the driver put in the object
