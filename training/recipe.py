@@ -231,8 +231,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
         resume_from = existing[-1]
         try:
-            state = torch.load(io.BytesIO(storage.read_bytes(resume_from / "train_state.pt")), map_location="cpu",
-                               weights_only=True)
+            data = io.BytesIO(storage.read_bytes(resume_from / "train_state.pt"))
+            state = torch.load(data, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
             raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
