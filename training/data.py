@@ -24,7 +24,7 @@ import numpy as np
 from pipelines import schema as S
 from pipelines.config import ConfigError
 from training.config import TrainConfig
-from training.epochs import real_span, synthetic_span
+from training.epochs import real_span, span_positions, spans, synthetic_span
 from training.transforms import SYNTHETIC, transform_batch
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,6 @@ def _budget(n_rows: int, per_task: float):
     decode/augment tasks run at once."""
     import ray
 
-    from training.epochs import spans
-
     items = spans(n_rows, min(SPANS, max(1, math.ceil(n_rows / max(per_task, 1.0)))))
     return ray.data.from_items(items, override_num_blocks=len(items))
 
@@ -220,21 +218,21 @@ def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
         raise ConfigError("synthetic.live: the generation config yields no samples")
     import ray
 
-    # positions 0..k-1 cycle over the index rows, looked up in the map tasks: planned in O(1)
-    copies = math.ceil(n_rows / per_row)
-    positions = ray.data.range(copies, override_num_blocks=max(1, min(200, copies)))
-    ds = build_dataset(positions.map_batches(cycle_rows, batch_format="numpy", fn_kwargs={"rows_ref": ray.put(rows)}),
-                       plan)
+    # positions 0..k-1 cycle over the index rows, looked up in the map tasks; spans, not
+    # ray.data.range, for the reason in training.epochs.spans
+    positions = ray.data.from_items(spans(math.ceil(n_rows / per_row), 200))
+    ds = build_dataset(positions.map_batches(cycle_rows, batch_size=1, batch_format="numpy",
+                                             fn_kwargs={"rows_ref": ray.put(rows)}), plan)
     return _map(ds, cfg, src.classes, source="bytes", train=True, synthetic=True)
 
 
 def cycle_rows(batch: dict[str, np.ndarray], *, rows_ref) -> Any:
-    """map_batches: positions (``id``) → index rows ``id % n`` (an Arrow table)."""
+    """map_batches (one span per call): positions p → index rows ``p % n`` (an Arrow table)."""
     import pyarrow as pa
     import ray
 
     rows = ray.get(rows_ref)
-    return rows.take(pa.array(np.asarray(batch["id"], dtype=np.int64) % rows.num_rows))
+    return rows.take(pa.array(span_positions(batch) % rows.num_rows))
 
 
 def _find(path: str) -> str:

@@ -132,3 +132,18 @@ def test_a_rebuilt_stream_yields_the_same_batches(train_ray, small_real, small_s
         a, b = first(name), first(name)
         assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
         assert not np.array_equal(a[0], a[1])  # later epochs: other rows or other crops
+
+
+def test_live_positions_cycle_over_the_index_rows(ray_local):
+    """A live stream's positions (spans of the budget) map to index rows ``p % n``, in order."""
+    import pyarrow as pa
+
+    from training.data import cycle_rows
+    from training.epochs import SPAN_START, SPAN_STOP, spans
+
+    rows = pa.table({"source_id": ["a", "b", "c"], "shard": [0, 0, 1]})
+    parts = spans(7, 2)
+    assert [(p[SPAN_START], p[SPAN_STOP]) for p in parts] == [(0, 3), (3, 7)]
+    ref = ray_local.put(rows)
+    got = [cycle_rows({k: np.array([p[k]]) for k in p}, rows_ref=ref).column("source_id").to_pylist() for p in parts]
+    assert got == [["a", "b", "c"], ["a", "b", "c", "a"]]
