@@ -256,6 +256,8 @@ def refine(ds, *, given_rows: Any = None, cfg: Any = None, source_format: str,
     import pyarrow as pa
     import ray
 
+    from pipelines.source_index import iter_slices
+
     if given_rows is None:
         from pipelines.generate import index_rows  # the same rows, order and limit as the run
 
@@ -263,8 +265,7 @@ def refine(ds, *, given_rows: Any = None, cfg: Any = None, source_format: str,
     if not isinstance(given_rows, pa.Table):
         given_rows = pa.Table.from_pylist(given_rows)
     host = {"fss_kwargs": fss_kwargs, "num_classes": num_classes, "mask_dtype": mask_dtype}
-    step = max(1, -(-given_rows.num_rows // 8))
-    given = ray.data.from_arrow([given_rows.slice(i, step) for i in range(0, max(given_rows.num_rows, 1), step)])
+    given = ray.data.from_arrow(list(iter_slices(given_rows, max(1, -(-given_rows.num_rows // 8)))))
     cond = given.map_batches(ConditionPool, **pool, fn_constructor_kwargs={**host, "source_format": source_format})
     state0, pairs = _sum_partials(cond, num_classes)
     if state0 is None or pairs == 0:

@@ -62,7 +62,7 @@ def index_rows(cfg: GenerateConfig):
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,
                          require_masks=get_graph(cfg.pipeline).needs_masks)
     rows = index.table.slice(0, cfg.source.limit) if cfg.source.limit else index.table
-    index.table = index.table.schema.empty_table()  # the rows are returned, not kept twice
+    index.table = index.table.schema.empty_table()  # the index travels to the driver without rows
     if not rows.num_rows:
         why = f"; {len(index.problems)} row(s) rejected, e.g. {index.problems[0][2]} ({index.problems[0][1]})" \
             if index.problems else ""
@@ -91,12 +91,9 @@ def write_index_problems(problems_ref, out: Location, config_hash: str) -> None:
     """The index's problems go to rejected/ from a Ray task: the table stays off the driver."""
     import ray
 
-    ray.get(ray.remote(_write_problems).options(num_cpus=0).remote(problems_ref, _task_path(out), config_hash))
-
-
-def _task_path(loc: Location) -> str:
-    """What to hand a Ray task: a worker's working directory need not be the driver's."""
-    return loc.path if loc.is_local else loc.uri
+    # an absolute path: a worker's working directory need not be the driver's
+    where = storage.local_path(out) or out.uri
+    ray.get(ray.remote(_write_problems).options(num_cpus=0).remote(problems_ref, where, config_hash))
 
 
 @dataclass
@@ -131,9 +128,9 @@ def _index_task(cfg: GenerateConfig, done: set[int]):
 def index_in_ray(cfg: GenerateConfig, done: set[int]):
     """:func:`_index_task` in a Ray task; returns the summary, the ref of its problems table and
     the refs of the unfinished rows. A local source path is only known to exist on the driver's
-    node, so the task runs there; a URI source is indexed wherever Ray places it. No CPU is reserved: a one-off task
-    must not wait behind a head node started with ``num-cpus: 0``. A source error is re-raised
-    as itself (one line, exit 2), not as Ray's wrapped traceback."""
+    node, so the task runs there; a URI source is indexed wherever Ray places it. No CPU is
+    reserved: a one-off task must not wait behind a head node started with ``num-cpus: 0``. A
+    source error is re-raised as itself (one line, exit 2), not as Ray's wrapped traceback."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -165,7 +162,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     _require_source(cfg)  # before Ray starts
     config_hash = cfg.config_hash()
     storage.check_writable_root(out)
-    done = complete_shards(out, config_hash) if storage.is_dir(out / "shards") else set()
+    done = complete_shards(out, config_hash)  # read only: prepare_output writes, after the checks
     init_ray(cfg.ray)
     summary, problems, todo = index_in_ray(cfg, done)
     index, n_rows = summary.index, summary.n_rows

@@ -164,8 +164,7 @@ def _pair(images: pa.Table, masks: pa.Table, require_masks: bool) -> tuple[pa.Ta
     kept = joined.filter(pc.invert(bad))
     n = kept.num_rows
     rows = pa.table({ID: kept.column(ID), PATH: kept.column(PATH), MASK: pc.fill_null(kept.column(MASK), ""),
-                     ROW: pa.array(np.full(n, -1, np.int64)), CAPTION: pa.array([""] * n, pa.string())},
-                    schema=INDEX_SCHEMA)
+                     ROW: pa.repeat(-1, n), CAPTION: pa.repeat("", n)}, schema=INDEX_SCHEMA)
     return rows, problems
 
 
@@ -182,21 +181,17 @@ def _index_voc(root: Location, split: str | None, require_masks: bool) -> tuple[
         for n, line in enumerate(storage.iter_lines(split_file)):
             if line.strip():
                 listed.add(line.split()[0].decode("utf-8", errors="replace"), n)
-        ids, dups = _first_of_each_id(listed.table(), ["order"], path_cols=())
-        ids = ids.join(images, keys=ID, join_type="left outer").drop_columns(["order"])
+        # a split file listing an id twice: the duplicate names its image (else its mask) file
+        with_files = listed.table().join(images, keys=ID, join_type="left outer").join(
+            masks.rename_columns([ID, MASK]), keys=ID, join_type="left outer")
+        ids, dups = _first_of_each_id(with_files, ["order"], path_cols=(PATH, MASK))
+        ids = ids.select([ID, PATH])
     elif split is not None and storage.is_dir(sets_dir):
         raise SourceError(f"{split_file}: split file not found (split={split!r})")
     else:
         log.warning("%s missing: using every mask in %s", split_file, root / "SegmentationClass")
         ids, dups = masks.select([ID]).join(images, keys=ID, join_type="left outer"), []
     rows, problems = _pair(ids, masks, require_masks)
-    if dups:  # a split file listing an id twice: name its image (else its mask) file
-        named = pa.table({ID: pa.array([sid for sid, _, _ in dups], pa.string())}).join(
-            images, keys=ID, join_type="left outer").join(masks.rename_columns([ID, MASK]), keys=ID,
-                                                          join_type="left outer")
-        where = dict(zip(named.column(ID).to_pylist(),
-                         pc.fill_null(pc.coalesce(named.column(PATH), named.column(MASK)), "").to_pylist(), strict=True))
-        dups = [(sid, where.get(sid, ""), why) for sid, _, why in dups]
     return rows, problems + dups
 
 
@@ -242,11 +237,10 @@ def _index_parquet(files: list[Location]) -> tuple[pa.Table, list[Problem]]:
         n = read.num_rows
         ids = pc.cast(read.column(schema.SAMPLE_ID), pa.string())
         caps = read.column(schema.CAPTION) if schema.CAPTION in names else pa.nulls(n, pa.string())
-        table = pa.table({ID: ids, PATH: pa.array([str(f)] * n, pa.string()),
-                          MASK: pa.array([str(f) if schema.MASK in names else ""] * n, pa.string()),
+        table = pa.table({ID: ids, PATH: pa.repeat(str(f), n),
+                          MASK: pa.repeat(str(f) if schema.MASK in names else "", n),
                           ROW: pa.array(np.arange(n, dtype=np.int64)),
-                          CAPTION: pc.fill_null(pc.cast(caps, pa.string()), ""),
-                          "file": pa.array(np.full(n, k, np.int64))})
+                          CAPTION: pc.fill_null(pc.cast(caps, pa.string()), ""), "file": pa.repeat(k, n)})
         no_id = pc.fill_null(pc.equal(ids, ""), True)
         problems += [(f"row {r[ROW]}", str(f), "missing_id: empty sample_id")
                      for r in table.filter(no_id).select([ROW]).to_pylist()]
@@ -298,8 +292,7 @@ def _index_captions(root: Location) -> tuple[pa.Table, list[Problem]]:
         raise SourceError(f"{path}: captions file not found")
     pairs, problems = _read_captions(path)
     n = pairs.num_rows
-    empty = pa.array([""] * n, pa.string())
-    rows = pa.table({ID: pairs.column(ID), PATH: empty, MASK: empty, ROW: pa.array(np.full(n, -1, np.int64)),
+    rows = pa.table({ID: pairs.column(ID), PATH: pa.repeat("", n), MASK: pa.repeat("", n), ROW: pa.repeat(-1, n),
                      CAPTION: pairs.column(CAPTION)}, schema=INDEX_SCHEMA)
     return rows, problems
 

@@ -344,7 +344,10 @@ def local_copy(path: str | Location, what: str = "local_path", by_content: bool 
 
     key = [src.uri]
     if by_content:
-        key += sorted((i.path, i.size, i.mtime_ns) for i in iter_file_infos(src) if i.type == pafs.FileType.File)
+        files = sorted((i.path, i.size, i.mtime_ns) for i in iter_file_infos(src) if i.type == pafs.FileType.File)
+        if not files:
+            raise StorageError(f"{what}={src.uri}: no files there")
+        key += files
     name = f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}-{src.name or 'model'}"
     dest = os.path.join(model_cache_dir(), name)
     marker = dest + ".complete"

@@ -216,13 +216,11 @@ def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
     per_row = _copies_per_row(plan)
     if not rows.num_rows or per_row == 0:
         raise ConfigError("synthetic.live: the generation config yields no samples")
-    import ray
-
-    # positions 0..k-1 cycle over the index rows, looked up in the map tasks; spans, not
-    # ray.data.range, for the reason in training.epochs.spans
-    positions = ray.data.from_items(spans(math.ceil(n_rows / per_row), 200))
+    # positions 0..k-1 cycle over the index rows, looked up in the map tasks (~200 spans)
+    copies = math.ceil(n_rows / per_row)
+    positions = _budget(copies, per_task=max(1.0, copies / 200))
     ds = build_dataset(positions.map_batches(cycle_rows, batch_size=1, batch_format="numpy",
-                                             fn_kwargs={"rows_ref": ray.put(rows)}), plan)
+                                             fn_kwargs={"rows_ref": _table_ref(rows)}), plan)
     return _map(ds, cfg, src.classes, source="bytes", train=True, synthetic=True)
 
 

@@ -85,12 +85,12 @@ def append_text(loc: Location, text: str) -> None:
 
 def subdirs(loc: Location, prefix: str = "") -> list[Location]:
     """Directories directly under ``loc`` whose names start with ``prefix``, sorted by name."""
-    from pyarrow.fs import FileSelector, FileType
+    from pyarrow.fs import FileType
 
-    try:
-        infos = loc.fs.get_file_info(FileSelector(loc.path, recursive=False, allow_not_found=True))
-    except Exception as e:  # OSError from the store: no permission, unreachable endpoint
-        raise ConfigError(f"{loc.uri}: cannot list ({' '.join(str(e).split())[:300]})") from None
+    try:  # no permission, unreachable endpoint: one line naming the URI
+        infos = list(storage.iter_file_infos(loc, recursive=False))
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
     names = sorted(i.base_name for i in infos if i.type == FileType.Directory and i.base_name.startswith(prefix))
     return [loc.join(n) for n in names]
 
@@ -111,7 +111,8 @@ def fetch_dir(path: str | Location) -> Path:
     loc = locate(path, "checkpoint")
     if loc.is_local:
         return Path(loc.path)
-    if not storage.listdir(loc, recursive=True):
-        raise ConfigError(f"{loc.uri}: no files there")
-    return Path(storage.local_copy(loc, "checkpoint", by_content=True))
+    try:
+        return Path(storage.local_copy(loc, "checkpoint", by_content=True))
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
 

@@ -216,8 +216,9 @@ def build_dataset(rows, plan: list[Stage]):
     import ray
 
     if isinstance(rows, pa.Table):  # columns, zero-copy slices: no Python object per row
-        step = max(1, -(-rows.num_rows // 200))
-        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, max(rows.num_rows, 1), step)])
+        from pipelines.source_index import iter_slices
+
+        ds = ray.data.from_arrow(list(iter_slices(rows, max(1, -(-rows.num_rows // 200)))))
     elif isinstance(rows, ray.data.Dataset):
         ds = rows
     elif rows and isinstance(rows[0], ray.ObjectRef):
