@@ -8,7 +8,7 @@ approach of Hertz et al. that AlignDiff builds its coarse masks on): the map is 
 the chosen UNet levels and steps, min-max scaled to [0, 1] (a softmax over the prompt's tokens
 has a floor: dividing by the maximum alone would put most of a flat map above any threshold),
 upsampled bilinearly to the image and thresholded — the coarse mask holds the target class where the map exceeds
-``coarse_threshold``, else the background id. The refinement (``pipelines.aligndiff_refine``)
+``coarse_threshold``, else the background id. The refinement (``pipelines.graphs.aligndiff.refine``)
 fixes what this gets wrong.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_models as dm
-from pipelines.schema import (
+from core.schema import (
     HEIGHT,
     IMAGE_RAW,
     MASK_RAW,

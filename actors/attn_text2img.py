@@ -24,7 +24,7 @@ import numpy as np
 
 from actors import diffusion_models as dm
 from actors.attention_capture import AttentionStore
-from pipelines.schema import (
+from core.schema import (
     ATTN_CLASS_IDS,
     ATTN_HEIGHT,
     ATTN_RAW,
@@ -114,7 +114,7 @@ class AttnText2Img:
             "text2img", preset, family=family, model_id=model_id, revision=revision,
             local_path=local_path, dtype=dtype, device=device, sampler=sampler, variant=variant)
         if lora_path:
-            from pipelines.storage import local_copy  # a URI: fetched once per node
+            from core.storage import local_copy  # a URI: fetched once per node
 
             self.pipe.load_lora_weights(local_copy(lora_path, "lora_path"), adapter_name="attn2mask")
             self.pipe.set_adapters(["attn2mask"], adapter_weights=[lora_scale])

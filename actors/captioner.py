@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from actors import vision_models as vm
-from pipelines.schema import CAPTION, IMAGE_RAW
+from core.schema import CAPTION, IMAGE_RAW
 
 log = logging.getLogger(__name__)
 

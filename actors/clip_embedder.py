@@ -5,7 +5,7 @@ image it came from exceeds ε (its Eq. 2). This actor embeds both in one model c
 the variants (``image_raw``) and the real images (``source_image_raw``). The K variants of one
 source carry the same real image, so identical real images in a batch are embedded once.
 Embeddings are L2-normalised float32 bytes, so the similarity is a dot product
-(``pipelines/selection.py``).
+(``pipelines/graphs/factory/selection.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from actors import vision_models as vm
-from pipelines.schema import CLIP_EMBEDDING, CLIP_SOURCE_EMBEDDING, IMAGE_RAW, SOURCE_IMAGE_RAW
+from core.schema import CLIP_EMBEDDING, CLIP_SOURCE_EMBEDDING, IMAGE_RAW, SOURCE_IMAGE_RAW
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipelines.schema import IGNORE_INDEX, mask_dtype
+from core.schema import IGNORE_INDEX, mask_dtype
 
 # mmseg / ControlNet-seg ADE20K palette, 150 classes, flattened RGB. Note that it repeats one
 # colour: class 6 (road) and class 48 (skyscraper) are both (140, 140, 140).

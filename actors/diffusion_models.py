@@ -233,7 +233,7 @@ def _from_pretrained(cls: Any, model_id: str | None, revision: str | None,
     if variant:
         kwargs["variant"] = variant
     if local_path:
-        from pipelines.storage import local_copy  # a URI: fetched once per node
+        from core.storage import local_copy  # a URI: fetched once per node
 
         return cls.from_pretrained(local_copy(local_path), use_safetensors=True, torch_dtype=dtype,
                                    local_files_only=True, **kwargs)
@@ -348,7 +348,7 @@ def load_lora(pipe: Any, lora_path: str) -> None:
     """LoRA adapter weights (a folder or file, safetensors) into the pipeline's UNet."""
     import os
 
-    from pipelines.storage import local_copy  # a URI: fetched once per node
+    from core.storage import local_copy  # a URI: fetched once per node
 
     local = local_copy(lora_path, "lora_path")
     if not os.path.exists(local):
@@ -362,7 +362,7 @@ def check_palette(local_path: str | None, palette: Any) -> None:
     ``segfactory finetune``) differs from this run's: its colours would decode to wrong classes."""
     import json
 
-    from pipelines import storage  # the folder may be on object storage: read only this file
+    from core import storage  # the folder may be on object storage: read only this file
 
     if not local_path:
         return

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from actors import vision_models as vm
-from pipelines.schema import HEIGHT, IGNORE_INDEX, IMAGE_RAW, WIDTH, raw_to_array
+from core.schema import HEIGHT, IGNORE_INDEX, IMAGE_RAW, WIDTH, raw_to_array
 
 log = logging.getLogger(__name__)
 

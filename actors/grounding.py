@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from actors import vision_models as vm
-from pipelines.prompts import readable
-from pipelines.schema import BOX_COUNT, BOX_LABELS, BOX_SCORES, BOXES, IMAGE_RAW
+from core.classnames import readable
+from core.schema import BOX_COUNT, BOX_LABELS, BOX_SCORES, BOXES, IMAGE_RAW
 
 log = logging.getLogger(__name__)
 

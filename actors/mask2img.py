@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_models as dm
-from pipelines.schema import (
+from core.schema import (
     COLOR_RAW,
     GENERATOR,
     HEIGHT,

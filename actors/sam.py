@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from actors import vision_models as vm
-from pipelines.schema import BOX_LABELS, BOX_SCORES, BOXES, IGNORE_INDEX, IMAGE_RAW, MASK_RAW
+from core.schema import BOX_LABELS, BOX_SCORES, BOXES, IGNORE_INDEX, IMAGE_RAW, MASK_RAW
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def load_sam(model_type: str, checkpoint: str) -> Any:
         raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {MODEL_TYPES}")
     if not checkpoint:
         raise ValueError("sam.checkpoint: give the path of a SAM checkpoint (e.g. sam_vit_h_4b8939.pth)")
-    from pipelines.storage import local_copy  # a URI: fetched once per node
+    from core.storage import local_copy  # a URI: fetched once per node
 
     checkpoint = local_copy(str(checkpoint), "sam.checkpoint")
     sam = sam_model_registry[model_type](checkpoint=None)  # the registry's own loader unpickles

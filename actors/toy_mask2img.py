@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from actors.toy_domain import render_image
-from pipelines.schema import (
+from core.schema import (
     GENERATOR,
     HEIGHT,
     IMAGE_RAW,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from actors.toy_domain import class_words_in, sample_layout
-from pipelines.schema import (
+from core.schema import (
     COLOR_RAW,
     HEIGHT,
     MASK_RAW,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_models as dm
-from pipelines.schema import HEIGHT, IMAGE, WIDTH, raw_to_array
+from core.schema import HEIGHT, IMAGE, WIDTH, raw_to_array
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def load_pretrained(cls: Any, model_id: str | None, revision: str | None, local_
     if weights and variant:
         extra["variant"] = variant
     if local_path:
-        from pipelines.storage import local_copy  # a URI: fetched once per node
+        from core.storage import local_copy  # a URI: fetched once per node
 
         return cls.from_pretrained(local_copy(local_path), local_files_only=True, **extra, **kwargs)
     if not model_id:

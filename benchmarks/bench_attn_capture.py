@@ -23,9 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.attn_text2img import AttnText2Img  # noqa: E402
-from pipelines import schema as S  # noqa: E402
-from pipelines.attn_masks import attn_mask_stage  # noqa: E402
-from pipelines.attn_prompts import expand_prompts  # noqa: E402
+from core import schema as S  # noqa: E402
+from pipelines.graphs.attn2mask.masks import attn_mask_stage  # noqa: E402
+from pipelines.graphs.attn2mask.prompts import expand_prompts  # noqa: E402
 
 CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow"]
 

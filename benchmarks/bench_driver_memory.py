@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # One generation in this process; prints a JSON line. Run with cwd = the code tree to measure.
 CHILD = r"""
 import json, resource, sys, time
-from pipelines.config import GenerateConfig, load_config
+from pipelines.config import GenerateConfig
+from core.config import load_config
 from pipelines.generate import run_generate
-from pipelines.runtime import init_ray
+from core.runtime import init_ray
 src, out, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = load_config(GenerateConfig, "pipelines/configs/seggen-toy.yaml", [
     f"source.path={src}", f"output.path={out}", f"source.limit={rows}", "output.rows_per_shard=64",

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from core.runtime import init_ray
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
-from pipelines.runtime import init_ray
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 CLASSES = ["background", "cat", "dog"]

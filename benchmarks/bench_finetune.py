@@ -34,7 +34,7 @@ def _peak_rss_mb() -> float:
 def bench_tiny(steps: int, threads: int) -> list[dict]:
     import torch
 
-    from pipelines.config import load_config
+    from core.config import load_config
     from pipelines.toy_data import make_toy_dataset
     from training.finetune.config import FinetuneConfig
     from training.finetune.local import encode, pairs_from_source, train_steps

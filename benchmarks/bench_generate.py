@@ -14,9 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.config import GenerateConfig, load_config
+from core.config import load_config
+from core.runtime import init_ray
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
-from pipelines.runtime import init_ray
 from pipelines.toy_data import make_toy_dataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"

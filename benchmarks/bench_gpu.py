@@ -105,7 +105,7 @@ def count_step_flops(pipe: Any, batch: dict, actor: Any) -> float:
 
 def make_batch(rows: int, side: int, palette: np.ndarray) -> dict:
     """``rows`` colour maps (random blocks of palette colours) with prompts and seeds."""
-    from pipelines import schema as S
+    from core import schema as S
 
     rng = np.random.default_rng(0)
     cells = rng.integers(0, len(palette), (rows, 8, 8))
@@ -225,9 +225,9 @@ class GpuSampler:
 
 def bench_graph(args: argparse.Namespace) -> dict:
     """Part 2: the whole seggen graph on a toy source, GPU utilisation sampled meanwhile."""
+    from core.runtime import init_ray
     from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
-    from pipelines.runtime import init_ray
     from pipelines.toy_data import make_toy_dataset
 
     gpus = 0 if args.smoke else 0.5

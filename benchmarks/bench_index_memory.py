@@ -25,14 +25,15 @@ from bench_driver_memory import ROOT, run  # benchmarks/ is on sys.path when run
 
 CHILD = r"""
 import json, resource, sys, time
-from pipelines.config import GenerateConfig, load_config
+from pipelines.config import GenerateConfig
+from core.config import load_config
 src, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = load_config(GenerateConfig, "pipelines/configs/seggen-toy.yaml", [
     f"source.path={src}", "source.format=captions", f"output.path={out}", "pipeline=masksyn"])
 t = time.perf_counter()
 if mode == "ray":
     from pipelines.generate import index_in_ray
-    from pipelines.runtime import init_ray
+    from core.runtime import init_ray
     init_ray(cfg.ray, num_cpus=2)
     summary, problems, refs = index_in_ray(cfg, set())
     n = summary.n_rows

@@ -21,7 +21,8 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.025, help="data.idle_sleep_s of the second run")
     args = ap.parse_args()
 
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
     from pipelines.toy_data import make_toy_dataset
     from training.config import TrainConfig

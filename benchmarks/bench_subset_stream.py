@@ -25,8 +25,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.training.conftest's writer
     import ray
 
-    from pipelines.config import load_config
-    from pipelines.runtime import init_ray
+    from core.config import load_config
+    from core.runtime import init_ray
     from tests.training.conftest import write_synthetic
     from training.config import TrainConfig
     from training.data import _map, index_inputs, synthetic_stream

@@ -54,7 +54,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
     from pipelines.toy_data import make_toy_dataset
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from pipelines.runtime import ray_node_env
+from core.runtime import ray_node_env
 
 log = logging.getLogger(__name__)
 

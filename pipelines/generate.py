@@ -12,15 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import schema as S
-from pipelines import storage
+from core import schema as S
+from core import storage
+from core.runtime import init_ray
+from core.storage import Location
 from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, stage_plan
 from pipelines.graphs.base import build_dataset, stage_label
-from pipelines.runtime import init_ray
 from pipelines.sources import SourceError
 from pipelines.stages import SIBLINGS
-from pipelines.storage import Location
 from pipelines.writer import (
     REJECTED_SCHEMA,
     OutputConflict,
@@ -56,7 +56,7 @@ def _require_source(cfg: GenerateConfig) -> None:
 def index_rows(cfg: GenerateConfig):
     """The source's index and its rows (an Arrow table sorted by id, ``source.limit`` applied),
     each row tagged with its shard."""
-    from pipelines.sources import index_source
+    from pipelines.source_index import index_source
 
     _require_source(cfg)
     index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes,

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.prompts import VOC_SYNONYMS, readable
+from core.classnames import readable
+from pipelines.synonyms import VOC_SYNONYMS
 
 log = logging.getLogger(__name__)
 

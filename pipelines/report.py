@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema as S
-from pipelines import storage
+from core import schema as S
+from core import storage
+from core.storage import Location
 from pipelines.stages import decode_png
-from pipelines.storage import Location
 
 
 def generate_summary(result) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipelines.config import ConfigError, GenerateConfig
+from core.config import ConfigError
+from pipelines.config import GenerateConfig
 
 PRECISION = 10_000  # Ray accounts fractional resources in 1e-4 units
 

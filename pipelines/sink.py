@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import schema as S
+from core import schema as S
 from pipelines.writer import ShardRanges, ShardWriter
 
 log = logging.getLogger(__name__)

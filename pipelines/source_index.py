@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import schema, storage
+from core import schema, storage
+from core.storage import Location
 from pipelines.sources import (
     _BACKGROUND_NAMES,
     ADE20K_CLASSES,
@@ -37,7 +38,6 @@ from pipelines.sources import (
     SourceError,
     load_pixels,
 )
-from pipelines.storage import Location
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema, storage
+from core import schema, storage
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,3 @@ def caption_from_mask(
     names[0] = ("an " if names[0][:1].lower() in "aeiou" else "a ") + names[0]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"a photo of {text}"
-
-
-# The index lives in its own module; it imports the names above, so it is imported last.
-from pipelines.source_index import SourceIndex, index_source  # noqa: E402,F401

@@ -16,7 +16,7 @@ from PIL import Image
 
 from actors.colormap import voc_palette
 from actors.toy_domain import CLASSES, caption_for, render_image, sample_layout
-from pipelines.schema import derive_seed
+from core.schema import derive_seed
 
 JPEG_QUALITY = 95
 

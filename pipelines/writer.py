@@ -3,7 +3,7 @@
 A shard is a fixed range of source rows. Its rows are gathered as the stream delivers them
 and written once every source row of the shard is accounted for (each source row says how
 many rows it produces, kept or rejected). A shard file is always complete (temp + rename on
-file systems, one whole upload on object stores: :mod:`pipelines.storage`); a rerun skips
+file systems, one whole upload on object stores: :mod:`core.storage`); a rerun skips
 shards that exist. :class:`ShardWriter` runs inside writer actors (:mod:`pipelines.sink`), so
 the driver never sees image bytes; it gets one small completion record per shard.
 """
@@ -19,10 +19,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema as S
-from pipelines import storage
+from core import schema as S
+from core import storage
+from core.storage import Location
 from pipelines.stages import SIBLINGS
-from pipelines.storage import Location
 
 REJECTED_SCHEMA = S.DATASET_SCHEMA.append(pa.field(S.SOURCE_PATH, pa.string()))
 STAT_PROMPTS_TRUNCATED = "segfactory.prompts_truncated"

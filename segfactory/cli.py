@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError
-from pipelines.schema import FILTER_REASONS
+from core.config import ConfigError
+from core.schema import FILTER_REASONS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
@@ -36,7 +36,8 @@ def _cmd_toy_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
     from pipelines.report import print_generate_summary
 
@@ -65,7 +66,8 @@ def _check_submitted_generate(args: argparse.Namespace) -> str | None:
         forwarded = forwarded[1:]
     if forwarded[:1] != ["generate"] or "--dry-run" in forwarded:
         return None
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
     from pipelines.dryrun import submit_problems
 
     try:
@@ -90,7 +92,8 @@ def _exit_for(result) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
     from pipelines.report import print_generate_summary
     from pipelines.toy_data import make_toy_dataset
@@ -263,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line): config, source, output, checkpoint."""
+    from core.storage import StorageError
     from pipelines.sources import SourceError
-    from pipelines.storage import StorageError
     from pipelines.writer import OutputConflict
 
     return (ConfigError, SourceError, OutputConflict, StorageError)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pipelines.config import ConfigError
+from core.config import ConfigError
 
 # Packages whose configs/ folder ships YAML, in the order `segfactory configs` lists them.
 CONFIG_PACKAGES = ("pipelines", "training")

@@ -6,7 +6,7 @@ it spawns inherit them:
 - our own loggers (``segfactory``, ``pipelines``, ``training``, ``cluster``, ``actors``) print
   ``HH:MM:SS message`` at INFO through a handler of their own, so the levels Ray sets on the root
   logger do not touch them;
-- ``SEGFACTORY_RAY_LOG_LEVEL=ERROR`` makes :func:`pipelines.runtime.init_ray` pass
+- ``SEGFACTORY_RAY_LOG_LEVEL=ERROR`` makes :func:`core.runtime.init_ray` pass
   ``ray.LoggingConfig(log_level=...)`` to ``ray.init`` (the root and ``ray`` loggers of every
   worker: Ray Train's PlacementGroupCleaner warning every second without a dashboard, the
   "Reporting training result" echo of every ``ray.train.report``), and the training recipe passes
@@ -34,11 +34,11 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.runtime import RAY_LOG_LEVEL_ENV, own_loggers
+from core.runtime import RAY_LOG_LEVEL_ENV, own_loggers
 
 RAY_DATA_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_ENV = {
-    RAY_LOG_LEVEL_ENV: "ERROR",  # read by pipelines.runtime.init_ray and training.recipe
+    RAY_LOG_LEVEL_ENV: "ERROR",  # read by core.runtime.init_ray and training.recipe
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_CONFIG),
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",

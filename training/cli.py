@@ -1,6 +1,6 @@
 """``segfactory train``, ``evaluate``, ``predict`` and ``scaling``, registered on the main CLI's subparsers.
 
-Handlers return the exit code; a bad config raises :class:`pipelines.config.ConfigError`
+Handlers return the exit code; a bad config raises :class:`core.config.ConfigError`
 (exit 2 in the main CLI). Heavy imports happen inside the handlers so ``--help`` is fast.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.config import ConfigError
+from core.config import ConfigError
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
+    from core.config import load_config
     from training.config import TrainConfig
     from training.metrics import format_table
     from training.recipe import run_train
@@ -83,7 +83,7 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
             raise ConfigError("--report re-renders a finished sweep: give it alone, without --config or overrides")
         report = render_report(args.report)  # a directory or a URI
     elif args.config:
-        from pipelines.config import load_config
+        from core.config import load_config
         from training.scaling import ScalingConfig, run_sweep
 
         report = run_sweep(load_config(ScalingConfig, args.config, args.overrides))
@@ -99,7 +99,7 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
+    from core.config import load_config
     from training.finetune.config import FinetuneConfig
     from training.finetune.run import run_finetune
 

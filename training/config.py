@@ -1,6 +1,6 @@
 """Typed configuration of a segmentation training run (``segfactory train``).
 
-Loaded with :func:`pipelines.config.load_config`: YAML + dotted ``key=value`` overrides,
+Loaded with :func:`core.config.load_config`: YAML + dotted ``key=value`` overrides,
 unknown keys are an error, every field has a description.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import RayConfig, Strict
+from core.config import RayConfig, Strict
 
 STRATEGIES = ("mix", "pretrain_finetune", "synthetic_only", "real_only")
 

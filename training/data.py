@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
-from pipelines.config import ConfigError
+from core import schema as S
+from core.config import ConfigError
 from training.config import TrainConfig
 from training.epochs import real_span, span_positions, spans, synthetic_span
 from training.transforms import SYNTHETIC, transform_batch
@@ -47,7 +47,7 @@ class Sources:
 
 
 def _manifest_classes(path) -> list[str] | None:
-    from pipelines import storage
+    from core import storage
 
     mpath = storage.resolve(path) / "manifest.json"
     if not storage.is_file(mpath):
@@ -58,8 +58,8 @@ def _manifest_classes(path) -> list[str] | None:
 
 def _shard_files(path: str, what: str = "synthetic.paths") -> list[str]:
     """The Parquet shards of a synthetic dataset (a local path or a URI): files as the strings
-    the readers resolve again (``pipelines.storage.resolve_file``)."""
-    from pipelines import storage
+    the readers resolve again (``core.storage.resolve_file``)."""
+    from core import storage
 
     try:
         loc = storage.resolve(path, what)
@@ -71,7 +71,8 @@ def _shard_files(path: str, what: str = "synthetic.paths") -> list[str]:
 
 def index_inputs(cfg: TrainConfig) -> Sources:
     """Index the real train/val splits and the synthetic shards; check their classes agree."""
-    from pipelines.sources import SourceError, index_source
+    from pipelines.source_index import index_source
+    from pipelines.sources import SourceError
 
     real = cfg.real
     if not real.path:
@@ -197,9 +198,11 @@ def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: i
 def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
     """The generation graph's Dataset, unmaterialised: samples are made while the model
     trains. Source rows are cycled until the graph yields ~``n_rows`` samples."""
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
     from pipelines.generate import index_rows, resolve_context
-    from pipelines.graph import build_dataset, stage_plan
+    from pipelines.graphs import stage_plan
+    from pipelines.graphs.base import build_dataset
 
     live = cfg.synthetic.live
     gcfg = load_config(GenerateConfig, _find(live.config), [

@@ -16,7 +16,7 @@ def train_real_vs_mix(real_dir: Path, synthetic_dir: Path, out_dir: Path, overri
     """Train the toy config ``real_only`` and ``mix`` (same budget, same seed) into
     ``out_dir/{real_only,mix}``; returns both final.json contents and their mIoUs. A rerun
     with finished runs returns their results without training again."""
-    from pipelines.config import load_config
+    from core.config import load_config
     from training.config import TrainConfig
     from training.recipe import run_train
 

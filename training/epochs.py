@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
+from core import schema as S
 from training.transforms import AUG_KEY
 
 UNIT, EPOCH = "unit", "epoch"
@@ -170,7 +170,7 @@ def _parquet(path: str):
     """A Parquet file by local path or URI (one file system per bucket per process)."""
     import pyarrow.parquet as pq
 
-    from pipelines import storage
+    from core import storage
 
     loc = storage.resolve_file(path)
     return pq.ParquetFile(loc.path, filesystem=loc.fs)

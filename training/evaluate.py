@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger("segfactory.train")
 
@@ -56,9 +56,10 @@ def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "vo
     directory's final/latest checkpoint) on ``data``'s ``split``, by the checkpoint's eval
     protocol (``eval_overrides`` replace keys of it: mode, short_side, flip, scales, ...);
     writes them as JSON (default ``<checkpoint>/eval-<split>.json``) and returns them."""
-    from pipelines import storage
-    from pipelines.runtime import init_ray
-    from pipelines.sources import SourceError, index_source
+    from core import storage
+    from core.runtime import init_ray
+    from pipelines.source_index import index_source
+    from pipelines.sources import SourceError
     from training.config import DataConfig, TrainConfig
     from training.data import Sources, val_dataset
     from training.loop import META_FILE
@@ -76,7 +77,7 @@ def run_evaluate(checkpoint_dir: str | Path, data: str | Path, format: str = "vo
         raise ConfigError(f"--data: classes {index.classes} differ from the checkpoint's {meta['classes']}")
     if not index.rows:
         raise ConfigError(f"--split: no labelled rows in split {split!r} of {data}")
-    from pipelines.config import RayConfig
+    from core.config import RayConfig
 
     init_ray(ray_cfg or RayConfig())
     from training.inference import eval_protocol

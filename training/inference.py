@@ -92,13 +92,13 @@ def eval_protocol(meta: dict[str, Any], overrides: dict[str, Any] | None = None)
     """The checkpoint's eval protocol with ``overrides``, validated (bad keys: ConfigError)."""
     from pydantic import ValidationError
 
-    from pipelines.config import ConfigError
+    from core.config import ConfigError
     from training.config import EvalConfig
 
     try:
         return EvalConfig.model_validate({**meta.get("eval", {}), **(overrides or {})}).model_dump()
     except ValidationError as exc:
-        from pipelines.config import first_error_line
+        from core.config import first_error_line
 
         raise ConfigError(f"eval {first_error_line(exc)}") from None
 

@@ -220,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k, v in (("loss", value_sum), ("n", 1), ("wait", wait), ("busy", time.perf_counter() - t0)):
                 window[k] += v
             if step in cfg.debug.fail_at_steps and rank == 0:
-                from pipelines import storage
+                from core import storage
 
                 marker = storage.resolve(meta["run_dir"]) / f".failed_at_{step}"
                 if not storage.exists(marker):

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.schema import IGNORE_INDEX
+from core.schema import IGNORE_INDEX
 
 
 def confusion(pred, target, num_classes: int):

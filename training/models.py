@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipelines.schema import IGNORE_INDEX
+from core.schema import IGNORE_INDEX
 from training.config import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger("segfactory.train")
 
@@ -27,9 +27,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def resolve_model(path: str | Path):
-    """(model dir :class:`~pipelines.storage.Location`, segfactory.json) of a run (its best
+    """(model dir :class:`~core.storage.Location`, segfactory.json) of a run (its best
     checkpoint, else final/latest), a checkpoint directory or a ``best/`` directory."""
-    from pipelines import storage
+    from core import storage
     from training.recipe import model_dir, resolve_checkpoint
     from training.rundir import locate
 
@@ -43,8 +43,9 @@ def resolve_model(path: str | Path):
 def image_rows(data: str | Path, format: str, split: str | None) -> list[dict[str, str]]:
     """(id, image path) of the images to segment: a plain folder of images (``format=images``)
     or a source dataset's split (labels not needed)."""
-    from pipelines import storage
-    from pipelines.sources import SourceError, index_source
+    from core import storage
+    from pipelines.source_index import index_source
+    from pipelines.sources import SourceError
 
     if format == "images":
         try:
@@ -81,7 +82,7 @@ class Segmenter:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        from pipelines import storage
+        from core import storage
         from training.rundir import fetch_dir
 
         self.arch, self.meta, self.spec, self.out = meta["arch"], meta, spec, storage.resolve(out)
@@ -91,7 +92,7 @@ class Segmenter:
         import torch
         from PIL import Image
 
-        from pipelines import storage
+        from core import storage
         from pipelines.sources import load_pixels
         from training.accel import autocast
         from training.inference import segment
@@ -131,9 +132,9 @@ def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, forma
     ``OUT/predict.json``)."""
     import ray
 
-    from pipelines import storage
-    from pipelines.config import RayConfig
-    from pipelines.runtime import init_ray
+    from core import storage
+    from core.config import RayConfig
+    from core.runtime import init_ray
     from training.inference import eval_protocol
 
     model_path, meta = resolve_model(checkpoint)

@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from pipelines import storage
-from pipelines.config import ConfigError
-from pipelines.storage import Location
+from core import storage
+from core.config import ConfigError
+from core.storage import Location
 from training.config import TrainConfig
 from training.data import split_names
 from training.rundir import append_text, locate, read_json, read_text, subdirs, writable, write_json
@@ -149,7 +149,7 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.runtime import ray_log_level
+    from core.runtime import ray_log_level
 
     # ray.train's own console lines (worker group started, checkpoint saved ...): warnings only
     # when the command runs quiet (segfactory/logs.py)
@@ -204,7 +204,7 @@ def _rows_needed(cfg: TrainConfig, plan: list[dict[str, Any]], step: int) -> dic
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content."""
-    from pipelines.runtime import init_ray
+    from core.runtime import init_ray
     from training.data import build_datasets, index_inputs
     from training.loop import META_FILE, train_loop_per_worker
     from training.runlog import append_event, make_callback, read_events, run_record

@@ -3,7 +3,7 @@
 Checkpoints are written by Ray Train itself (``RunConfig(storage_path, storage_filesystem)``
 uploads each reported checkpoint). The small records the driver and the Train controller
 write (config.yaml, metrics.csv, events.jsonl, final.json, ...) go through
-:mod:`pipelines.storage`: whole objects on an object store, temp + rename on a file system.
+:mod:`core.storage`: whole objects on an object store, temp + rename on a file system.
 Directories that libraries can only write locally (``save_pretrained``, TensorBoard) are made in
 a local temporary directory and copied up with ``pyarrow.fs.copy_files``; a model read from a
 URI is copied down to a local cache once and loaded from there.
@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines import storage
-from pipelines.config import ConfigError
-from pipelines.storage import Location
+from core import storage
+from core.config import ConfigError
+from core.storage import Location
 
 
 def locate(path: str | os.PathLike | Location, key: str = "path") -> Location:
@@ -107,7 +107,7 @@ def upload_dir(local: str | Path, dest: Location) -> None:
 
 def fetch_dir(path: str | Location) -> Path:
     """A local directory with ``path``'s files: the directory itself when local, else a copy in
-    the node's model cache, made once per content (``pipelines.storage.local_copy``)."""
+    the node's model cache, made once per content (``core.storage.local_copy``)."""
     loc = locate(path, "checkpoint")
     if loc.is_local:
         return Path(loc.path)

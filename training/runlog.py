@@ -11,7 +11,7 @@ checkpoint while ``max_failures`` allows. Each failure is appended to ``events.j
 driver appends ``run_failed`` when ``fit()`` gives up and ``resumed`` for ``resume=true``, so
 ``restarts = failures - run_failed`` across every attempt of the run directory.
 
-A run directory on a URI (:mod:`training.rundir`): the files go through ``pipelines.storage``;
+A run directory on a URI (:mod:`training.rundir`): the files go through ``core.storage``;
 TensorBoard writes to a local temporary directory that is copied up after each flush; ``best/``
 is copied up with ``segfactory.json`` last (it is what marks ``best/`` complete).
 """
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import storage
-from pipelines.storage import Location
+from core import storage
+from core.storage import Location
 from training.rundir import append_text, locate, read_json, read_text, upload_dir, write_json
 
 log = logging.getLogger("segfactory.train")
@@ -122,7 +122,7 @@ def make_callback(run_dir: RunDir, append_metrics):
     """The controller-side callback (Ray Train ``UserCallback``)."""
     from ray.train.v2.api.callback import UserCallback
 
-    from pipelines.runtime import own_loggers_in_ray_worker, ray_log_level
+    from core.runtime import own_loggers_in_ray_worker, ray_log_level
 
     quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
     run = locate(run_dir)

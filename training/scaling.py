@@ -35,9 +35,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from pipelines import storage
-from pipelines.config import ConfigError, RayConfig, Strict, first_error_line, merge
-from pipelines.storage import Location
+from core import storage
+from core.config import ConfigError, RayConfig, Strict, first_error_line, merge
+from core.storage import Location
 from training.config import TrainConfig
 from training.rundir import locate, read_json, subdirs, upload_dir, writable, write_json
 
@@ -263,7 +263,8 @@ def prepare_synthetic(cfg: ScalingConfig, out: str | os.PathLike | Location, nee
     ``gap``: the dataset of that toy generator quality (``OUTPUT/synthetic-gapG``)."""
     if need == 0:
         return []
-    from pipelines.config import GenerateConfig, load_config
+    from core.config import load_config
+    from pipelines.config import GenerateConfig
 
     out = locate(out, "output.path")
     if gap is not None:
@@ -334,7 +335,7 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipelines.runtime import init_ray
+    from core.runtime import init_ray
     from training.scaling_report import render_report
 
     started = time.time()

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.storage import Location
+from core import storage
+from core.storage import Location
 from training.rundir import locate, read_json, read_text
 from training.scaling import TRIALS
 
@@ -171,7 +171,7 @@ def render_report(out: str | os.PathLike | Location) -> dict[str, Any]:
     out = locate(out, "--report")
     sweep = read_json(out / "sweep.json")
     if sweep is None:
-        from pipelines.config import ConfigError
+        from core.config import ConfigError
 
         raise ConfigError(f"--report: {out} is not a sweep directory (no sweep.json)")
     rows, classes = collect(out)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines import schema as S
+from core import schema as S
 
 PIXELS, LABELS, SYNTHETIC, IMAGE = "pixel_values", "labels", "synthetic", "image"
 AUG_KEY = "aug_key"  # optional int64 column: per-row augmentation seed (training.epochs.aug_keys)

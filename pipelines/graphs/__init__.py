@@ -6,9 +6,9 @@ weights: prefetch and the dry run read them) and its plan (the ``map_batches`` c
 The plan, prefetch, preset validation, the config hash and the scaling sweep's extension of
 a dataset all derive from it; nothing else checks the method name.
 
-A new graph = a module ``pipelines/graphs/<name>.py`` calling :func:`register` (every module of
-this package but ``base`` is imported on first use), plus its config section in
-``pipelines/config.py``.
+A new graph = a package ``pipelines/graphs/<name>/`` whose ``plan`` module calls :func:`register`
+(every sub-package's ``plan`` is imported on first use), its config sections in its ``config``
+module (added to :class:`pipelines.config.GenerateConfig`) and its method modules beside them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipelines.graphs.base import ModelRef, RunContext, Stage
+from core.config import ConfigError
+from pipelines.graphs.types import ModelRef, RunContext, Stage
 
 if TYPE_CHECKING:
-    from pipelines.config import GenerateConfig, Resources
+    from pipelines.config import GenerateConfig
+    from pipelines.specs import Resources
 
 __all__ = ["GraphSpec", "ModelRef", "ModelStage", "RunContext", "Stage", "get_graph", "graph_names",
            "register", "stage_plan"]
@@ -49,6 +51,9 @@ class GraphSpec:
     description: str
     needs_masks: bool  # source rows must carry masks
     hash_sections: tuple[str, ...]  # config sections (beyond the common ones) entering the hash
+    # graph-specific config sections it reads (pipelines.config.GRAPH_SECTIONS); a config that
+    # changes any other graph's section is refused, naming the key
+    sections: tuple[str, ...]
     model_stages: Callable[[GenerateConfig], list[ModelStage]]  # the pools this config will run
     plan: Callable[[GenerateConfig, RunContext, str], list[Stage]]  # pure: stages + map_batches kwargs
     presets: tuple[str, ...] = ("toy", "tiny", "sdxl", "sd15", "sdxl-random")  # the presets it runs with
@@ -85,14 +90,12 @@ def _load_builtin() -> None:
     if not _loaded:
         _loaded = True
         for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-            if info.name != "base":
-                importlib.import_module(f"{__name__}.{info.name}")
+            if info.ispkg:  # one package per graph; its plan module registers it
+                importlib.import_module(f"{__name__}.{info.name}.plan")
 
 
 def get_graph(name: str) -> GraphSpec:
     """The graph called ``name``; ConfigError naming ``pipeline`` when there is none."""
-    from pipelines.config import ConfigError
-
     _load_builtin()
     if name not in _REGISTRY:
         raise ConfigError(f"pipeline: unknown graph {name!r}; known: {', '.join(graph_names())}")

@@ -1,4 +1,4 @@
-"""What every graph module shares: a stage, the run context, map_batches arguments, model refs.
+"""What every graph module shares: map_batches arguments, model refs, the common model stages.
 
 Building a graph is a pure function of the config (and of what the driver learned from the
 source), so tests assert on the ``map_batches`` arguments of each :class:`Stage` without a GPU.
@@ -9,61 +9,15 @@ stay light.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from pipelines import schema as S
+from core import schema as S
 from pipelines import stages
-from pipelines.config import CaptionerStage, GenerateConfig, Resources
+from pipelines.graphs import ModelRef, RunContext, Stage, get_graph
 
-
-@dataclass
-class Stage:
-    """One ``map_batches`` call: the callable and its keyword arguments.
-
-    ``kind="dataset"``: ``fn(ds, **kwargs)`` returns the next Dataset — for a step that needs
-    the whole stream, such as AlignDiff's two rounds with an aggregate between them.
-    """
-
-    name: str
-    fn: Any
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    kind: str = "map_batches"
-
-
-@dataclass
-class RunContext:
-    """What the driver learned from the source and passes to the stages."""
-
-    classes: list[str]
-    palette: np.ndarray
-    background: int | None  # class id that does not count as an object (None: every class does)
-    uncaptioned: int | None = None  # source rows without a caption (None: not counted; assume some)
-
-    @property
-    def mask_dtype(self) -> str:
-        return S.mask_dtype(len(self.classes)).str
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """One set of weights a model stage loads: what prefetch fetches and the dry run shows.
-
-    ``kind``: ``diffusers-pipeline`` (a pipeline folder; ``components`` are the sub-folders it
-    loads, others are passed in), ``diffusers-model`` (one model folder, e.g. a ControlNet),
-    ``transformers`` (model + processor files) or ``file`` (one checkpoint file, ``local_path``).
-    """
-
-    key: str  # config key of the spec, e.g. "mask2img.controlnet" (problems name it)
-    kind: str
-    id: str = ""
-    revision: str = "main"
-    local_path: str | None = None
-    variant: str | None = None
-    dtype: str | None = None
-    components: tuple[str, ...] = ()
+if TYPE_CHECKING:
+    from pipelines.config import GenerateConfig
+    from pipelines.specs import CaptionerStage, Resources
 
 
 # Sub-folders a diffusers pipeline of each family loads from its repo (the tokenizers and
@@ -98,8 +52,6 @@ class CaptionerPool(stages.Gated):
 def captions_mode(cfg: GenerateConfig) -> str:
     """What fills a caption the source lacks: ``captioner`` or ``template`` (class names);
     ``captions: null`` = the graph's ``default_captions``."""
-    from pipelines.graphs import get_graph
-
     return cfg.captions if cfg.captions is not None else get_graph(cfg.pipeline).default_captions(cfg)
 
 

@@ -16,7 +16,7 @@ from actors.colormap import (
     palette_by_name,
     voc_palette,
 )
-from pipelines.schema import IGNORE_INDEX
+from core.schema import IGNORE_INDEX
 
 ADE20K_FIRST = [[120, 120, 120], [180, 120, 120], [6, 230, 230], [80, 50, 50], [4, 200, 3]]
 VOC_FIRST = [

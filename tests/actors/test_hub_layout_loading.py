@@ -19,7 +19,7 @@ import pytest
 from actors import diffusion_models as dm
 from actors.mask2img import Mask2Img
 from actors.text2mask import Text2Mask
-from pipelines import schema as S
+from core import schema as S
 
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
 
@@ -202,7 +202,7 @@ def test_a_local_path_on_object_storage_is_fetched_once_per_node(hub: dict, s3_b
     by then)."""
     import pyarrow.fs as pafs
 
-    from pipelines import storage
+    from core import storage
 
     monkeypatch.setenv("SEGFACTORY_MODEL_CACHE", str(tmp_path / "cache"))
     uri = f"{s3_bucket}/models/sdxl-pipe"

@@ -68,7 +68,8 @@ def test_every_sampler_draws_with_the_tiny_pipeline() -> None:
 
 
 def test_config_sampler_key_reaches_the_actors_and_the_hash() -> None:
-    from pipelines.graphs.base import RunContext, mask2img_actor, text2mask_actor
+    from pipelines.graphs import RunContext
+    from pipelines.graphs.base import mask2img_actor, text2mask_actor
 
     ctx = RunContext(classes=["bg", "a"], palette=np.zeros((2, 3), np.uint8), background=0)
     base = GenerateConfig(preset="tiny")

@@ -21,7 +21,7 @@ from actors.toy_domain import (
 )
 from actors.toy_mask2img import ToyMask2Img
 from actors.toy_text2mask import ToyText2Mask
-from pipelines.schema import derive_seed, raw_to_array
+from core.schema import derive_seed, raw_to_array
 
 
 def _prompt_batch(prompts: list[str], seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from actors import textual_inversion as ti
-from pipelines import aligndiff_refine as R
-from pipelines import schema as S
-from pipelines.config import ConfigError, GenerateConfig, load_config
+from core import schema as S
+from core.config import ConfigError, load_config
+from pipelines.config import GenerateConfig
+from pipelines.graphs.aligndiff import refine as R
 
 CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "aligndiff-tiny.yaml"
 # The tiny run's consensus IoUs (random weights) measured 0.33-0.74: at the paper's alpha = 0.8
@@ -25,7 +26,8 @@ ALPHA = 0.55
 
 def _bank(toy_source: Path, out: Path, limit: int = 4) -> str:
     """A bank for the first ``limit`` given pairs: one random 32-d embedding per (pair, class)."""
-    from pipelines.sources import index_source, load_pixels
+    from pipelines.source_index import index_source
+    from pipelines.sources import load_pixels
 
     index = index_source(str(toy_source), "voc", split="train")
     rows = sorted(index.rows, key=lambda r: r[S.SOURCE_ID])[:limit]
@@ -40,8 +42,7 @@ def _bank(toy_source: Path, out: Path, limit: int = 4) -> str:
 
 
 def test_plan_and_config_errors(toy_source, tmp_path):
-    from pipelines.graphs import stage_plan
-    from pipelines.graphs.base import RunContext
+    from pipelines.graphs import RunContext, stage_plan
 
     cfg = load_config(GenerateConfig, CONFIG, [f"aligndiff.bank={tmp_path / 'b.safetensors'}"])
     ctx = RunContext(classes=["background", "circle"], palette=np.zeros((2, 3), np.uint8), background=0)
@@ -61,7 +62,7 @@ def test_plan_and_config_errors(toy_source, tmp_path):
 
 
 def test_expand_prompts_draw_from_the_bank(toy_source, tmp_path):
-    from pipelines.graphs.aligndiff import expand_prompts
+    from pipelines.graphs.aligndiff.plan import expand_prompts
 
     bank = _bank(toy_source, tmp_path, limit=2)
     entries, _, _ = ti.load_bank(bank)

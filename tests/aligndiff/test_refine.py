@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from actors.fss_prototype import PrototypeFSS
-from pipelines import aligndiff_refine as R
-from pipelines import schema as S
+from core import schema as S
+from pipelines.graphs.aligndiff import refine as R
 
 SIZE, ALPHA = 64, 0.6
 

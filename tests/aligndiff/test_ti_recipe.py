@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.textual_inversion import load_bank
-from pipelines.config import load_config
+from core.config import load_config
 from training.finetune.config import FinetuneConfig
 from training.finetune.run import run_finetune
 

@@ -26,8 +26,9 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import index_rows, resolve_context
 from pipelines.graphs import Stage, stage_plan
 from pipelines.graphs.base import build_dataset

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import GenerateConfig, load_config
+from core.config import load_config
+from pipelines.config import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "cluster" / "k8s"

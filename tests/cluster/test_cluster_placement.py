@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from core.config import load_config
 from pipelines import prefetch as pf
-from pipelines.config import GenerateConfig, load_config
+from pipelines.config import GenerateConfig
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import storage
+from core import storage
 
 HERE = Path(__file__).parent
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
-from pipelines.config import GenerateConfig, load_config
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from actors.captioner import Captioner, tiny_captioner
 from actors.clip_embedder import ClipEmbedder
 from actors.grounding import Grounding, phrase_prompt
 from actors.sam import SamMasks, merge_masks
-from pipelines import schema as S
+from core import schema as S
 
 CLASSES = ["background", "cat", "dog", "diningtable"]
 

@@ -15,8 +15,9 @@ from PIL import Image
 from actors.captioner import Captioner
 from actors.grounding import Grounding
 from actors.sam import SamMasks
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
 
 CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "factory-tiny.yaml"

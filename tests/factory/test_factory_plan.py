@@ -11,10 +11,11 @@ from actors.captioner import Captioner
 from actors.clip_embedder import ClipEmbedder
 from actors.grounding import Grounding
 from actors.sam import SamMasks
-from pipelines import schema as S
-from pipelines.config import ConfigError, GenerateConfig, load_config
+from core import schema as S
+from core.config import ConfigError, load_config
+from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, stage_plan
-from pipelines.graphs.factory import expand_variants
+from pipelines.graphs.factory.plan import expand_variants
 from pipelines.stages import SIBLINGS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"

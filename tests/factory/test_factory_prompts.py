@@ -7,15 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from pipelines import prompts as P
-from pipelines import schema as S
+from core import schema as S
+from core.classnames import readable
+from pipelines import synonyms
+from pipelines.graphs.factory import prompts as P
 from pipelines.sources import VOC_CLASSES
 
 
 def test_voc_table_is_loaded_with_every_voc_class():
-    doc = json.loads(P.VOC_SYNONYMS.read_text())
+    doc = json.loads(synonyms.VOC_SYNONYMS.read_text())
     assert sorted(e["class"] for e in doc["entries"]) == sorted(VOC_CLASSES[1:])  # 20 classes, no background
-    table = P.load_synonyms()
+    table = synonyms.load_synonyms()
     assert table["dog"] == table["dogs"] and "puppy" in table["dog"] and "terrier" in table["dog"]
     assert "persian cat" in table["cat"]  # attn2mask's curated form, not "persian"
     assert table["people"] == table["person"] == ("human", "homo sapiens", "citizen")
@@ -24,7 +26,7 @@ def test_voc_table_is_loaded_with_every_voc_class():
 
 def test_class_names_appended_after_the_caption():
     caption = "A living room with a couch and a coffee table"
-    names = [P.readable(n) for n in ("pottedplant", "sofa", "chair")]
+    names = [readable(n) for n in ("pottedplant", "sofa", "chair")]
     assert P.build_prompt("caption_classes", caption, names) == \
         "A living room with a couch and a coffee table; potted plant, sofa, chair"
     assert P.build_prompt("caption", caption, names) == caption
@@ -34,21 +36,21 @@ def test_class_names_appended_after_the_caption():
 
 
 def test_synonym_replacement_rate_is_one_half():
-    table = P.load_synonyms()
+    table = synonyms.load_synonyms()
     rng = np.random.default_rng(0)
     draws = 4000
-    replaced = sum(P.replace_synonyms("a dog", table, 0.5, rng) != "a dog" for _ in range(draws))
+    replaced = sum(synonyms.replace_synonyms("a dog", table, 0.5, rng) != "a dog" for _ in range(draws))
     assert replaced / draws == pytest.approx(0.5, abs=0.03)  # 4000 draws: sd 0.008
-    out = P.replace_synonyms("a dog", table, 1.0, rng)
+    out = synonyms.replace_synonyms("a dog", table, 1.0, rng)
     assert out.startswith("a ") and out[2:] in table["dog"]
-    assert P.replace_synonyms("a dog", table, 0.0, rng) == "a dog"
+    assert synonyms.replace_synonyms("a dog", table, 0.0, rng) == "a dog"
     # whole words only, case-insensitive, longest base first
-    assert P.replace_synonyms("hotdog stand", table, 1.0, rng) == "hotdog stand"
-    assert P.replace_synonyms("Two Motorcycles", table, 1.0, rng).split(" ", 1)[1] in table["motorcycles"]
+    assert synonyms.replace_synonyms("hotdog stand", table, 1.0, rng) == "hotdog stand"
+    assert synonyms.replace_synonyms("Two Motorcycles", table, 1.0, rng).split(" ", 1)[1] in table["motorcycles"]
 
 
 def test_replacement_touches_the_caption_not_the_appended_names():
-    table = P.load_synonyms()
+    table = synonyms.load_synonyms()
     rng = np.random.default_rng(1)
     out = P.build_prompt("caption_classes", "a cat on a sofa", ["cat", "sofa"], table, 1.0, rng)
     caption, names = out.split("; ")

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines import schema as S
-from pipelines import selection as sel
+from core import schema as S
+from pipelines.graphs.factory import selection as sel
 
 
 def test_identical_embeddings_are_similar_and_kept():

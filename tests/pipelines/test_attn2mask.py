@@ -7,10 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from pipelines import schema as S
-from pipelines.attn_masks import MaskParams, attn_mask_stage, otsu_threshold, pseudo_mask
-from pipelines.attn_prompts import Lexicon, caption_prompt, class_prompt, expand_prompts
-from pipelines.config import ConfigError, GenerateConfig
+from core import schema as S
+from core.config import ConfigError
+from pipelines.config import GenerateConfig
+from pipelines.graphs.attn2mask.masks import (
+    MaskParams,
+    attn_mask_stage,
+    otsu_threshold,
+    pseudo_mask,
+)
+from pipelines.graphs.attn2mask.prompts import Lexicon, caption_prompt, class_prompt, expand_prompts
 from pipelines.sources import VOC_CLASSES
 
 # --- mask stage on hand-built attention ------------------------------------------------------
@@ -161,7 +167,7 @@ def test_plan_map_batches_arguments_and_presets():
     real = cfg.model_copy(update={"preset": "sd15"})
     assert [r.key for _, r in model_refs(real)] == ["attn2mask.model", "attn2mask.lora_path"]
     with pytest.raises(ConfigError, match="^preset: .*the attn2mask graph runs with presets"):
-        from pipelines.config import load_config
+        from core.config import load_config
 
         load_config(GenerateConfig, None, ["pipeline=attn2mask", "preset=toy"])
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines import schema as S
+from core import schema as S
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "pipelines" / "configs" / "attn2mask-tiny.yaml"

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, GenerateConfig, load_config, parse_overrides
+from core.config import ConfigError, load_config, parse_overrides
+from pipelines.config import GenerateConfig
 from segfactory.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"

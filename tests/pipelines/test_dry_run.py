@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import GenerateConfig, load_config
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.dryrun import dry_run
 from pipelines.graphs import get_graph
 from pipelines.resources import PoolNeed, apply_profile, gpu_shortage, min_gpus, packs, pool_needs

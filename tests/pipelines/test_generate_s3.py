@@ -14,9 +14,10 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import schema as S
-from pipelines import storage
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core import storage
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
-from pipelines.sources import index_source, load_pixels
+from pipelines.source_index import index_source
+from pipelines.sources import load_pixels
 
 CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "seggen-tiny.yaml"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError, GenerateConfig, load_config
+from core.config import ConfigError, load_config
+from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, graph_names, stage_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +38,9 @@ HASHES = {
     "first_copy": ("seggen-toy.yaml", ["imgsyn.first_copy=3", "masksyn.first_copy=2"], "989c3234d2e797e0"),
     "runtime-knobs": ("seggen-tiny.yaml", [*OLD, "source.path=/x", "output.path=/y", "ray.address=auto",
                                            "mask2img.resources.num_gpus=0.5", "cpu.batch_size=3"], "7075c8673d1d1c82"),
-    "factory-keys-in-seggen": ("seggen-toy.yaml", ["captioner.kind=blip2", "factory.samples_per_image=3"],
-                               "0a6ea4971b0b9d8c"),
+    # the captioner section enters seggen's hash only when it captions (toy: template captions);
+    # a factory-only section (factory.samples_per_image) is now refused: see the test below
+    "captioner-in-toy-seggen": ("seggen-toy.yaml", ["captioner.kind=blip2"], "0a6ea4971b0b9d8c"),
     "factory-selection": ("factory-tiny.yaml", [*OLD, "selection.similarity_threshold=null",
                                                 "grounding.resources.num_gpus=0.5"], "3881124291d7ccb0"),
     "defaults": (None, [], "2ab3b0819d0cbfe3"),
@@ -58,8 +60,14 @@ def test_hash_follows_the_graphs_sections():
     assert base.model_copy(update={"seed": 1}).config_hash() != base.config_hash()
     changed = load_config(GenerateConfig, None, ["pipeline=factory", "preset=tiny", "selection.similarity_threshold=0.5"])
     assert changed.config_hash() != base.config_hash()  # a factory section enters the factory's hash
-    seggen = GenerateConfig()
-    assert load_config(GenerateConfig, None, ["selection.similarity_threshold=0.5"]).config_hash() == seggen.config_hash()
+    # a section the graph does not read is refused, not silently left out of the hash
+    with pytest.raises(ConfigError, match=r"^selection\.similarity_threshold: the seggen graph does not read"):
+        load_config(GenerateConfig, None, ["selection.similarity_threshold=0.5"])
+    with pytest.raises(ConfigError, match=r"^factory\.samples_per_image: the seggen graph"):
+        load_config(GenerateConfig, PINNED / "seggen-toy.yaml", ["factory.samples_per_image=7"])
+    # a section set to its defaults changes nothing, so it is accepted (configs dumped whole reload)
+    same = load_config(GenerateConfig, None, ["factory.samples_per_image=5"])
+    assert same.config_hash() == GenerateConfig().config_hash()
 
 
 def test_registry_lists_the_graphs():

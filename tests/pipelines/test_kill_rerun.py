@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import schema as S
+from core import schema as S
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "pipelines" / "configs" / "seggen-toy.yaml"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from huggingface_hub.utils import filter_repo_objects
 
+from core.config import load_config
 from pipelines import prefetch as pf
-from pipelines.config import GenerateConfig, load_config
-from pipelines.graphs.base import ModelRef
+from pipelines.config import GenerateConfig
+from pipelines.graphs import ModelRef
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import schema as S
-from pipelines.graph import Stage, stage_label
+from core import schema as S
+from pipelines.graphs import Stage
+from pipelines.graphs.base import stage_label
 from pipelines.report import contact_sheet, generate_summary, inspect_dataset
 from pipelines.sources import SourceError
 from pipelines.stages import encode_png

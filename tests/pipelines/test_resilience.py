@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
 from segfactory.cli import main
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from pipelines.generate import run_generate
-from pipelines.graphs.seggen import load_uncaptioned
-from pipelines.sources import caption_from_mask, index_source, load_pixels
-from pipelines.stages import expand_sources
+from pipelines.graphs.seggen.expand import expand_sources
+from pipelines.graphs.seggen.plan import load_uncaptioned
+from pipelines.source_index import index_source
+from pipelines.sources import caption_from_mask, load_pixels
 
 CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "seggen-tiny.yaml"
 

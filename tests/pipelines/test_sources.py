@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipelines.source_index import index_source
 from pipelines.sources import (
     ADE20K_CLASSES,
     VOC_CLASSES,
     SourceError,
     caption_from_mask,
-    index_source,
     load_pixels,
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import schema as S
+from core import schema as S
 from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, stage_plan
 from pipelines.stages import Gated, colorize, decode_png, finalize, set_rows

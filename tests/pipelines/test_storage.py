@@ -1,4 +1,4 @@
-"""pipelines.storage against the local disk and a real S3 API (moto's server)."""
+"""core.storage against the local disk and a real S3 API (moto's server)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage as st
+from core import storage as st
 
 
 def _table() -> pa.Table:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema as S
+from core import schema as S
 from pipelines.stages import SIBLINGS
 from pipelines.writer import ShardWriter, summarize_output
 

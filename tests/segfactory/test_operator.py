@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from segfactory import cli
 from segfactory.configs import format_configs, resolve_config, shipped_configs
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import schema as S
+from core import schema as S
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_CONFIG = ROOT / "training" / "configs" / "toy.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipelines.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from training.config import TrainConfig
 from training.recipe import check_inputs
 
@@ -122,7 +122,7 @@ def test_synthetic_classes_must_match_the_real_ones(small_real, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import schema as S
+    from core import schema as S
 
     pq.write_table(pa.Table.from_pylist([], schema=S.DATASET_SCHEMA), syn / "shards" / "part-0.parquet")
     (syn / "manifest.json").write_text(json.dumps({"classes": ["background", "cat"]}))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from training.finetune.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,9 +13,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schema as S
-from pipelines.config import ConfigError, load_config
-from pipelines.sources import caption_from_mask, index_source, load_pixels
+from core import schema as S
+from core.config import ConfigError, load_config
+from pipelines.source_index import index_source
+from pipelines.sources import caption_from_mask, load_pixels
 from training.finetune.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,7 +157,7 @@ def test_pairs_and_latent_cache_on_s3_on_ray_with_the_captioner_pool(ray_local, 
     """The index lists s3:// keys; Ray tasks decode the pairs from the bucket; the captioner runs
     as an actor pool; the corrupt image lands in rejected/ naming its s3:// key; the rest are
     encoded by the caching pass into a latent cache on s3:// and read back."""
-    from pipelines import storage
+    from core import storage
     from training.finetune.pairs import captioner_stage
     from training.finetune.run import (
         cache_current,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.schema import IGNORE_INDEX
+from core.schema import IGNORE_INDEX
 from training.accel import (
     autocast,
     grad_scaler,

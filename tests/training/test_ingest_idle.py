@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.config import load_config
+from core.config import load_config
 from tests.training.conftest import TOY_CONFIG
 from training.config import TrainConfig
 from training.data import build_datasets, index_inputs

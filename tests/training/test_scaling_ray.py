@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import schema as S
-from pipelines.config import GenerateConfig, load_config
+from core import schema as S
+from core.config import load_config
+from pipelines.config import GenerateConfig
 from training.scaling import ScalingConfig, prepare_synthetic, run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]

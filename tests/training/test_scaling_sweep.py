@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from segfactory.cli import main
 from training.scaling import (
     ScalingConfig,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import load_config
+from core.config import load_config
 from training.config import TrainConfig
 from training.epochs import order, pick_units, plan_chunks, synthetic_chunks
 from training.subsets import read_sample_ids, subset_key, volume_threshold

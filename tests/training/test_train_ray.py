@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from training.config import TrainConfig
 from training.recipe import run_train
 
@@ -29,7 +29,7 @@ def rows(run: Path) -> list[dict[str, str]]:
 
 
 def val_pixels(real: Path) -> int:
-    from pipelines.sources import index_source
+    from pipelines.source_index import index_source
 
     idx = index_source(real, "voc", split="val")
     return int(sum((idx.load(r)[1] != 255).sum() for r in idx.rows))
@@ -103,7 +103,7 @@ def test_predict_pngs_score_what_evaluate_reports_and_best_loads_in_a_pipeline(m
     RUN/best is a transformers model directory with its image processor."""
     from PIL import Image
 
-    from pipelines.sources import index_source
+    from pipelines.source_index import index_source
     from training.evaluate import run_evaluate
     from training.metrics import summarize
     from training.predict import run_predict

@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from pipelines import storage
-from pipelines.config import ConfigError, load_config
+from core import storage
+from core.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_generate_inspect_train_resume_evaluate_predict_with_every_path_on_s3(
     from the S3 run into S3. Nothing is written next to the driver: all of it is in the bucket."""
     from PIL import Image
 
-    from pipelines.sources import index_source
+    from pipelines.source_index import index_source
     from segfactory.cli import main
     from training.metrics import summarize
 

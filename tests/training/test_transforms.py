@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import schema as S
+from core import schema as S
 from training.config import AugConfig
 from training.transforms import (
     LABELS,
@@ -107,7 +107,7 @@ def test_per_row_aug_keys_make_crops_independent_of_batching():
 
 
 def test_transform_batch_index_rows_decode_real_source(small_real):
-    from pipelines.sources import index_source
+    from pipelines.source_index import index_source
 
     idx = index_source(small_real, "voc", split="val")
     rows = idx.rows[:4]

@@ -1,6 +1,6 @@
 """Typed configuration of a generator fine-tuning run (``segfactory finetune``).
 
-Loaded with :func:`pipelines.config.load_config` (YAML + dotted ``key=value`` overrides, unknown
+Loaded with :func:`core.config.load_config` (YAML + dotted ``key=value`` overrides, unknown
 keys are an error, every field described). Defaults follow SegGen App. A.4 (AdamW, lr 1e-5,
 resolution 768, random flips, 30k iterations); the LoRA recipes follow attn2mask Tab. 2
 (AdamW lr 2e-5, polynomial power 1.0, weight decay 0.01, 40k iterations).
@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import CaptionerStage, RayConfig, Resources, SourceConfig, Strict
+from core.config import RayConfig, Strict
+from pipelines.config import SourceConfig
+from pipelines.specs import CaptionerStage, Resources
 
 KINDS = ("text2mask", "mask2img", "lora", "textual_inversion")
 

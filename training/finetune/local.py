@@ -18,7 +18,7 @@ from training.finetune.config import FinetuneConfig
 def pairs_from_source(cfg: FinetuneConfig, split: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], Any, Any]:
     """(pairs, palette, index) of a source split, decoded (and captioned, when captions come
     from the captioner: the same gated captioner the Ray pass runs) in this process."""
-    from pipelines.sources import index_source
+    from pipelines.source_index import index_source
     from training.finetune.pairs import (
         captioner_stage,
         make_pairs,

@@ -1,6 +1,6 @@
 """[caption, colour map, image] training pairs from any source ``generate`` reads.
 
-:func:`make_pairs` runs as a Ray Data CPU task on rows of :func:`pipelines.sources.index_source`:
+:func:`make_pairs` runs as a Ray Data CPU task on rows of :func:`pipelines.source_index.index_source`:
 it decodes one row (``load_pixels``), resizes the short side to the resolution and centre
 crops (mask with NEAREST, so no blended colours), paints the colour map with the same codec
 and palette the generation graph decodes with (``actors.colormap.mask_to_color``) and picks
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
+from core import schema as S
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def write_rejected(rows: list[dict[str, str]], out: str | None, split: str) -> N
     every epoch when latents are not cached) rewrites the same file instead of adding one."""
     if not rows or out is None:
         return
-    from pipelines import storage
+    from core import storage
 
     digest = hashlib.sha256("\n".join(sorted(r[S.SOURCE_ID] for r in rows)).encode()).hexdigest()[:16]
     storage.write_parquet(rejected_table(rows),

@@ -13,7 +13,7 @@ Run directory (``output.path``)::
                            in the dataset contract's rejected schema with their drop_reason
     final.json             loss before/after, throughput, rejected rows, where the model is
 
-``source.path`` and ``data.cache_path`` may be URIs (s3://, gs://, ...: :mod:`pipelines.storage`);
+``source.path`` and ``data.cache_path`` may be URIs (s3://, gs://, ...: :mod:`core.storage`);
 the run directory is local (its checkpoints, metrics and export are read back by the driver).
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ConfigError
+from core.config import ConfigError
 from training.finetune.config import FinetuneConfig
 from training.finetune.worker import EMA_FILE, META_FILE, STATE_FILE, WEIGHTS_FILE, finetune_loop
 
@@ -171,7 +171,7 @@ def pair_datasets(cfg: FinetuneConfig, palette: Any, index: Any, val_rows: list[
 def write_index_problems(run_dir: Path, problems: list[tuple[str, str, str]]) -> None:
     """Rows the source index could not use (no mask, duplicate id, bad captions.jsonl line) go
     to ``rejected/`` too, as ``generate`` does."""
-    from pipelines import storage
+    from core import storage
     from training.finetune.pairs import METHOD, rejected_table
 
     path = storage.resolve(run_dir) / "rejected" / f"part-{METHOD}-index.parquet"
@@ -212,16 +212,16 @@ def cache_key(cfg: FinetuneConfig, palette: Any, target_key: str, captioned: boo
 
 
 def cache_root(cfg: FinetuneConfig, run_dir: Path) -> Any:
-    """Where the latent cache lives (a :class:`pipelines.storage.Location`): ``data.cache_path``
+    """Where the latent cache lives (a :class:`core.storage.Location`): ``data.cache_path``
     (a local path or a URI every node reads, e.g. s3://) or ``RUN/cache``."""
-    from pipelines import storage
+    from core import storage
 
     return storage.resolve(cfg.data.cache_path or str(run_dir / "cache"), "data.cache_path")
 
 
 def cache_current(root: Any, key: str) -> bool:
     """Whether the cache at ``root`` was made for ``key`` (its ``key.json``)."""
-    from pipelines import storage
+    from core import storage
 
     marker = root / "key.json"
     return storage.is_file(marker) and json.loads(storage.read_text(marker)).get("key") == key
@@ -234,7 +234,7 @@ def cached_datasets(cfg: FinetuneConfig, pairs: dict[str, Any], root: Any, key: 
     A cache whose ``key.json`` matches (same base, source, pairs) is reused as it is."""
     import ray
 
-    from pipelines import storage
+    from core import storage
     from training.finetune.pairs import EncodeActor
 
     if not cache_current(root, key):
@@ -282,8 +282,9 @@ def export_model(cfg: FinetuneConfig, ckpt: Path, out: Path) -> None:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``."""
     from actors.colormap import default_ignore_color
-    from pipelines.runtime import init_ray
-    from pipelines.sources import SourceError, index_source
+    from core.runtime import init_ray
+    from pipelines.source_index import index_source
+    from pipelines.sources import SourceError
     from training.finetune.pairs import uses_captioner
     from training.finetune.recipes import RECIPES
 

@@ -261,9 +261,10 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from actors.textual_inversion import BankEntry, instance_token, save_bank
-    from pipelines.config import ConfigError
-    from pipelines.runtime import init_ray
-    from pipelines.sources import SourceError, index_source
+    from core.config import ConfigError
+    from core.runtime import init_ray
+    from pipelines.source_index import index_source
+    from pipelines.sources import SourceError
     from training.finetune.run import (
         _callback,
         build_kwargs,

@@ -4,7 +4,7 @@ image-mask pairs with masks refined by a few-shot segmenter (Algorithm 1).
 given pairs (source) -> expand K prompts per pair (a bank embedding of the pair's class as an
 adjective, or the plain class prompt) -> text-to-image pool that also captures the class
 noun's cross-attention (image + coarse mask, one pass) -> two-round consensus refinement
-(``pipelines.aligndiff_refine``: FSS pool conditioned on the given pairs, IoU > alpha keeps the
+(``pipelines.graphs.aligndiff.refine``: FSS pool conditioned on the given pairs, IoU > alpha keeps the
 coarse mask, re-conditioning aggregate, FSS pool relabels the rest) -> finalize.
 
 The bank comes from ``segfactory finetune`` kind=textual_inversion on the same source; a
@@ -18,20 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import aligndiff_refine, stages
-from pipelines import schema as S
-from pipelines.config import ConfigError, GenerateConfig
-from pipelines.graphs import GraphSpec, ModelStage, register
-from pipelines.graphs.base import (
-    REAL_PRESETS,
-    ModelRef,
-    RunContext,
-    Stage,
-    cpu_args,
-    diffusers_ref,
-    pool_args,
-    transformers_ref,
-)
+from core import schema as S
+from core.config import ConfigError
+from pipelines import stages
+from pipelines.config import GenerateConfig
+from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
+from pipelines.graphs.aligndiff import refine as aligndiff_refine
+from pipelines.graphs.base import REAL_PRESETS, cpu_args, diffusers_ref, pool_args, transformers_ref
 
 PRESETS = ("tiny", "sd15", "sdxl")
 HASH_SECTIONS = ("aligndiff", "fss")
@@ -171,5 +164,5 @@ FSS = ModelStage("refine", "fss", "actors.fss_prototype:PrototypeFSS", _fss_mode
 register(GraphSpec(
     name="aligndiff", description="AlignDiff: bank embeddings + coarse attention masks refined by a few-shot "
     "segmenter in two consensus rounds (seed 000)",
-    needs_masks=True, hash_sections=HASH_SECTIONS, model_stages=lambda cfg: [GENERATOR, FSS], plan=plan,
+    needs_masks=True, hash_sections=HASH_SECTIONS, sections=("aligndiff", "fss"), model_stages=lambda cfg: [GENERATOR, FSS], plan=plan,
     presets=PRESETS))

@@ -12,15 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
+from core import schema as S
+from core.config import ConfigError
 from pipelines import stages
-from pipelines.config import ConfigError, GenerateConfig
-from pipelines.graphs import GraphSpec, ModelStage, register
+from pipelines.config import GenerateConfig
+from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
 from pipelines.graphs.base import (
     REAL_PRESETS,
-    ModelRef,
-    RunContext,
-    Stage,
     captioner_stage,
     captioner_under_real_presets,
     captions_mode,
@@ -32,6 +30,7 @@ from pipelines.graphs.base import (
     text2mask_actor,
     transformers_ref,
 )
+from pipelines.graphs.seggen.expand import expand_sources
 
 # Sections that change a SegGen dataset's bytes. The factory's sections are left out, so
 # editing them never changes a SegGen hash (as before the registry).
@@ -97,7 +96,7 @@ def seggen_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str, method
         # SegGen captions images with BLIP-2; rows whose source has a caption skip the pool
         plan += [Stage("caption_load", load_uncaptioned, {**cpu, "fn_kwargs": {
             "source_format": source_format, "num_classes": len(ctx.classes)}}), captioner_stage(cfg)]
-    plan += [Stage("expand", stages.expand_sources, {
+    plan += [Stage("expand", expand_sources, {
         **cpu, "batch_size": max(1, cfg.cpu.batch_size // max(1, sum(n.values()))),
         "fn_kwargs": {"copies": n, "first_copy": first_copy, "seed": cfg.seed, "source_format": source_format,
                       "classes": ctx.classes, "background": ctx.background,
@@ -175,6 +174,6 @@ for _name, _methods, _text in (
         # MaskSyn alone needs only captions, yet the hand-kept code before the registry asked
         # every SegGen graph's source for masks; kept (a caption-only source uses format=captions)
         needs_masks=True,
-        hash_sections=HASH_SECTIONS, model_stages=_model_stages(_methods), plan=_plan(_methods),
+        hash_sections=HASH_SECTIONS, sections=("imgsyn", "masksyn", "text2mask", "mask2img", "captioner"), model_stages=_model_stages(_methods), plan=_plan(_methods),
         hash_extra=_hash_extra, default_captions=captioner_under_real_presets,
         extendable=tuple(BRANCHES[m] for m in _methods), check_context=_check_text2mask_palette(_methods)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines import schema as S
+from core import schema as S
 
 LOW_SIMILARITY = S.LOW_SIMILARITY
 LOW_RESEG_MIOU = S.LOW_RESEG_MIOU

@@ -24,16 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import prompts, selection, stages
-from pipelines import schema as S
-from pipelines.config import ConfigError, GenerateConfig
-from pipelines.graphs import GraphSpec, ModelStage, register
+from core import schema as S
+from core.config import ConfigError
+from pipelines import stages
+from pipelines.config import GenerateConfig
+from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
 from pipelines.graphs.base import (
     REAL_PRESETS,
     CaptionerPool,
-    ModelRef,
-    RunContext,
-    Stage,
     captioner_stage,
     captions_mode,
     cpu_args,
@@ -42,6 +40,7 @@ from pipelines.graphs.base import (
     pool_args,
     transformers_ref,
 )
+from pipelines.graphs.factory import prompts, selection
 
 FACTORY_PRESETS = ("tiny", "sdxl", "sd15")
 # Sections that change a factory dataset's bytes. imgsyn/masksyn/text2mask/toy do not, but the
@@ -259,4 +258,4 @@ register(GraphSpec(
     name="factory", description="Diffusion Synthesis: captions, Grounding DINO + SAM masks, K ControlNet "
     "variants per image, selection by CLIP similarity and re-segmentation",
     needs_masks=False,  # SAM draws the masks
-    hash_sections=HASH_SECTIONS, model_stages=factory_model_stages, plan=factory_plan, presets=FACTORY_PRESETS))
+    hash_sections=HASH_SECTIONS, sections=tuple(s for s in HASH_SECTIONS if s != "toy"), model_stages=factory_model_stages, plan=factory_plan, presets=FACTORY_PRESETS))

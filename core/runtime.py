@@ -17,7 +17,7 @@ WORKER_SOFT_LIMIT = ("RAY_num_workers_soft_limit", "32")
 RAY_LOG_LEVEL_ENV = "SEGFACTORY_RAY_LOG_LEVEL"
 
 
-OUR_LOGGERS = ("segfactory", "pipelines", "training", "cluster", "actors")
+OUR_LOGGERS = ("segfactory", "pipelines", "training", "cluster", "actors", "core")
 
 
 class ShortFormatter(logging.Formatter):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
+from core import schema as S
 from pipelines.stages import kept, set_rows
 
 log = logging.getLogger(__name__)
@@ -258,10 +258,12 @@ def refine(ds, *, given_rows: Any = None, cfg: Any = None, source_format: str,
 
     from pipelines.source_index import iter_slices
 
-    if given_rows is None:
-        from pipelines.generate import index_rows  # the same rows, order and limit as the run
+    if given_rows is None:  # the same rows, order and limit as the run's index
+        from pipelines.source_index import index_source
 
-        _, given_rows = index_rows(cfg)
+        src = cfg.source
+        table = index_source(src.path, src.format, split=src.split, classes=src.classes, require_masks=True).table
+        given_rows = table.slice(0, src.limit) if src.limit else table
     if not isinstance(given_rows, pa.Table):
         given_rows = pa.Table.from_pylist(given_rows)
     host = {"fss_kwargs": fss_kwargs, "num_classes": num_classes, "mask_dtype": mask_dtype}

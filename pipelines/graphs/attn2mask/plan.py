@@ -11,21 +11,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from pipelines import schema as S
+from core import schema as S
 from pipelines import stages
-from pipelines.attn_masks import attn_mask_stage
-from pipelines.attn_prompts import expand_prompts
 from pipelines.config import GenerateConfig
-from pipelines.graphs import GraphSpec, ModelStage, register
-from pipelines.graphs.base import (
-    REAL_PRESETS,
-    ModelRef,
-    RunContext,
-    Stage,
-    cpu_args,
-    diffusers_ref,
-    pool_args,
-)
+from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
+from pipelines.graphs.attn2mask.masks import attn_mask_stage
+from pipelines.graphs.attn2mask.prompts import expand_prompts
+from pipelines.graphs.base import REAL_PRESETS, cpu_args, diffusers_ref, pool_args
 
 PRESETS = ("tiny", "sd15", "sdxl", "sdxl-random")
 HASH_SECTIONS = ("attn2mask",)
@@ -88,4 +80,4 @@ register(GraphSpec(
     name="attn2mask", description="attn2mask: prompts (synonyms) -> text-to-image with cross-attention capture "
     "-> pseudo-masks (threshold, dense CRF, reliability 255)",
     needs_masks=False,  # the model's own attention draws the masks; source images are never read
-    hash_sections=HASH_SECTIONS, model_stages=lambda cfg: [ATTN_TEXT2IMG], plan=plan, presets=PRESETS))
+    hash_sections=HASH_SECTIONS, sections=("attn2mask",), model_stages=lambda cfg: [ATTN_TEXT2IMG], plan=plan, presets=PRESETS))

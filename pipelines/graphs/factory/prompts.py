@@ -18,68 +18,19 @@ Pure python/numpy — no ray, no models — so tests call it directly.
 
 from __future__ import annotations
 
-import functools
-import json
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
+from core import schema as S
+from core.classnames import readable
+from pipelines.synonyms import load_synonyms, replace_synonyms
 
 WAYS = ("caption", "caption_classes", "classes")
-VOC_SYNONYMS = Path(__file__).resolve().parent / "data" / "voc_synonyms.json"
 CLASS_SEPARATOR = ", "
 CAPTION_SEPARATOR = "; "
-_READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 _PROMPT_STREAM = 0x9E37  # keeps the prompt draws apart from other users of the sample seed
-
-
-def readable(name: str) -> str:
-    """A class name as words: "pottedplant" -> "potted plant", "traffic_light" -> "traffic light"."""
-    name = str(name).strip()
-    return _READABLE.get(name.lower(), name.replace("_", " "))
-
-
-@functools.lru_cache(maxsize=8)
-def load_synonyms(path: str | None = None) -> dict[str, tuple[str, ...]]:
-    """base word (lower case) -> its aliases, from a table like ``voc_synonyms.json``.
-
-    The file holds ``{"entries": [{"class": ..., "base": [...], "aliases": [...]}, ...]}``.
-    """
-    file = Path(path) if path else VOC_SYNONYMS
-    doc = json.loads(file.read_text(encoding="utf-8"))
-    table: dict[str, tuple[str, ...]] = {}
-    for entry in doc["entries"]:
-        aliases = tuple(str(a) for a in entry["aliases"])
-        if not aliases:
-            continue
-        for base in entry["base"]:
-            table[str(base).lower()] = aliases
-    return table
-
-
-@functools.lru_cache(maxsize=8)
-def _pattern(bases: tuple[str, ...]) -> re.Pattern:
-    words = sorted(bases, key=len, reverse=True)  # longest first: "motorcycles" before "motor"
-    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
-
-
-def replace_synonyms(text: str, table: Mapping[str, Sequence[str]], probability: float,
-                     rng: np.random.Generator) -> str:
-    """Replace each base word of ``text`` by a random alias with ``probability`` (attn2mask: 0.5)."""
-    if not text or probability <= 0 or not table:
-        return text
-
-    def swap(match: re.Match) -> str:
-        if rng.random() >= probability:
-            return match.group(0)
-        aliases = table[match.group(0).lower()]
-        return str(aliases[int(rng.integers(len(aliases)))])
-
-    return _pattern(tuple(sorted(table))).sub(swap, text)
 
 
 def choose_way(weights: Mapping[str, float], rng: np.random.Generator) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines import schema as S
+from core import schema as S
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema as S
-from pipelines.prompts import VOC_SYNONYMS, readable
+from core import schema as S
+from core.classnames import readable
 from pipelines.stages import SIBLINGS, _objects
+from pipelines.synonyms import VOC_SYNONYMS
 
 METHOD = "attn2mask"
 MODES = ("auto", "captions", "classes")
