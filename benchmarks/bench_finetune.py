@@ -40,7 +40,7 @@ def bench_tiny(steps: int, threads: int) -> list[dict]:
     from training.finetune.local import encode, pairs_from_source, train_steps
     from training.finetune.models import build_components
     from training.finetune.recipes import RECIPES, make_recipe
-    from training.finetune.run import build_kwargs
+    from training.finetune.records import build_kwargs
 
     torch.set_num_threads(threads)
     root = Path(__file__).resolve().parents[1]

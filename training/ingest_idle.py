@@ -14,10 +14,10 @@ from __future__ import annotations
 import functools
 import time
 
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+from core.compat import ray_api
 
 
-class SleepWhenIdle(ExecutionCallback):
+class SleepWhenIdle(ray_api("ExecutionCallback")):
     def __init__(self, sleep_s: float):
         self.sleep_s = sleep_s
 

@@ -120,7 +120,9 @@ QUIET_EVERY_S = 60.0  # a training line at least this often when the command run
 
 def make_callback(run_dir: RunDir, append_metrics):
     """The controller-side callback (Ray Train ``UserCallback``)."""
-    from ray.train.v2.api.callback import UserCallback
+    from core.compat import ray_api
+
+    UserCallback = ray_api("UserCallback")
 
     from core.runtime import own_loggers_in_ray_worker, ray_log_level
 

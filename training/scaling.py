@@ -40,11 +40,11 @@ from core.config import ConfigError, RayConfig, Strict, first_error_line, merge
 from core.storage import Location
 from training.config import TrainConfig
 from training.rundir import locate, read_json, subdirs, upload_dir, writable, write_json
+from training.scaling_report import TRIALS
 
 log = logging.getLogger("segfactory.scaling")
 
 ROOT = Path(__file__).resolve().parents[1]
-TRIALS = "trials"
 
 
 class GenerateOnDemand(Strict):

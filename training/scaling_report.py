@@ -27,9 +27,9 @@ import numpy as np
 from core import storage
 from core.storage import Location
 from training.rundir import locate, read_json, read_text
-from training.scaling import TRIALS
 
 log = logging.getLogger("segfactory.scaling")
+TRIALS = "trials"  # the sweep directory's folder of trial run directories
 
 
 def collect(out: str | os.PathLike | Location) -> tuple[list[dict[str, Any]], list[str]]:

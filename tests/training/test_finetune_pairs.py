@@ -159,6 +159,7 @@ def test_pairs_and_latent_cache_on_s3_on_ray_with_the_captioner_pool(ray_local, 
     encoded by the caching pass into a latent cache on s3:// and read back."""
     from core import storage
     from training.finetune.pairs import captioner_stage
+    from training.finetune.records import write_index_problems
     from training.finetune.run import (
         cache_current,
         cache_key,
@@ -166,7 +167,6 @@ def test_pairs_and_latent_cache_on_s3_on_ray_with_the_captioner_pool(ray_local, 
         cached_datasets,
         pair_datasets,
         resolve_palette,
-        write_index_problems,
     )
 
     local, bad, rel = corrupt_copy(toy_source, tmp_path / "src", 6)

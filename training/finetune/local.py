@@ -42,7 +42,7 @@ def pairs_from_source(cfg: FinetuneConfig, split: str, limit: int | None = None)
 def encode(cfg: FinetuneConfig, pairs: dict[str, np.ndarray], target_key: str) -> dict[str, np.ndarray]:
     """The caching pass on ``pairs`` (EncodeActor called directly)."""
     from training.finetune.pairs import EncodeActor
-    from training.finetune.run import build_kwargs
+    from training.finetune.records import build_kwargs
 
     actor = EncodeActor(build_kwargs(cfg), cfg.resolved_family, target_key, cfg.data.flip, cfg.seed, device="cpu")
     return actor(pairs)

@@ -265,9 +265,9 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
     from core.runtime import init_ray
     from pipelines.source_index import index_source
     from pipelines.sources import SourceError
-    from training.finetune.run import (
-        _callback,
+    from training.finetune.records import (
         build_kwargs,
+        metrics_callback,
         rejected_counts,
         truncate_metrics,
         write_index_problems,
@@ -329,7 +329,7 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
-                             callbacks=[_callback(run_dir)]),
+                             callbacks=[metrics_callback(run_dir)]),
         datasets={"train": ds.select_columns(["instance", "image", "mask"])},
         dataset_config=DataConfig(datasets_to_split=["train"]))
     log.info("textual inversion: %d instance(s) of %d source row(s), %d steps x %d x %d worker(s) -> %s",

@@ -14,17 +14,19 @@ given pair with no embedding in the bank becomes one rejected row (``no_bank_ent
 from __future__ import annotations
 
 from functools import lru_cache, partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core import schema as S
 from core.config import ConfigError
 from pipelines import stages
-from pipelines.config import GenerateConfig
 from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
 from pipelines.graphs.aligndiff import refine as aligndiff_refine
 from pipelines.graphs.base import REAL_PRESETS, cpu_args, diffusers_ref, pool_args, transformers_ref
+
+if TYPE_CHECKING:
+    from pipelines.config import GenerateConfig
 
 PRESETS = ("tiny", "sd15", "sdxl")
 HASH_SECTIONS = ("aligndiff", "fss")

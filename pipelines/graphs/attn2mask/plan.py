@@ -9,15 +9,17 @@ attention capture) -> ``attn_masks`` (normalise, threshold, dense CRF, reliabili
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import schema as S
 from pipelines import stages
-from pipelines.config import GenerateConfig
 from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
 from pipelines.graphs.attn2mask.masks import attn_mask_stage
 from pipelines.graphs.attn2mask.prompts import expand_prompts
 from pipelines.graphs.base import REAL_PRESETS, cpu_args, diffusers_ref, pool_args
+
+if TYPE_CHECKING:
+    from pipelines.config import GenerateConfig
 
 PRESETS = ("tiny", "sd15", "sdxl", "sdxl-random")
 HASH_SECTIONS = ("attn2mask",)

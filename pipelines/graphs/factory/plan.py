@@ -20,14 +20,13 @@ for low similarity is never re-segmented).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core import schema as S
 from core.config import ConfigError
 from pipelines import stages
-from pipelines.config import GenerateConfig
 from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
 from pipelines.graphs.base import (
     REAL_PRESETS,
@@ -41,6 +40,9 @@ from pipelines.graphs.base import (
     transformers_ref,
 )
 from pipelines.graphs.factory import prompts, selection
+
+if TYPE_CHECKING:
+    from pipelines.config import GenerateConfig
 
 FACTORY_PRESETS = ("tiny", "sdxl", "sd15")
 # Sections that change a factory dataset's bytes. imgsyn/masksyn/text2mask/toy do not, but the

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core import schema as S
 from core.config import ConfigError
 from pipelines import stages
-from pipelines.config import GenerateConfig
 from pipelines.graphs import GraphSpec, ModelRef, ModelStage, RunContext, Stage, register
 from pipelines.graphs.base import (
     REAL_PRESETS,
@@ -31,6 +30,9 @@ from pipelines.graphs.base import (
     transformers_ref,
 )
 from pipelines.graphs.seggen.expand import expand_sources
+
+if TYPE_CHECKING:
+    from pipelines.config import GenerateConfig
 
 # Sections that change a SegGen dataset's bytes. The factory's sections are left out, so
 # editing them never changes a SegGen hash (as before the registry).
