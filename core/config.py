@@ -77,7 +77,8 @@ def first_error_line(exc: ValidationError) -> str:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
-    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{key}: {msg} (got {err.get('input')!r})"
 
 
 def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] = ()) -> BaseModel:

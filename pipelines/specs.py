@@ -4,11 +4,23 @@ Mask2Img and captioner stages. Each graph's own sections live in its package
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
 
 from pydantic import Field, model_validator
 
+from core.catalogue import resolve_model
 from core.config import OMIT_DEFAULT, Strict
+
+
+class NamedModel(Strict):
+    """A weights spec that may be given by catalogue name (``model: sdxl-base-1.0``, or
+    ``{name: sdxl-base-1.0, local_path: ...}``): core/catalogue.py resolves it to these fields."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _by_name(cls, value: Any) -> Any:
+        return resolve_model(value, set(cls.model_fields))
 
 
 class Resources(Strict):
@@ -28,7 +40,7 @@ class Resources(Strict):
         return self
 
 
-class ModelSpec(Strict):
+class ModelSpec(NamedModel):
     """Which weights a diffusion stage loads (presets sdxl/sd15; ignored by toy/tiny)."""
 
     id: str = Field("", description="model id on the hub, e.g. stabilityai/stable-diffusion-xl-base-1.0")
@@ -43,7 +55,7 @@ class ModelSpec(Strict):
                                   "base models only, any preset")
 
 
-class VaeSpec(Strict):
+class VaeSpec(NamedModel):
     """A VAE that replaces the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix for fp16 decoding)."""
 
     id: str = Field("", description="model id on the hub, e.g. madebyollin/sdxl-vae-fp16-fix")
@@ -74,7 +86,7 @@ class Mask2ImgStage(Strict):
     vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
 
 
-class HfModelSpec(Strict):
+class HfModelSpec(NamedModel):
     """Which transformers weights a factory stage loads (real presets; ignored by tiny)."""
 
     id: str = Field("", description="model id on the hub, e.g. IDEA-Research/grounding-dino-tiny")

@@ -27,13 +27,30 @@ def calls(text: str, opening: str):
         start = text.find(opening, end)
 
 
+MODEL_KEYS = ("model", "controlnet", "vae")  # keys whose value is a weights spec (or a catalogue name)
+
+
 def model_specs(node, path=""):
-    """Every mapping with an ``id`` key (a model spec) in a config tree."""
+    """Every model spec in a config tree: a mapping with an ``id``, or a catalogue name, resolved."""
+    from core.catalogue import MODELS, resolve_model
+
     if isinstance(node, dict):
         if "id" in node and isinstance(node["id"], str):
             yield path, node
         for key, value in node.items():
-            yield from model_specs(value, f"{path}.{key}" if path else key)
+            where = f"{path}.{key}" if path else key
+            if key in MODEL_KEYS and (isinstance(value, str) or (isinstance(value, dict) and "name" in value)):
+                yield where, resolve_model(value, {"id", "revision", "local_path"})
+                assert (value if isinstance(value, str) else value["name"]) in MODELS
+            else:
+                yield from model_specs(value, where)
+
+
+def test_every_catalogue_model_is_pinned():
+    from core.catalogue import MODELS
+
+    for name, entry in MODELS.items():
+        assert re.fullmatch(r"[0-9a-f]{40}", entry["revision"]), f"{name}: revision must be a commit hash"
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
@@ -42,6 +59,12 @@ def test_every_hub_model_in_a_shipped_config_is_pinned(config):
         if spec["id"] and not spec.get("local_path"):
             assert re.fullmatch(r"[0-9a-f]{40}", str(spec.get("revision", ""))), \
                 f"{config.name}: {where}.revision must be a commit hash, got {spec.get('revision')!r}"
+
+
+def test_sdxl_base_is_named_once():
+    """The SDXL id + commit live in the catalogue, not copied into the YAML files."""
+    copies = [p.name for p in SHIPPED if "stabilityai/stable-diffusion-xl-base-1.0" in p.read_text()]
+    assert copies == []
 
 
 def test_no_remote_code_no_pickles_safetensors_only():

@@ -14,12 +14,12 @@ from pydantic import Field, model_validator
 
 from core.config import RayConfig, Strict
 from pipelines.config import SourceConfig
-from pipelines.specs import CaptionerStage, Resources
+from pipelines.specs import CaptionerStage, NamedModel, Resources
 
 KINDS = ("text2mask", "mask2img", "lora", "textual_inversion")
 
 
-class BaseModelSpec(Strict):
+class BaseModelSpec(NamedModel):
     """The pretrained weights a recipe starts from (ignored by preset tiny / sdxl-random unless
     ``local_path`` is given)."""
 
