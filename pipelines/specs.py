@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-
 from pydantic import Field, model_validator
 
 from core.catalogue import resolve_model
