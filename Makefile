@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,11 @@ demo: $(STAMP)
 	$(VENV)/bin/segfactory demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
+
+# unit tiers only: no Ray, no subprocess, nothing slow (conftest fails a test that starts one unmarked)
+test-fast: $(STAMP)
+	SEGFACTORY_FAST_TESTS=1 $(VENV)/bin/python -m pytest -q -m "not ray and not subprocess and not slow and not gpu" --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

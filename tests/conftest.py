@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 
@@ -24,6 +25,32 @@ for _key, _value in {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "test
                      "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                      "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ[_key] = _value
+
+
+RAY_FIXTURES = {"ray_local", "train_ray"}  # a test that asks for one of these starts Ray
+FAST = os.environ.get("SEGFACTORY_FAST_TESTS") == "1"  # `make test-fast`: no Ray, no subprocess
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _fast_suite_guard(request, monkeypatch):
+    """Under ``make test-fast`` a test that starts Ray or a process without its marker fails,
+    naming the marker, so the fast suite stays fast and the markers stay true."""
+    if FAST:
+        def refuse(marker: str):
+            def _raise(*args, **kwargs):
+                raise RuntimeError(f"{request.node.nodeid} starts {marker} but is not marked "
+                                   f"@pytest.mark.{marker}: mark it (make test-fast leaves such tests out)")
+            return _raise
+
+        monkeypatch.setattr("ray.init", refuse("ray"))
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse("subprocess"))
+    yield
 
 
 @pytest.fixture(scope="session")
