@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.subprocess
 def test_import_contracts_are_kept():
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
     assert exe, "import-linter is a dev dependency (pip install -e '.[dev]')"
@@ -19,6 +22,7 @@ def test_import_contracts_are_kept():
     assert "0 broken" in out.stdout
 
 
+@pytest.mark.subprocess
 def test_a_broken_layer_is_reported(tmp_path):
     """The check can fail: a copy of the contracts with core above actors breaks on real imports."""
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")

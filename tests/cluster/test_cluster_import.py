@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = Path(__file__).parent
 
@@ -27,11 +29,13 @@ def _heavy_after(body: str) -> tuple[list[str], str]:
     return [m for m in line[len("HEAVY="):].split(",") if m], proc.stdout
 
 
+@pytest.mark.subprocess
 def test_cluster_package_imports_without_torch_or_ray():
     heavy, _ = _heavy_after("import cluster, cluster.cli, cluster.jobs, cluster.local")
     assert heavy == []
 
 
+@pytest.mark.subprocess
 def test_help_of_every_command_loads_neither_torch_nor_ray():
     body = """
 from cluster_testing import full_parser

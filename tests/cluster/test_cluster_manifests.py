@@ -144,6 +144,7 @@ class _Discovery(BaseHTTPRequestHandler):
                                 "reason": "NotFound", "code": 404})
 
 
+@pytest.mark.subprocess
 def test_kubectl_client_dry_run_accepts_the_manifests(tmp_path):
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed")

@@ -30,3 +30,9 @@ def test_named_and_written_out_configs_hash_alike():
 def test_an_unknown_name_is_one_line_naming_the_key():
     with pytest.raises(ConfigError, match=r"^mask2img\.model: unknown model 'sdxl-base-2'; the catalogue"):
         load_config(GenerateConfig, None, ["mask2img.model=sdxl-base-2"])
+
+
+def test_an_override_of_a_sub_key_keeps_the_named_model(tmp_path):
+    (tmp_path / "c.yaml").write_text("preset: sdxl\nmask2img:\n  model: sdxl-base-1.0\n")
+    cfg = load_config(GenerateConfig, tmp_path / "c.yaml", ["mask2img.model.variant=fp16"])
+    assert (cfg.mask2img.model.id, cfg.mask2img.model.variant) == (SDXL["id"], "fp16")

@@ -40,7 +40,7 @@ def test_seggen_defaults_follow_the_paper():
     (["imgsyn.samples_per_sorce=2"], "imgsyn.samples_per_sorce: unknown key"),
     (["preset=huge"], "preset: Input should be"),
     (["mask2img.resources.num_gpus=-1"], "mask2img.resources.num_gpus: Input should be greater than or equal to 0"),
-    (["text2mask.resources.min_actors=3", "text2mask.resources.max_actors=2"], "text2mask.resources: Value error, max_actors (2) < min_actors (3)"),
+    (["text2mask.resources.min_actors=3", "text2mask.resources.max_actors=2"], "text2mask.resources: max_actors (2) < min_actors (3)"),
     (["seed"], "override 'seed' is not key=value"),
 ])
 def test_bad_config_is_one_line_naming_the_key(override, message):

@@ -119,6 +119,7 @@ def test_kill_then_resume_with_output_on_s3(s3_run, s3_source, s3_bucket):
     ("output.path=s3://no-such-bucket/out", "s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist"),
     ("source.path=s3://no-such-bucket/src", "s3://no-such-bucket/src: source path not found"),
 ])
+@pytest.mark.ray
 def test_bad_paths_exit_2_with_one_line(s3_server, toy_source, tmp_path, capsys, override, words):
     from segfactory.cli import main
 
@@ -134,6 +135,7 @@ def _one_error_line(err: str, words: str) -> bool:
     return True
 
 
+@pytest.mark.ray
 def test_a_source_without_usable_rows_exits_2(tmp_path, capsys):
     from segfactory.cli import main
 

@@ -121,6 +121,7 @@ def test_factory_model_stages_follow_the_selection():
     assert all(s.models(tiny) == [] for s in get_graph("factory").model_stages(tiny))  # built in code
 
 
+@pytest.mark.subprocess
 def test_hash_and_registry_import_neither_torch_nor_ray():
     code = ("import sys; from pipelines.config import GenerateConfig; import pipelines.prefetch; "
             "GenerateConfig(pipeline='factory', preset='tiny').config_hash(); "

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from core import schema as S
 
@@ -28,6 +29,7 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.parquet"))}
 
 
+@pytest.mark.subprocess
 def test_kill_then_rerun_gives_every_sample_once_with_identical_bytes(toy_source, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "reference"

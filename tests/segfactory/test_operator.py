@@ -60,6 +60,7 @@ def _one_line_exit_2(*argv: str) -> str:
     return err
 
 
+@pytest.mark.ray
 def test_user_errors_are_one_line_that_says_how_to_fix_them(tmp_path):
     assert "output.path of a `segfactory generate` run" in _one_line_exit_2("inspect", str(tmp_path / "none"))
     assert "no manifest.json" in _one_line_exit_2("inspect", str(tmp_path))
@@ -95,6 +96,7 @@ def test_generate_help_names_the_main_keys_and_exit_codes():
         assert key in help_text
 
 
+@pytest.mark.subprocess
 def test_quiet_setup_uses_rays_switches_and_verbose_undoes_them():
     code = ("import logging, os, json; from segfactory.logs import setup_logging, QUIET_ENV; setup_logging({v});"
             "logging.getLogger('pipelines.x').info('hello'); logging.getLogger('ray.y').info('ray chatter');"
@@ -130,6 +132,7 @@ def test_ray_data_reads_the_quiet_logging_config(monkeypatch):
     assert handlers["console"].level == logging.WARNING
 
 
+@pytest.mark.subprocess
 def test_quiet_generation_prints_events_not_rays_chatter(tmp_path, toy_source):
     """The real command in a subprocess (its own Ray): the lines a person sees."""
     out = subprocess.run([str(Path(sys.executable).parent / "segfactory"), "generate", "--config", "seggen-toy",

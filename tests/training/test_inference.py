@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 CLASSES = ["background", "circle", "square", "triangle"]
 
 
+@pytest.mark.subprocess
 def test_miou_matches_torchmetrics_on_known_predictions():
     """Per-class IoU and mIoU from our confusion matrix = torchmetrics' Jaccard index (255
     ignored), on predictions with every kind of error, a class absent from truth and

@@ -147,6 +147,7 @@ def fake_sweep(out: Path, noise: float = 0.004) -> ScalingConfig:
     return cfg
 
 
+@pytest.mark.subprocess
 def test_report_writes_results_fit_and_a_real_png(tmp_path):
     out = tmp_path / "sweep"
     fake_sweep(out)
@@ -182,6 +183,7 @@ def test_report_writes_results_fit_and_a_real_png(tmp_path):
     assert (np.abs(pixels - orange).sum(1) < 30).sum() > 500
 
 
+@pytest.mark.subprocess
 def test_report_command_rerenders_and_rejects_a_non_sweep_dir(tmp_path, capsys):
     out = tmp_path / "sweep"
     fake_sweep(out)
@@ -195,6 +197,7 @@ def test_report_command_rerenders_and_rejects_a_non_sweep_dir(tmp_path, capsys):
     assert main(["scaling"]) == 2
 
 
+@pytest.mark.subprocess
 def test_report_has_one_curve_per_p_aug_and_gap(tmp_path):
     """With the generator-quality axis, each (p_aug, gap) is its own curve sharing the
     real-only baseline, and the best curve per volume names its gap."""
