@@ -114,13 +114,10 @@ def test_text_dry_run_and_exit_codes(capsys, monkeypatch):
 
 def test_a_run_whose_pools_need_missing_gpus_fails_at_once(ray_local, toy_source, tmp_path, capsys):
     """On the 0-GPU test cluster a pool of num_gpus=1 would wait for ever: exit 2, one line."""
-    import time
-
-    started = time.time()
     code = main(["generate", "--config", str(ROOT / "pipelines/configs/seggen-toy.yaml"), f"source.path={toy_source}",
                  f"output.path={tmp_path / 'out'}", "mask2img.resources.num_gpus=1", "ray.show_progress=false"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and time.time() - started < 60
+    assert code == 2  # not a wait: the test would hang until pytest's timeout
     assert err[-1].startswith("error: resources: the pools' minimum sizes need 1 GPU(s) (mask2img 1x1) but the Ray "
                               "cluster has 0")
 

@@ -6,7 +6,6 @@ callback's rule, and that every stream the trainer gets carries it (or not, when
 from __future__ import annotations
 
 import functools
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -26,17 +25,19 @@ class FakeOp:
         return self.active
 
 
-def step_seconds(callback: SleepWhenIdle, executor) -> float:
-    t = time.perf_counter()
+def sleeps(callback: SleepWhenIdle, executor, monkeypatch) -> list[float]:
+    """The sleeps one executor step asks for (time.sleep recorded, not timed: no wall-clock asserts)."""
+    asked: list[float] = []
+    monkeypatch.setattr("training.ingest_idle.time.sleep", asked.append)
     callback.on_execution_step(executor)
-    return time.perf_counter() - t
+    return asked
 
 
-def test_sleeps_only_when_no_task_runs():
+def test_sleeps_only_when_no_task_runs(monkeypatch):
     cb = SleepWhenIdle(0.05)
-    assert step_seconds(cb, SimpleNamespace(_topology={FakeOp(0): None, FakeOp(0): None})) >= 0.05
-    assert step_seconds(cb, SimpleNamespace(_topology={FakeOp(0): None, FakeOp(2): None})) < 0.01
-    assert step_seconds(cb, SimpleNamespace()) < 0.01  # an executor without the internals we read
+    assert sleeps(cb, SimpleNamespace(_topology={FakeOp(0): None, FakeOp(0): None}), monkeypatch) == [0.05]
+    assert sleeps(cb, SimpleNamespace(_topology={FakeOp(0): None, FakeOp(2): None}), monkeypatch) == []
+    assert sleeps(cb, SimpleNamespace(), monkeypatch) == []  # an executor without the internals we read
 
 
 @pytest.mark.parametrize("sleep_s", [0.025, 0.0])
