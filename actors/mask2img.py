@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_models as dm
+from actors.speedups import apply_speedups
 from core.schema import (
     COLOR_RAW,
     GENERATOR,
@@ -69,6 +70,7 @@ class Mask2Img:
         size_multiple: int | None = None,
         pipeline: Any = None,
         lora_path: str | None = None,
+        speed: dict | None = None,
     ) -> None:
         """Build the ControlNet pipeline once (or take ``pipeline``, ready built — convention 2).
 
@@ -86,6 +88,8 @@ class Mask2Img:
         self.pipe = pipeline if pipeline is not None else dm.build_pipeline(
             "controlnet", preset, family=family, dtype=dtype, device=device, sampler=sampler,
             variant=variant, controlnet_variant=controlnet_variant, vae=vae, **model)
+        if speed:  # actors/speedups.py: compile, fused QKV, channels-last
+            log.info("%s speed-ups: %s", type(self).__name__, ", ".join(apply_speedups(self.pipe, **speed)))
         self.multiple = size_multiple or dm.size_multiple(self.pipe)
         self.calls = 0  # pipeline calls made, for logs and tests
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from actors import diffusion_models as dm
+from actors.speedups import apply_speedups
 from core.schema import (
     HEIGHT,
     MASK_RAW,
@@ -65,6 +66,7 @@ class Text2Mask:
         max_distance: float | None = None,
         pipeline: Any = None,
         lora_path: str | None = None,
+        speed: dict | None = None,
     ) -> None:
         """Build the pipeline once (or take ``pipeline``, ready built — convention 2).
 
@@ -82,6 +84,8 @@ class Text2Mask:
             "text2img", preset, family=family, model_id=model_id, revision=revision,
             local_path=local_path, dtype=dtype, device=device, sampler=sampler, variant=variant,
             vae=vae, lora_path=lora_path)
+        if speed:  # actors/speedups.py: compile, fused QKV, channels-last
+            log.info("%s speed-ups: %s", type(self).__name__, ", ".join(apply_speedups(self.pipe, **speed)))
         self.multiple = size_multiple or dm.size_multiple(self.pipe)
         self.calls = 0  # pipeline calls made, for logs and tests
 

@@ -71,6 +71,23 @@ SAMPLER_DOC = ("diffusers scheduler by name (actors/samplers.py): edm = Euler ov
                 "LegacyDDPMDiscretization; euler-karras-leading = this project's sampler before the key existed")
 
 
+class SpeedOptions(Strict):
+    """Denoising speed options (actors/speedups.py). None is bit-exact against eager, so each
+    enters the config hash when set; off by default until measured on a GPU."""
+
+    compile: Literal["none", "regional", "full"] = Field("none", description="torch.compile of the UNet and "
+                                                         "ControlNet: regional = each repeated block once (fast "
+                                                         "warm-up), full = the whole network")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs where shapes are static")
+    fuse_qkv: bool = Field(False, description="fused QKV projections (diffusers fuse_qkv_projections)")
+    channels_last: bool = Field(False, description="UNet, ControlNet and VAE in channels-last memory format")
+
+    def actor_kwargs(self) -> dict:
+        """The ``speed`` argument of a diffusion actor: empty when every option is off."""
+        return {} if self == SpeedOptions() else {"speed": self.model_dump()}
+
+
 class Mask2ImgStage(Strict):
     """SegGen Mask2Img: ControlNet on SDXL (or SD 1.5) conditioned on the colour map."""
 
@@ -83,6 +100,8 @@ class Mask2ImgStage(Strict):
     resolution: int = Field(768, ge=8, description="generation side; source aspect ratio kept, sides multiples of 8")
     sampler: SamplerName = Field("edm", description=SAMPLER_DOC)
     vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, json_schema_extra=OMIT_DEFAULT,
+                                description="denoising speed options (actors/speedups.py)")
 
 
 class HfModelSpec(NamedModel):

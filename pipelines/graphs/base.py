@@ -111,8 +111,9 @@ def cpu_args(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def _sampling_kwargs(stage) -> dict[str, Any]:
-    """Sampler and VAE override of a diffusion stage (actor keyword arguments)."""
-    return {"sampler": stage.sampler, "vae": stage.vae.model_dump() if stage.vae else None}
+    """Sampler, VAE override and speed options of a diffusion stage (actor keyword arguments)."""
+    return {"sampler": stage.sampler, "vae": stage.vae.model_dump() if stage.vae else None,
+            **stage.speed.actor_kwargs()}
 
 
 def _model_kwargs(spec, prefix: str = "") -> dict[str, Any]:

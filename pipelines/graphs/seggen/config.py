@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from core.config import OMIT_DEFAULT, Strict
-from pipelines.specs import SAMPLER_DOC, ModelSpec, Resources, SamplerName, VaeSpec
+from pipelines.specs import SAMPLER_DOC, ModelSpec, Resources, SamplerName, SpeedOptions, VaeSpec
 
 
 class ImgSynConfig(Strict):
@@ -28,3 +28,5 @@ class Text2MaskStage(Strict):
     resolution: int = Field(768, ge=8, description="generation side (SegGen trains at 768)")
     sampler: SamplerName = Field("edm", description=SAMPLER_DOC)
     vae: VaeSpec | None = Field(None, description="VAE override (real presets); None = the model's own")
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, json_schema_extra=OMIT_DEFAULT,
+                                description="denoising speed options (actors/speedups.py)")
