@@ -59,8 +59,16 @@ def apply_speedups(pipe: Any, *, compile: str = "none", compile_mode: str = "def
                 module.to(memory_format=torch.channels_last)
         done.append("channels_last")
     if fuse_qkv:
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
         for module in denoisers:
-            module.fuse_qkv_projections()
+            # the UNet's and ControlNet's Attention layers predate diffusers' AttentionMixin fusion
+            # (model.fuse_qkv_projections() skips them): fuse each, then use the processor that reads
+            # to_qkv (self-attention) / to_kv (cross-attention)
+            for layer in module.modules():
+                if isinstance(layer, Attention):
+                    layer.fuse_projections(fuse=True)
+            module.set_attn_processor(FusedAttnProcessor2_0())
         done.append("fused qkv")
     if compile != "none":
         cache = compile_cache_dir()

@@ -4,9 +4,11 @@
     python benchmarks/bench_gpu.py --smoke              # CPU, tiny preset: proves the script runs
 
 Part 1 runs the real ``Mask2Img`` actor (``sdxl-random``: full-size SDXL + ControlNet with random
-weights, bf16) at 1024², 30 steps, batch 1/4/8, under three settings: SDPA attention (diffusers'
-default ``AttnProcessor2_0``), classic attention (``AttnProcessor``: matmul + softmax, "SDPA
-off"), and SDPA with ``torch.compile`` on the UNet and the ControlNet. Per run: images/s over the
+weights, bf16) at 1024², 30 steps, batch 1/4/8, under each setting of ``SETTINGS``: SDPA attention
+(diffusers' default ``AttnProcessor2_0``), classic attention (``AttnProcessor``: matmul + softmax,
+"SDPA off"), and SDPA with each speed option of ``actors/speedups.py`` alone and combined
+(channels-last, fused QKV, regional and full ``torch.compile``, CUDA graphs); a compiled setting's
+``warmup_s`` is its compile time. Per run: images/s over the
 whole actor call, the denoising loop's time (CUDA-synchronised step callbacks), UNet MFU = FLOPs
 of the UNet + ControlNet forwards (counted once per setting with ``torch.utils.flop_counter`` on
 one real step, classifier-free guidance included) x steps / loop time / the GPU's peak dense bf16
@@ -39,9 +41,17 @@ log = logging.getLogger("bench_gpu")
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; --peak-tflops overrides.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
              "A10": 125e12, "L4": 121e12, "4090": 165e12}
-SETTINGS = {"sdpa": {"sdpa": True, "compile": False},
-            "no-sdpa": {"sdpa": False, "compile": False},
-            "sdpa+compile": {"sdpa": True, "compile": True}}
+# attention processor + the speed options of actors/speedups.py (mask2img.speed in a config);
+# warmup_s of a compiled setting is its compile time for that shape
+SETTINGS = {"sdpa": {"sdpa": True, "speed": {}},
+            "no-sdpa": {"sdpa": False, "speed": {}},
+            "sdpa+channels-last": {"sdpa": True, "speed": {"channels_last": True}},
+            "sdpa+fused-qkv": {"sdpa": True, "speed": {"fuse_qkv": True}},
+            "sdpa+regional-compile": {"sdpa": True, "speed": {"compile": "regional"}},
+            "sdpa+compile": {"sdpa": True, "speed": {"compile": "full"}},
+            "sdpa+all": {"sdpa": True, "speed": {"compile": "regional", "fuse_qkv": True, "channels_last": True}},
+            "sdpa+all+cuda-graphs": {"sdpa": True, "speed": {"compile": "regional", "compile_mode": "reduce-overhead",
+                                                             "fuse_qkv": True, "channels_last": True}}}
 
 
 class StepTimer:
@@ -136,6 +146,7 @@ def bench_mask2img(args: argparse.Namespace) -> list[dict]:
     from actors import diffusion_models as dm
     from actors.colormap import ade20k_palette
     from actors.mask2img import Mask2Img
+    from actors.speedups import apply_speedups
 
     device = dm.pick_device(args.device)
     peak = peak_flops(device, args.peak_tflops)
@@ -151,9 +162,7 @@ def bench_mask2img(args: argparse.Namespace) -> list[dict]:
             net.set_attn_processor(AttnProcessor2_0() if opts["sdpa"] else AttnProcessor())
         step_flops = {b: count_step_flops(pipe, make_batch(b, args.resolution, palette), actor)
                       for b in args.batches}
-        if opts["compile"]:
-            pipe.unet = torch.compile(pipe.unet)
-            pipe.controlnet = torch.compile(pipe.controlnet)
+        apply_speedups(pipe, **opts["speed"])
         timer = StepTimer(pipe, device)
         actor.pipe = timer
         for b in args.batches:
@@ -279,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8; smoke 1,2)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; smoke 2)")
     p.add_argument("--resolution", type=int, default=None, help="generation side (default 1024; smoke 32)")
-    p.add_argument("--settings", default=None, help=f"comma-separated of {list(SETTINGS)} (default all; smoke no compile)")
+    p.add_argument("--settings", default=None, help=f"comma-separated of {list(SETTINGS)} (default all; smoke: no compile)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per batch size (after one warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default by GPU name)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -295,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = [int(b) for b in (args.batches or ("1,2" if smoke else "1,4,8")).split(",")]
     args.steps = args.steps or (2 if smoke else 30)
     args.resolution = args.resolution or (32 if smoke else 1024)
-    args.settings = (args.settings or ("sdpa,no-sdpa" if smoke else ",".join(SETTINGS))).split(",")
+    args.settings = (args.settings or ("sdpa,no-sdpa,sdpa+channels-last,sdpa+fused-qkv" if smoke
+                                       else ",".join(SETTINGS))).split(",")
     unknown = set(args.settings) - set(SETTINGS)
     if unknown:
         p.error(f"--settings: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")

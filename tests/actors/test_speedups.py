@@ -32,8 +32,10 @@ def eager_images() -> list[np.ndarray]:
                                    {"channels_last": True, "fuse_qkv": True}])
 def test_layout_and_fusion_keep_shapes_and_stay_close_to_eager(speed, eager_images):
     actor = Mask2Img("tiny", steps=STEPS, resolution=32, device="cpu", speed=speed)
-    if speed.get("fuse_qkv"):
-        assert any(getattr(m, "fused_projections", False) for m in actor.pipe.unet.modules())
+    if speed.get("fuse_qkv"):  # fused weights, and a processor that uses them
+        for net in (actor.pipe.unet, actor.pipe.controlnet):
+            assert {type(p).__name__ for p in net.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+            assert any(getattr(m, "fused_projections", False) for m in net.modules())
     if speed.get("channels_last"):
         conv = actor.pipe.unet.conv_in.weight
         assert conv.is_contiguous(memory_format=__import__("torch").channels_last)
