@@ -10,6 +10,10 @@ source rows through the stages in order, chunk by chunk, re-batched to each stag
 ``batch_size`` — what a user with a plain diffusers loop would write. The loop does not write
 Parquet (the graph does): that favours the loop.
 
+A third arm, ``colocated``, runs the graph with ``colocate: true`` (Text2Mask, colour coding
+and Mask2Img in one actor holding a whole GPU) against the default fractional sharing (two
+pools at 0.5 GPU each, two processes time-slicing the GPU).
+
 Per arm: samples/s end to end from nothing (Ray start-up and model loading included), and in
 steady state (graph: rows of the shards committed after the first one ÷ time from the first
 shard to the last; loop: rows after the first chunk ÷ their time), the ratio graph/loop of
@@ -144,7 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="pool batch size of both diffusion stages")
     p.add_argument("--gpus-per-pool", type=float, default=None, help="num_gpus of each diffusion pool "
                    "(default 0.5: both share one GPU; smoke 0)")
-    p.add_argument("--arms", default="graph,loop", help="which arms, in order")
+    p.add_argument("--arms", default="graph,colocated,loop", help="which arms, in order: graph (one pool per "
+                   "model, fractional GPUs), colocated (colocate=true: Text2Mask + Mask2Img in one actor per GPU), loop")
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     args.preset = "tiny" if args.smoke else "sdxl-random"
@@ -171,16 +176,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = make_toy_dataset(Path(tmp) / "src", n_train=args.rows, n_val=1, size=64, seed=0)
         for arm in args.arms:
             cfg = make_config(args, source, Path(tmp) / f"out-{arm}")
-            row = graph_arm(cfg, args.smoke) if arm == "graph" else loop_arm(cfg)
+            if arm == "colocated":  # one process per GPU holds both diffusion models
+                cfg = cfg.model_copy(update={"colocate": True})
+                cfg.mask2img.resources.num_gpus = 0 if args.smoke else 1
+            row = loop_arm(cfg) if arm == "loop" else graph_arm(cfg, args.smoke)
+            row["arm"] = arm
             row.update(preset=args.preset, steps=list(args.steps), resolution=args.resolution)
             print(json.dumps(row), flush=True)
             rows.append(row)
     by = {r["arm"]: r for r in rows}
-    if {"graph", "loop"} <= set(by):
+    for arm in ("graph", "colocated"):
         for key in ("samples_per_s", "steady_samples_per_s"):
-            g, lp = by["graph"][key], by["loop"][key]
+            g, lp = by.get(arm, {}).get(key), by.get("loop", {}).get(key)
             if g and lp:
-                print(f"graph / loop {key}: {g / lp:.3f}")
+                print(f"{arm} / loop {key}: {g / lp:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows

@@ -90,6 +90,11 @@ class GenerateConfig(Strict):
         "the captioner pool (SegGen: BLIP-2 asked 'Question: What are shown in the photo? Answer:'), template = "
         "the class names in the mask; None = the graph's default (factory: captioner; seggen/imgsyn/masksyn: "
         "captioner under the sdxl/sd15 presets, template under toy/tiny/sdxl-random)")
+    colocate: bool = Field(
+        False, description="run the graph's diffusion pools (seggen: Text2Mask, colour coding and Mask2Img) as one "
+        "actor per GPU instead of one pool per model: no two processes time-slicing a GPU; the merged pool takes "
+        "the resources of the last one (mask2img.resources) and the batch size of the first. Same rows and "
+        "seeds, so it stays out of the config hash")
     resources_profile: Literal["fit", "per-pool"] = Field(
         "fit", description="fit: when the pools' minimum sizes need more GPUs than the cluster has (counting "
         "a GPU-less machine as one GPU), every pool's num_gpus is scaled by one factor so they share the "

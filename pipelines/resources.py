@@ -4,9 +4,10 @@ profile, and the fail-fast check that replaces an endless wait for GPUs that are
 Ray Data starts every pool at ``min_actors`` before any row flows; a pool whose actors cannot be
 placed waits for ever (or until the no-progress timeout). :func:`gpu_shortage` names that
 before the run starts. Fractional ``num_gpus`` lets pools share a GPU: Ray places an actor
-on a GPU with that fraction free, it does not limit the memory the actor uses. Sharing one
-GPU by fractions was chosen over co-locating several models in one actor because it keeps one
-model per actor (and per pool size); which of the two is faster was NOT measured (no GPU here).
+on a GPU with that fraction free, it does not limit the memory the actor uses. Fractional
+sharing makes two processes time-slice one GPU (DESIGN.md's H200 trace); ``colocate: true``
+instead runs a graph's diffusion pools in one actor per GPU, counted here once, under the last
+pool's resources (benchmarks/bench_graph_vs_loop.py compares the two; not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def pool_needs(cfg: GenerateConfig, stage_names: set[str] | None = None) -> list
     """The pools ``cfg`` runs (only ``stage_names`` when given) and their minimum GPU needs."""
     from pipelines.graphs import get_graph
 
+    graph = get_graph(cfg.pipeline)
+    merged = set(graph.colocate[:-1]) if cfg.colocate else set()  # their models run in the last pool's actors
     out = []
-    for stage in get_graph(cfg.pipeline).model_stages(cfg):
-        if stage_names is None or stage.name in stage_names:
+    for stage in graph.model_stages(cfg):
+        if (stage_names is None or stage.name in stage_names) and stage.name not in merged:
             res = stage.resources(cfg)
             out.append(PoolNeed(stage.name, stage.section, res.min_actors, res.num_gpus))
     return out

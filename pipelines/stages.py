@@ -162,6 +162,26 @@ def image_needs_redo(batch: dict[str, np.ndarray], i: int, min_image_std: float)
     return float(np.frombuffer(raw, np.uint8).std()) < min_image_std
 
 
+class Colocated:
+    """Several stages of a plan in one actor process (``colocate: true``): model pools are built
+    here once and CPU stages run in between, each on sub-batches of its own batch size. Rows
+    are never removed, so the sub-batches line up again."""
+
+    def __init__(self, members: list[tuple[str, Any, dict[str, Any], dict[str, Any], int | None]]):
+        from functools import partial
+
+        self.members = [(name, fn(**ctor) if isinstance(fn, type) else partial(fn, **kwargs), size)
+                        for name, fn, ctor, kwargs, size in members]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for _, fn, size in self.members:
+            n = len(batch[S.SAMPLE_ID]) if S.SAMPLE_ID in batch else len(next(iter(batch.values())))
+            step = size or n or 1
+            parts = [fn({k: v[i:i + step] for k, v in batch.items()}) for i in range(0, n, step)]
+            batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else batch
+        return batch
+
+
 class Text2MaskPool(Gated):
     """The Text2Mask stage (its own class so Ray's progress and stats name it)."""
 

@@ -71,6 +71,9 @@ class GraphSpec:
     # checks that need the source's classes and palette, run before any sample is made (raise
     # ConfigError naming the key): e.g. a fine-tuned Text2Mask trained under another palette
     check_context: Callable[[GenerateConfig, RunContext], None] | None = None
+    # model pools that `colocate: true` runs in one actor process (with the CPU stages between
+    # them), under the resources of the last; () = the graph's pools always stay apart
+    colocate: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, GraphSpec] = {}
@@ -110,7 +113,13 @@ def graph_names() -> list[str]:
 
 def stage_plan(cfg: GenerateConfig, ctx: RunContext, source_format: str) -> list[Stage]:
     """Every stage of ``cfg.pipeline``'s graph with its map_batches arguments, in order."""
-    return get_graph(cfg.pipeline).plan(cfg, ctx, source_format)
+    graph = get_graph(cfg.pipeline)
+    plan = graph.plan(cfg, ctx, source_format)
+    if cfg.colocate and graph.colocate:
+        from pipelines.graphs.base import colocate_stages
+
+        plan = colocate_stages(plan, graph.colocate)
+    return plan
 
 
 def model_refs(cfg: GenerateConfig, stage_names: set[str] | None = None) -> list[tuple[ModelStage, ModelRef]]:

@@ -160,6 +160,27 @@ def mask2img_models(cfg: GenerateConfig) -> list[ModelRef]:
             diffusers_ref("mask2img.controlnet", cfg.mask2img.controlnet, kind="diffusers-model")]
 
 
+POOL_KEYS = ("compute", "num_gpus", "num_cpus", "accelerator_type", "batch_format")
+
+
+def colocate_stages(plan: list[Stage], pools: tuple[str, ...]) -> list[Stage]:
+    """``plan`` with the stages from the first to the last of ``pools`` merged into one actor pool
+    (:class:`pipelines.stages.Colocated`): one process holds every model of the span, so two
+    pools never time-slice one GPU. Pool placement comes from the last pool of the span, the
+    batch size from the first. Fewer than two of ``pools`` in the plan: unchanged."""
+    at = [i for i, s in enumerate(plan) if s.name in pools]
+    if len(at) < 2:
+        return plan
+    span = plan[at[0]:at[-1] + 1]
+    members = [(s.name, s.fn, s.kwargs.get("fn_constructor_kwargs") or {}, s.kwargs.get("fn_kwargs") or {},
+                s.kwargs.get("batch_size")) for s in span]
+    host = {k: v for k, v in span[-1].kwargs.items() if k in POOL_KEYS}
+    merged = Stage("+".join(s.name for s in span), stages.Colocated,
+                   {**host, "batch_size": span[0].kwargs.get("batch_size"),
+                    "fn_constructor_kwargs": {"members": members}})
+    return [*plan[:at[0]], merged, *plan[at[-1] + 1:]]
+
+
 def build_dataset(rows, plan: list[Stage]):
     """Source rows (ids, paths, captions, shard) → the stream of finished rows (a ray Dataset).
 

@@ -176,6 +176,8 @@ for _name, _methods, _text in (
         # MaskSyn alone needs only captions, yet the hand-kept code before the registry asked
         # every SegGen graph's source for masks; kept (a caption-only source uses format=captions)
         needs_masks=True,
-        hash_sections=HASH_SECTIONS, sections=("imgsyn", "masksyn", "text2mask", "mask2img", "captioner"), model_stages=_model_stages(_methods), plan=_plan(_methods),
+        hash_sections=HASH_SECTIONS, sections=("imgsyn", "masksyn", "text2mask", "mask2img", "captioner"),
+        model_stages=_model_stages(_methods), plan=_plan(_methods),
         hash_extra=_hash_extra, default_captions=captioner_under_real_presets,
-        extendable=tuple(BRANCHES[m] for m in _methods), check_context=_check_text2mask_palette(_methods)))
+        extendable=tuple(BRANCHES[m] for m in _methods), check_context=_check_text2mask_palette(_methods),
+        colocate=("text2mask", "mask2img")))
