@@ -112,8 +112,11 @@ class Captioner:
 
     def _build(self, preset: str, model_id: str | None, revision: str | None,
                local_path: str | None, variant: str | None = None) -> tuple[Any, Any]:
-        if preset == "tiny":
-            return tiny_captioner(self.kind)
+        return vm.build_or_load(preset, "captioner", lambda: self._load(model_id, revision, local_path, variant),
+                                kind=self.kind)
+
+    def _load(self, model_id: str | None, revision: str | None, local_path: str | None,
+              variant: str | None) -> tuple[Any, Any]:
         from transformers import (
             AutoProcessor,
             Blip2ForConditionalGeneration,

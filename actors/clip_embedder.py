@@ -57,15 +57,14 @@ class ClipEmbedder:
         self.columns = dict(columns or DEFAULT_COLUMNS)
         self.device, self.dtype = vm.device_and_dtype(preset, device, dtype)
         if model is None or processor is None:
-            if preset == "tiny":
-                model, processor = tiny_clip()
-            else:
+            def load() -> tuple[Any, Any]:
                 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-                model = vm.load_pretrained(CLIPVisionModelWithProjection, model_id, revision, local_path, "clip",
-                                           dtype=self.dtype, variant=variant)
-                processor = vm.load_pretrained(CLIPImageProcessor, model_id, revision, local_path, "clip",
-                                               weights=False)
+                return (vm.load_pretrained(CLIPVisionModelWithProjection, model_id, revision, local_path, "clip",
+                                           dtype=self.dtype, variant=variant),
+                        vm.load_pretrained(CLIPImageProcessor, model_id, revision, local_path, "clip", weights=False))
+
+            model, processor = vm.build_or_load(preset, "clip", load)
         self.model, self.processor = model.to(self.device).eval(), processor
         self.calls = 0  # model calls made, for logs and tests
 

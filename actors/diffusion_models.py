@@ -201,6 +201,15 @@ def materialize(module: Any, device: str, dtype: Any, seed: int = 0) -> Any:
     return module.eval()
 
 
+# Presets whose diffusion components are built in code with random weights (no download):
+# (family, with a ControlNet, seed) -> components. The one place that knows which those are.
+RANDOM_COMPONENTS = {
+    "tiny": lambda family, controlnet, seed: tiny_components(family, controlnet=controlnet, seed=seed),
+    "sdxl-random": lambda family, controlnet, seed: sdxl_random_components(controlnet=controlnet),
+}
+FLOAT32_PRESETS = ("tiny",)  # CPU-sized models: float32 whatever dtype the config asks
+
+
 def _pipeline_class(task: str, family: str) -> Any:
     import diffusers
 
@@ -293,13 +302,10 @@ def build_pipeline(task: str, preset: str, family: str | None = None, model_id: 
     """
     family = resolve_family(preset, family)
     dev = pick_device(device)
-    torch_dtype = resolve_dtype("float32" if preset == "tiny" else dtype, dev)
+    torch_dtype = resolve_dtype("float32" if preset in FLOAT32_PRESETS else dtype, dev)
     cls = _pipeline_class(task, family)
-    if preset in ("tiny", "sdxl-random"):
-        if preset == "tiny":
-            comps = tiny_components(family, controlnet=task == "controlnet", seed=seed)
-        else:
-            comps = sdxl_random_components(controlnet=task == "controlnet")
+    if preset in RANDOM_COMPONENTS:
+        comps = RANDOM_COMPONENTS[preset](family, task == "controlnet", seed)
         comps = local_overrides(comps, task, family, local_path, controlnet_local_path, torch_dtype)
         for name, comp in comps.items():
             if _is_meta(comp):
@@ -384,8 +390,8 @@ def generator_name(preset: str, model_id: str | None = None, revision: str | Non
                    vae: Mapping[str, Any] | None = None, lora_path: str | None = None) -> str:
     """Provenance for the ``generator`` column: ``id@revision`` (``+controlnet@rev`` if any,
     ``+vae:id@rev`` with a VAE override, ``+lora:path`` with an adapter)."""
-    if preset in ("tiny", "sdxl-random") and not (local_path or controlnet_local_path or lora_path):
-        return f"{preset}-random" if preset == "tiny" else preset
+    if preset in RANDOM_COMPONENTS and not (local_path or controlnet_local_path or lora_path):
+        return {"tiny": "tiny-random"}.get(preset, preset)
 
     def one(mid: str | None, rev: str | None, path: str | None) -> str:
         return f"{mid}@{rev or 'main'}" if mid else f"local:{path}"

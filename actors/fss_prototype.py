@@ -97,13 +97,13 @@ class PrototypeFSS:
         self.background = int(background)
         self.device, self.dtype = vm.device_and_dtype(preset, device, dtype)
         if model is None:
-            if preset == "tiny":
-                model = tiny_backbone()
-            else:
+            def load() -> Any:
                 from transformers import Dinov2Model
 
-                model = vm.load_pretrained(Dinov2Model, model_id, revision, local_path, "fss backbone",
-                                           torch_dtype=self.dtype)
+                return vm.load_pretrained(Dinov2Model, model_id, revision, local_path, "fss backbone",
+                                          torch_dtype=self.dtype)
+
+            model = vm.build_or_load(preset, "fss", load)
         self.model = model.to(self.device, self.dtype).eval()
         self.patch = int(self.model.config.patch_size)
         size = int(image_size or self.model.config.image_size)

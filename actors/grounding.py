@@ -106,15 +106,14 @@ class Grounding:
         self.image_column, self.prefix = image_column, prefix
         self.device, self.dtype = vm.device_and_dtype(preset, device, dtype)
         if model is None or processor is None:
-            if preset == "tiny":
-                model, processor = tiny_grounding()
-            else:
+            def load() -> tuple[Any, Any]:
                 from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-                model = vm.load_pretrained(GroundingDinoForObjectDetection, model_id, revision, local_path,
-                                           "grounding", dtype=self.dtype, variant=variant)
-                processor = vm.load_pretrained(AutoProcessor, model_id, revision, local_path, "grounding",
-                                               weights=False)
+                return (vm.load_pretrained(GroundingDinoForObjectDetection, model_id, revision, local_path,
+                                           "grounding", dtype=self.dtype, variant=variant),
+                        vm.load_pretrained(AutoProcessor, model_id, revision, local_path, "grounding", weights=False))
+
+            model, processor = vm.build_or_load(preset, "grounding", load)
         self.model, self.processor = model.to(self.device).eval(), processor
         self.chunks = self._chunks(int(model.config.max_text_len))
         self.calls = 0  # model calls made, for logs and tests

@@ -129,7 +129,7 @@ class SamMasks:
         self.image_column, self.prefix, self.mask_column = image_column, prefix, mask_column
         self.device, self.dtype = vm.device_and_dtype(preset, device, dtype)
         if sam is None:
-            sam = tiny_sam() if preset == "tiny" else load_sam(model_type, checkpoint or "")
+            sam = vm.build_or_load(preset, "sam", lambda: load_sam(model_type, checkpoint or ""))
         self.sam = sam.to(self.device, self.dtype).eval()
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
         self.calls = 0  # image-encoder calls (one per batch), for logs and tests

@@ -100,10 +100,34 @@ def batch_images(batch: dict, column: str) -> list[np.ndarray]:
     raise KeyError(f"batch has neither {column!r} (+height/width) nor {IMAGE!r}; has {sorted(batch)}")
 
 
+# The models the ``tiny`` preset builds in code instead of loading weights, one entry per model
+# kind ("module:function", imported on use so this table pulls in no actor): the one place
+# that knows which presets build in code. Real presets take the actor's own loader.
+TINY_BUILDERS = {
+    "captioner": "actors.captioner:tiny_captioner",
+    "clip": "actors.clip_embedder:tiny_clip",
+    "grounding": "actors.grounding:tiny_grounding",
+    "sam": "actors.sam:tiny_sam",
+    "fss": "actors.fss_prototype:tiny_backbone",
+}
+BUILT_IN_CODE = dm.FLOAT32_PRESETS  # presets whose models TINY_BUILDERS makes (tiny)
+
+
+def build_or_load(preset: str, model: str, load: Any, **tiny_kwargs: Any) -> Any:
+    """The ``tiny`` preset's ``model`` (a key of TINY_BUILDERS) built in code, else ``load()``
+    (real weights); ``tiny_kwargs`` go to the builder."""
+    if preset not in BUILT_IN_CODE:
+        return load()
+    import importlib
+
+    module, _, name = TINY_BUILDERS[model].partition(":")
+    return getattr(importlib.import_module(module), name)(**tiny_kwargs)
+
+
 def device_and_dtype(preset: str, device: str | None, dtype: str) -> tuple[str, Any]:
     """Where a model runs and in what precision (tiny: always float32)."""
     dev = dm.pick_device(device)
-    return dev, dm.resolve_dtype("float32" if preset == "tiny" else dtype, dev)
+    return dev, dm.resolve_dtype("float32" if preset in BUILT_IN_CODE else dtype, dev)
 
 
 def floats_to_bytes(values: Any) -> bytes:
