@@ -71,16 +71,37 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def first_error_line(exc: ValidationError) -> str:
-    """One line naming the key of the first validation error."""
+def first_error_line(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming the key of the first validation error (an unknown key of ``model``
+    with the nearest valid one: "did you mean ...?")."""
     err = exc.errors()[0]
     if not err["loc"]:  # a model-level check: its message names the key itself
         return str(err["msg"]).removeprefix("Value error, ")
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        near = nearest_key(model, [str(p) for p in err["loc"]]) if model else None
+        return f"{key}: unknown key" + (f"; did you mean {near}?" if near else "")
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{key}: {msg} (got {err.get('input')!r})"
+
+
+def nearest_key(model: type[BaseModel], loc: list[str]) -> str | None:
+    """The valid dotted key closest to ``loc`` (difflib), walking ``model``'s nested sections."""
+    import difflib
+    import typing
+
+    for i, part in enumerate(loc):
+        fields = getattr(model, "model_fields", None)
+        if not fields:
+            return None
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.6)
+            return ".".join([*loc[:i], close[0]]) if close else None
+        annotation = fields[part].annotation
+        nested = [a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type)
+                  and issubclass(a, BaseModel)]
+        model = nested[0] if nested else None
+    return None
 
 
 def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] = ()) -> BaseModel:
@@ -100,4 +121,4 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(first_error_line(exc)) from None
+        raise ConfigError(first_error_line(exc, model)) from None

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from core.config import ConfigError
 from pipelines.config import GenerateConfig
 from pipelines.graphs import ModelRef, RunContext, get_graph, stage_plan
 from pipelines.resources import apply_profile, gpu_shortage, min_gpus, pool_needs
@@ -75,9 +76,12 @@ def submit_problems(cfg: GenerateConfig) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def dry_run(cfg: GenerateConfig, gpus: int, gpus_from: str, counted_by: str = "") -> dict[str, Any]:
+def dry_run(cfg: GenerateConfig, gpus: int, gpus_from: str, counted_by: str = "",
+            input_problems: list[str] | tuple = (), input_notes: list[str] | tuple = ()) -> dict[str, Any]:
     """The resolved plan of ``cfg`` on ``gpus`` GPUs as one JSON-ready dict (keys ``stages``,
-    ``models``, ``min_gpus``, ``problems`` and more)."""
+    ``models``, ``min_gpus``, ``problems`` and more). ``input_problems``/``input_notes`` come
+    from :func:`pipelines.inputs.check_generate`; a config error of the graph's own checks is
+    one more problem, and the plan is printed all the same."""
     graph = get_graph(cfg.pipeline)
     remote = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     configured = min_gpus(pool_needs(cfg))
@@ -85,8 +89,8 @@ def dry_run(cfg: GenerateConfig, gpus: int, gpus_from: str, counted_by: str = ""
     classes = list(cfg.source.classes or ["background", "object"])
     ctx = RunContext(classes=classes, palette=np.zeros((len(classes), 3), np.uint8), background=0)
     model_stages = {s.name: s for s in graph.model_stages(cfg)}
-    stages, models, problems, notes = [], [], [], []
-    for stage in stage_plan(cfg, ctx, cfg.source.format):
+    stages, models, problems, notes = [], [], list(input_problems), list(input_notes)
+    for stage in _planned(cfg, ctx, problems):
         kw = stage.kwargs
         entry: dict[str, Any] = {"name": stage.name, "kind": "pool" if "compute" in kw else "task",
                                  "batch_size": kw.get("batch_size"), "num_cpus": kw.get("num_cpus")}
@@ -123,6 +127,16 @@ def dry_run(cfg: GenerateConfig, gpus: int, gpus_from: str, counted_by: str = ""
             "resources_profile": cfg.resources_profile, "min_gpus_configured": configured,
             "min_gpus": need, "gpus": gpus, "gpus_from": gpus_from, "gpus_counted_by": counted_by,
             "stages": stages, "models": models, "problems": problems, "notes": notes}
+
+
+def _planned(cfg: GenerateConfig, ctx: RunContext, problems: list[str]) -> list:
+    """The graph's stages; a config error of its own checks becomes a problem (once)."""
+    try:
+        return stage_plan(cfg, ctx, cfg.source.format)
+    except ConfigError as e:
+        if str(e) not in problems and not any(p.split(":")[0] == str(e).split(":")[0] for p in problems):
+            problems.append(str(e))
+        return []
 
 
 def format_text(plan: dict[str, Any]) -> str:

@@ -18,11 +18,13 @@ log = logging.getLogger("segfactory.progress")
 class Progress:
     """Counters of one run; ``start()`` begins logging every ``interval_s``, ``stop()`` ends it."""
 
-    def __init__(self, total_shards: int, done_before: int, interval_s: float):
+    def __init__(self, total_shards: int, done_before: int, interval_s: float, rejected_before: int = 0):
         self.total, self.done_before, self.interval_s = total_shards, done_before, interval_s
-        self.shards = self.kept = self.rejected = 0
+        self.shards = self.kept = 0
+        self.rejected = self._before = rejected_before  # rows rejected before the stream (the index's)
         self.shards_per_node: dict[str, int] = {}  # bounded by the cluster's nodes, not the job
         self.started = time.monotonic()
+        self._stopped: float | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="segfactory-progress", daemon=True)
@@ -35,11 +37,15 @@ class Progress:
             node = rec.get("node") or "?"
             self.shards_per_node[node] = self.shards_per_node.get(node, 0) + 1
 
+    def elapsed(self) -> float:
+        """Seconds since the stream started (until ``stop()``)."""
+        return (self._stopped or time.monotonic()) - self.started
+
     def line(self) -> str:
         with self._lock:
-            elapsed = max(time.monotonic() - self.started, 1e-9)
+            elapsed = max(self.elapsed(), 1e-9)
             done = self.done_before + self.shards
-            rate = (self.kept + self.rejected) / elapsed
+            rate = (self.kept + self.rejected - self._before) / elapsed
             left = self.total - done
             eta = "?" if not self.shards else _duration(left * elapsed / self.shards)
             return (f"progress: shards {done}/{self.total} ({done / max(self.total, 1):.0%}), "
@@ -51,6 +57,7 @@ class Progress:
         return self
 
     def stop(self) -> None:
+        self._stopped = time.monotonic()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

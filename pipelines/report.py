@@ -24,7 +24,7 @@ def generate_summary(result) -> str:
     lines = [f"dataset: {result.out}",
              f"rows kept: {m['rows']}  rejected: {m['rejected_rows']} (filtered by quality: "
              f"{m['filtered_rows']}; errors and bad input: {result.rejected_fraction:.1%})",
-             f"wall time: {t['wall_s']:.1f} s   throughput: {t['samples_per_s']:.2f} samples/s"]
+             _rate_line(m, t)]
     sections = [("rows per method", {k: str(v) for k, v in m["rows_per_method"].items()}),
                 ("drops per reason", {k: str(v) for k, v in m["drops_per_reason"].items()}),
                 ("stage busy time, summed over workers",
@@ -35,6 +35,18 @@ def generate_summary(result) -> str:
             lines.append(f"{title}:")
             lines += [f"  {key:<{width}}  {value:>8}" for key, value in rows.items()]
     return "\n".join(lines)
+
+
+def _rate_line(m: dict, t: dict) -> str:
+    """Throughput of the rows this run made; a rerun that skipped every shard made none."""
+    made = t.get("rows_this_run")
+    if made == 0:
+        return (f"wall time: {t['wall_s']:.1f} s   nothing generated: all {len(m['shards'])} shard"
+                f"{'s were' if len(m['shards']) != 1 else ' was'} already complete")
+    if "stream_s" not in t:  # a manifest written before the stream time was recorded
+        return f"wall time: {t['wall_s']:.1f} s   throughput: {t['samples_per_s']:.2f} samples/s"
+    return (f"wall time: {t['wall_s']:.1f} s ({t['wall_s'] - t['stream_s']:.1f} s of it outside the stream: Ray start, index, manifest)   "
+            f"throughput: {t['samples_per_s']:.2f} samples/s over {t['stream_s']:.1f} s of generation")
 
 
 def print_generate_summary(result) -> None:

@@ -41,11 +41,38 @@ def _png_p(mask: np.ndarray, palette: bytes) -> bytes:
     return buf.getvalue()
 
 
+TOY_PARTS = ("JPEGImages", "SegmentationClass", "ImageSets", "captions.jsonl", "classes.txt")
+
+
+def _clear_previous(out: Path) -> None:
+    """A toy dataset written there before is replaced whole (no stale images from a larger
+    run); any other non-empty directory is refused rather than mixed into."""
+    import shutil
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    if not entries <= set(TOY_PARTS) or "classes.txt" not in entries:
+        raise ValueError(f"{out}: not empty and not a toy dataset written by `segfactory toy-data`; "
+                         "give a new or empty directory")
+    for name in entries:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def make_toy_dataset(out: Path, n_train: int = 200, n_val: int = 100, size: int = 128,
                      seed: int = 0) -> Path:
     """Write JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{train,val}
     .txt, captions.jsonl and classes.txt under ``out``; returns ``out``."""
     out = Path(out)
+    if min(n_train, n_val) < 0 or size < 8:
+        raise ValueError(f"toy data: --train {n_train} --val {n_val} --size {size}: counts must be >= 0 "
+                         "and the side >= 8")
+    _clear_previous(out)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     palette = voc_palette(256).tobytes()

@@ -30,7 +30,10 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_toy_data(args: argparse.Namespace) -> int:
     from pipelines.toy_data import make_toy_dataset
 
-    path = make_toy_dataset(Path(args.out), n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
+    try:
+        path = make_toy_dataset(Path(args.out), n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     print(f"toy source dataset (VOC layout) written to {path}")
     return EXIT_OK
 
@@ -39,21 +42,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from core.config import load_config
     from pipelines.config import GenerateConfig
     from pipelines.generate import run_generate
+    from pipelines.inputs import check_generate
     from pipelines.report import print_generate_summary
 
     cfg = load_config(GenerateConfig, args.config, args.overrides)
+    cfg, problems, notes = check_generate(cfg)  # before Ray starts: paths, layout, buckets, run dirs
     if args.dry_run:
-        return _dry_run(cfg, args.format)
+        return _dry_run(cfg, args.format, problems, notes)
+    if problems:
+        raise ConfigError(problems[0])
     result = run_generate(cfg)
     print_generate_summary(result)
     return _exit_for(result)
 
 
-def _dry_run(cfg, fmt: str) -> int:
-    """Print the resolved plan; exit 2 when it names problems."""
+def _dry_run(cfg, fmt: str, problems: list[str], notes: list[str]) -> int:
+    """Print the resolved plan, problems included; exit 2 when it names problems."""
     from pipelines.dryrun import detect_gpus, dry_run, format_json, format_text
 
-    plan = dry_run(cfg, *detect_gpus(cfg))  # GPUs: the cluster's with ray.address, else torch's count
+    plan = dry_run(cfg, *detect_gpus(cfg), input_problems=problems, input_notes=notes)  # GPUs: the cluster's with ray.address, else torch's count
     print(format_json(plan) if fmt == "json" else format_text(plan))
     return EXIT_USAGE if plan["problems"] else EXIT_OK
 
@@ -74,7 +81,9 @@ def _check_submitted_generate(args: argparse.Namespace) -> str | None:
         gen = build_parser().parse_args(forwarded)
     except UsageError as exc:
         return f"submit: generate: {exc}"
-    problems = submit_problems(load_config(GenerateConfig, gen.config, gen.overrides))
+    from segfactory.configs import resolve_config
+
+    problems = submit_problems(load_config(GenerateConfig, resolve_config(gen.config), gen.overrides))
     return f"submit: {problems[0]}" if problems else None
 
 
@@ -176,6 +185,14 @@ exit codes: 0 done; 2 bad command line, config or input (one line saying what to
 """
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segfactory", description="Synthetic segmentation data factory on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -190,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toy-data", help="write a toy source dataset in VOC layout")
     p.add_argument("out")
-    p.add_argument("--train", type=int, default=200, help="training samples")
-    p.add_argument("--val", type=int, default=100, help="validation samples")
-    p.add_argument("--size", type=int, default=128, help="image side")
+    p.add_argument("--train", type=_count, default=200, help="training samples (>= 0)")
+    p.add_argument("--val", type=_count, default=100, help="validation samples (>= 0)")
+    p.add_argument("--size", type=int, default=128, help="image side (>= 8)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_toy_data)
 

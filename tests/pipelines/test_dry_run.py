@@ -18,9 +18,21 @@ from segfactory.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 REAL = [p for p in CONFIGS if "-sd" in p.name]
-# keys a config leaves to the user (its first line names them): the aligndiff graphs need a bank
-USER_KEYS = {"aligndiff-tiny": ["aligndiff.bank=/data/bank.safetensors"],
-             "aligndiff-sd15": ["aligndiff.bank=/data/bank.safetensors"]}
+# keys a config leaves to the user (its first line names them): the aligndiff graphs need a bank,
+# given as the run directory of textual inversion (its bank.safetensors is found there)
+USER_KEYS = {"aligndiff-tiny": ["aligndiff.bank={bank_run}"], "aligndiff-sd15": ["aligndiff.bank={bank_run}"]}
+
+
+@pytest.fixture(scope="module")
+def bank_run(tmp_path_factory):
+    import numpy as np
+
+    from actors.textual_inversion import BankEntry, save_bank
+
+    run = tmp_path_factory.mktemp("ti-run")
+    save_bank(str(run / "bank.safetensors"), [BankEntry("<v0>", "toy_0/1", "toy_0", 1, "circle")],
+              [np.zeros((1, 32), np.float32)])
+    return run
 
 
 def _cfg(path, *overrides) -> GenerateConfig:
@@ -28,13 +40,15 @@ def _cfg(path, *overrides) -> GenerateConfig:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_dry_run_json_of_every_shipped_config(path, capsys, monkeypatch):
+def test_dry_run_json_of_every_shipped_config(path, capsys, monkeypatch, bank_run):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("pipelines.dryrun.detect_gpus", lambda cfg: (1, "a one-GPU box", "test"))
-    extra = USER_KEYS.get(path.stem, [])
+    extra = [k.format(bank_run=bank_run) for k in USER_KEYS.get(path.stem, [])]
     code = main(["generate", "--config", str(path), *extra, "--dry-run", "--format", "json"])
     plan = json.loads(capsys.readouterr().out)
-    cfg = _cfg(path, *extra)
+    cfg = _cfg(path, *extra).model_copy()
+    if cfg.pipeline == "aligndiff":  # the run directory resolves to the bank inside it
+        cfg.aligndiff.bank = str(bank_run / "bank.safetensors")
     assert {"stages", "models", "min_gpus", "problems"} <= set(plan)
     pools = [s for s in plan["stages"] if s["kind"] == "pool"]
     assert [s["name"] for s in pools] == [m.name for m in get_graph(cfg.pipeline).model_stages(cfg)]
