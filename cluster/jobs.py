@@ -37,7 +37,7 @@ REPO_ROOT: Path | None = _HERE if (_HERE / "pyproject.toml").is_file() else None
 OUR_CLI = "python -m segfactory.cli"
 # `submit -- generate ...` (no program name) means `segfactory generate ...`; a test keeps this in
 # step with the CLI's subcommands (cluster/ does not import the CLI).
-SEGFACTORY_COMMANDS = frozenset({"demo", "toy-data", "generate", "inspect", "configs", "train", "evaluate",
+SEGFACTORY_COMMANDS = frozenset({"demo", "toy-data", "generate", "inspect", "export", "configs", "train", "evaluate",
                                  "scaling", "finetune", "predict", "cluster", "submit", "jobs"})
 # gitignore-style patterns left out of the uploaded working_dir (Ray also honours .gitignore).
 EXCLUDES = [

@@ -155,6 +155,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.export import export_dataset
+
+    result = export_dataset(args.dataset, args.format, args.out, overwrite=args.overwrite,
+                            val_fraction=args.val_fraction)
+    rows = ", ".join(f"{k} {v}" for k, v in result["rows"].items() if v)
+    print(f"exported {result['shards']} shard(s) as {result['format']} to {result['out']}: {rows or 'no rows'}")
+    return EXIT_OK
+
+
 def _cmd_configs(args: argparse.Namespace) -> int:
     from segfactory.configs import format_configs, resolve_config, shipped_configs
 
@@ -228,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet", default=None, help="PNG path (default: DATASET/contact_sheet.png)")
     p.set_defaults(func=_cmd_inspect)
 
+    p = sub.add_parser("export", help="write a dataset as VOC / ADE20K / Cityscapes / folder layout, COCO JSON "
+                       "or a Hugging Face dataset with its card (Ray Data; URIs on both sides)",
+                       description="DATASET: the output.path of `segfactory generate`. OUT must be empty "
+                       "(or --overwrite). Formats: voc (JPEGImages/, SegmentationClass/ palette PNGs, "
+                       "ImageSets/Segmentation/*.txt), ade20k (images|annotations/{training,validation}/, "
+                       "value = class id + 1, 0 = other), cityscapes (leftImg8bit/, gtFine/*_labelTrainIds.png "
+                       "and *_color.png), folder (images|masks/<split>/), coco (images/<split>/, "
+                       "annotations/semantic_<split>.json, RLE per class, category_id = class id + 1), hf "
+                       "(data/*.parquet + README.md card; datasets.load_dataset(OUT)).")
+    p.add_argument("dataset", help="a segfactory dataset directory or URI")
+    p.add_argument("--format", required=True, choices=("voc", "ade20k", "cityscapes", "folder", "coco", "hf"))
+    p.add_argument("out", help="output directory or URI (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of samples in the val split, picked by a stable hash of sample_id (default 0)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("configs", help="the shipped configs with their purpose (--config accepts their names)")
     p.add_argument("--show", metavar="NAME", default=None, help="print one config's YAML")
     p.set_defaults(func=_cmd_configs)
@@ -284,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line): config, source, output, checkpoint."""
     from core.storage import StorageError
+    from pipelines.export import ExportError
     from pipelines.sources import SourceError
     from pipelines.writer import OutputConflict
 
-    return (ConfigError, SourceError, OutputConflict, StorageError)
+    return (ConfigError, SourceError, OutputConflict, StorageError, ExportError)
 
 
 if __name__ == "__main__":
