@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -95,5 +96,6 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
     ctx = DataContext.get_current()
     if ray_cfg is not None:
         ctx.execution_no_progress_timeout_s = ray_cfg.no_progress_timeout_s or -1  # 0 / None: guard off
-        ctx.enable_progress_bars = ray_cfg.show_progress
+        # bars only on a terminal: in a log file or a job's output they are ANSI noise
+        ctx.enable_progress_bars = ray_cfg.show_progress and sys.stderr.isatty()
     ctx.execution_options.preserve_order = False

@@ -85,6 +85,10 @@ def source_problems(path: str | None, fmt: str, key: str = "source.path") -> lis
             return [f"{key}={path}: not found" + _sibling_hint(root, key)]
         if fmt == "parquet":
             return _parquet_problems(root, key, path)
+        if fmt in ("captions", "images") and storage.is_file(root):  # a captions.jsonl / one image given as is
+            return []
+        if fmt == "images":
+            return []
         layout = LAYOUTS.get(fmt)
         if layout is None or _layout_ok(root, layout):
             return []

@@ -14,6 +14,16 @@ from core.config import ConfigError
 EXIT_OK, EXIT_ERROR = 0, 1
 
 
+def _check_inputs(*checks: tuple[str | None, str, str]) -> None:
+    """(path, format, key) of each input: the first problem as one line (exit 2), before Ray
+    starts (a wrong folder level gets a hint; see :mod:`pipelines.inputs`)."""
+    from pipelines.inputs import source_problems
+
+    for path, fmt, key in checks:
+        if path and (problems := source_problems(path, fmt, key)):
+            raise ConfigError(problems[0])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from core.config import load_config
     from training.config import TrainConfig
@@ -23,6 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     cfg = load_config(TrainConfig, args.config, overrides)
+    _check_inputs((cfg.real.path, cfg.real.format, "real.path"),
+                  *[(p, "parquet", "synthetic.paths") for p in cfg.synthetic.paths])
     final = run_train(cfg)
     print(f"run directory: {locate(cfg.output.path, 'output.path')}")
     if final.get("pretrain"):
@@ -39,6 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import run_evaluate
     from training.metrics import format_table
 
+    _check_inputs((args.data, args.format, "--data"))
     result = run_evaluate(args.checkpoint, args.data, format=args.format, split=args.split,
                           num_workers=args.workers, batch_size=args.batch_size, out=args.out,
                           eval_overrides=_eval_overrides(args))
@@ -69,6 +82,7 @@ def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from training.predict import run_predict
 
+    _check_inputs((args.data, args.format, "--data"))
     summary = run_predict(args.checkpoint, args.data, args.out, format=args.format, split=args.split,
                           batch_size=args.batch_size, actors=args.actors, eval_overrides=_eval_overrides(args))
     print(f"{summary['images']} masks from {summary['checkpoint']} (step {summary['step']}) written to {summary['out']}")
@@ -104,7 +118,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from training.finetune.run import run_finetune
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
-    final = run_finetune(load_config(FinetuneConfig, args.config, overrides))
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    _check_inputs((cfg.source.path, cfg.source.format, "source.path"))
+    final = run_finetune(cfg)
     print(f"{final['kind']}: {final['final_step']} steps, {final.get('steps_per_s') or 0:.2f} steps/s, "
           f"held-out loss {final['val_loss_initial']} -> {final['val_loss_final']}"
           + (f", colour fidelity {final['val_fidelity']:.3f}" if final.get("val_fidelity") is not None else ""))

@@ -118,3 +118,11 @@ def test_progress_and_summary_agree_and_a_rerun_reports_no_rate():
         "wall time: 3.0 s   nothing generated: all 2 shards were already complete")
     line = _rate_line(m, {"wall_s": 30.0, "rows_this_run": 20, "stream_s": 10.0, "samples_per_s": 2.0})
     assert "2.00 samples/s over 10.0 s of generation" in line
+
+
+def test_training_commands_check_data_before_ray(voc_devkit, tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(voc_devkit)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"did you mean --data={voc_devkit / 'VOC2012'}? (one level down)")
+    assert main(["train", "--config", "toy", f"real.path={voc_devkit / 'VOC2012'}",
+                 f"synthetic.paths=[{tmp_path / 'none'}]", f"output.path={tmp_path / 'r'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: synthetic.paths={tmp_path / 'none'}: not found"
