@@ -151,7 +151,30 @@ def demo_conclusion(trained: dict, root: Path) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from pipelines.report import inspect_dataset
 
+    if args.format:  # a source dataset: the same page, from the source readers
+        from pipelines.html_report import render_html, source_report, write_html
+        from pipelines.inputs import source_problems
+
+        if problems := source_problems(args.dataset, args.format, "DATASET"):
+            raise ConfigError(problems[0])
+        report = source_report(args.dataset, args.format, args.split, cards=args.cards)
+        print(f"source dataset: {args.dataset} ({args.format}): {report['counts']['rows']} rows, "
+              f"{report['counts']['rejected']} the index rejected")
+        for name, share in sorted(zip(report["classes"], report["frequencies"], strict=True), key=lambda t: -t[1]):
+            if share > 0:
+                print(f"  {name:<20} {share:.3f}")
+        if args.html:
+            print(f"report: {write_html(render_html(report), args.html)}")
+        return EXIT_OK
     inspect_dataset(args.dataset, n_samples=args.samples, sheet=args.sheet)
+    from pipelines.html_report import rejected_rows
+
+    for row in rejected_rows(args.dataset, limit=10, thumbnails=False):  # what to look at first
+        print(f"rejected {row['id']}: {row['reason']}" + (f" ({row['path']})" if row["path"] else ""))
+    if args.html:
+        from pipelines.html_report import dataset_report, render_html, write_html
+
+        print(f"report: {write_html(render_html(dataset_report(args.dataset, cards=args.cards)), args.html)}")
     return EXIT_OK
 
 
@@ -236,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--samples", type=int, default=16, help="samples in the contact sheet")
     p.add_argument("--sheet", default=None, help="PNG path (default: DATASET/contact_sheet.png)")
+    p.add_argument("--html", default=None, metavar="OUT",
+                   help="also write a static, self-contained HTML report (sample cards with mask overlays "
+                   "filtered by class/method/source, rejected rows, class frequencies beside the source's, "
+                   "score histograms): a path or URI")
+    p.add_argument("--cards", type=int, default=120, help="sample cards in the HTML report (default 120)")
+    p.add_argument("--format", default=None, choices=("voc", "ade20k", "folder", "parquet"),
+                   help="DATASET is a source dataset in this layout (not a `generate` output)")
+    p.add_argument("--split", default=None, help="split of a source dataset (--format)")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("export", help="write a dataset as VOC / ADE20K / Cityscapes / folder layout, COCO JSON "

@@ -84,7 +84,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     _check_inputs((args.data, args.format, "--data"))
     summary = run_predict(args.checkpoint, args.data, args.out, format=args.format, split=args.split,
-                          batch_size=args.batch_size, actors=args.actors, eval_overrides=_eval_overrides(args))
+                          batch_size=args.batch_size, actors=args.actors, eval_overrides=_eval_overrides(args),
+                          color=args.color)
     print(f"{summary['images']} masks from {summary['checkpoint']} (step {summary['step']}) written to {summary['out']}")
     return EXIT_OK
 
@@ -96,6 +97,10 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
         if args.config or args.overrides:
             raise ConfigError("--report re-renders a finished sweep: give it alone, without --config or overrides")
         report = render_report(args.report)  # a directory or a URI
+        if args.html:
+            from pipelines.html_report import sweep_html, write_html
+
+            print(f"report: {write_html(sweep_html(args.report), args.html)}")
     elif args.config:
         from core.config import load_config
         from training.scaling import ScalingConfig, run_sweep
@@ -157,12 +162,16 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--split", default=None, help="split of a dataset --format (e.g. val)")
     p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
     p.add_argument("--actors", type=int, default=1, help="model actors (Ray Data actor pool)")
+    p.add_argument("--color", action="store_true", help="also write OUT/color/<id>.png: palette PNGs in VOC colours "
+                   "(same class-id pixel values; the plain ones look black in an image viewer)")
     _add_protocol_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = subparsers.add_parser("scaling", help="sweep mIoU against synthetic volume x p_aug x seed, fit a saturating power law, plot")
     p.add_argument("--config", default=None, help="sweep YAML, e.g. training/configs/scaling-toy.yaml")
     p.add_argument("--report", default=None, metavar="DIR", help="re-render results.csv, fit.json and scaling.png of a sweep directory")
+    p.add_argument("--html", default=None, metavar="OUT", help="with --report: also a static HTML page of every trial "
+                   "and the plot (a path or URI)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. volumes=[0,1000] train.iterations=300 output.path=DIR")
     p.set_defaults(func=_cmd_scaling)
 

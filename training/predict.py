@@ -74,7 +74,8 @@ def image_rows(data: str | Path, format: str, split: str | None) -> list[dict[st
 class Segmenter:
     """Ray Data actor: loads the model once, segments each image, writes ``OUT/<id>.png``."""
 
-    def __init__(self, model_path: str, meta: dict[str, Any], spec: dict[str, Any], out: str, threads: int | None = None):
+    def __init__(self, model_path: str, meta: dict[str, Any], spec: dict[str, Any], out: str, threads: int | None = None,
+                 color: bool = False):
         import torch
 
         from training.models import load_model
@@ -86,6 +87,7 @@ class Segmenter:
         from training.rundir import fetch_dir
 
         self.arch, self.meta, self.spec, self.out = meta["arch"], meta, spec, storage.resolve(out)
+        self.color = color
         self.model = load_model(self.arch, fetch_dir(model_path)).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,8 +113,24 @@ class Segmenter:
             pred = probs.argmax(0).cpu().numpy()
             dest = self.out / f"{row['id']}.png"
             storage.write_bytes(dest, mask_png(pred, len(self.meta["classes"])))  # temp + rename, or one PUT
+            if self.color:  # class ids look black in a viewer: a palette PNG beside them
+                storage.write_bytes(self.out / "color" / f"{row['id']}.png", color_png(pred, len(self.meta["classes"])))
             written.append(str(dest))
         return {"path": np.array(written, dtype=object)}
+
+
+def color_png(pred: np.ndarray, num_classes: int) -> bytes:
+    """The prediction as a palette ("P") PNG in VOC colours: its pixel values are still the
+    class ids (up to 255 classes), so tools reading ids read it too."""
+    from PIL import Image
+
+    from actors.colormap import voc_palette
+
+    im = Image.fromarray(pred.astype(np.uint8), "L").convert("P")
+    im.putpalette(voc_palette(256).tobytes())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def mask_png(pred: np.ndarray, num_classes: int) -> bytes:
@@ -127,7 +145,8 @@ def mask_png(pred: np.ndarray, num_classes: int) -> bytes:
 
 def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, format: str = "images",
                 split: str | None = None, *, batch_size: int = 4, actors: int = 1, cpus_per_actor: float = 1.0,
-                gpus_per_actor: float = 0.0, eval_overrides: dict[str, Any] | None = None, ray_cfg=None) -> dict[str, Any]:
+                gpus_per_actor: float = 0.0, eval_overrides: dict[str, Any] | None = None, ray_cfg=None,
+                color: bool = False) -> dict[str, Any]:
     """Write ``OUT/<id>.png`` for every image of ``data``; returns a summary (also
     ``OUT/predict.json``)."""
     import ray
@@ -149,7 +168,8 @@ def run_predict(checkpoint: str | Path, data: str | Path, out: str | Path, forma
     ds = ds.map_batches(Segmenter, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                         fn_constructor_kwargs={"model_path": str(model_path), "meta": meta, "spec": spec,
-                                               "out": str(out), "threads": max(1, int(cpus_per_actor))})
+                                               "out": str(out), "threads": max(1, int(cpus_per_actor)),
+                                               "color": color and len(meta["classes"]) <= 256})
     written = sum(len(b["path"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy"))
     summary = {"checkpoint": str(model_path), "step": meta.get("step"), "data": str(data), "format": format,
                "split": split, "images": written, "out": str(out), "protocol": spec}
