@@ -115,9 +115,12 @@ def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n:
     legend = [(names[c], tuple(int(v) for v in palette[c])) for c in sorted(seen) if c < len(names)]
     if S.IGNORE_INDEX in seen:
         legend.append((f"ignore ({S.IGNORE_INDEX}): not coloured", None))
-    per_line = max(1, (cols * 2 * tile) // 160)
+    # legend columns as wide as the longest label: names are never cut
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    col_w = 28 + int(max((measure.textlength(name) for name, _ in legend), default=0))
+    per_line = max(1, (cols * 2 * tile) // col_w)
     legend_h = 8 + 18 * -(-len(legend) // per_line) if legend else 0
-    sheet = Image.new("RGB", (cols * 2 * tile, rows * (tile + caption) + legend_h), "white")
+    sheet = Image.new("RGB", (max(cols * 2 * tile, col_w + 8), rows * (tile + caption) + legend_h), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (sample_id, image, over) in enumerate(pairs):
         x0, y0 = (i % cols) * 2 * tile, (i // cols) * (tile + caption)
@@ -126,9 +129,9 @@ def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n:
         draw.text((x0 + 3, y0 + tile + 1), str(sample_id)[:48], fill="black")
     top = rows * (tile + caption) + 4
     for k, (name, color) in enumerate(legend):
-        x, y = (k % per_line) * 160 + 4, top + (k // per_line) * 18
+        x, y = (k % per_line) * col_w + 4, top + (k // per_line) * 18
         draw.rectangle([x, y, x + 14, y + 14], fill=color or "white", outline="black")
-        draw.text((x + 20, y + 2), name[:22], fill="black")
+        draw.text((x + 20, y + 2), name, fill="black")
     return sheet
 
 

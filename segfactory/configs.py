@@ -48,8 +48,22 @@ def _header(path: Path) -> tuple[str, str]:
             break
         comments.append(line.lstrip("#").strip())
     command = comments[0] if comments else ""
-    purpose = comments[1] if len(comments) > 1 else ""
-    return command, purpose
+    return command, first_sentence(" ".join(comments[1:]))
+
+
+def first_sentence(text: str) -> str:
+    """Up to the first full stop followed by a space or the end (``SD 1.5`` is not one): a
+    description that runs over several comment lines is never cut mid-sentence."""
+    import re
+
+    for match in re.finditer(r"[.!?](?=\s|$)", text):
+        word = text[: match.start()].rsplit(" ", 1)[-1].lstrip("(")
+        if word not in ABBREVIATIONS:
+            return text[: match.end()]
+    return text
+
+
+ABBREVIATIONS = {"App", "Tab", "Sec", "Fig", "Eq", "e.g", "i.e", "cf", "vs", "al", "Alg"}
 
 
 def resolve_config(value: str) -> Path:

@@ -175,7 +175,8 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. volumes=[0,1000] train.iterations=300 output.path=DIR")
     p.set_defaults(func=_cmd_scaling)
 
-    p = subparsers.add_parser("finetune", help="fine-tune a generator (Text2Mask, Mask2Img ControlNet, LoRA) on Ray Train")
+    p = subparsers.add_parser("finetune", help="fine-tune a generator on Ray Train: Text2Mask, Mask2Img ControlNet, LoRA, "
+                              "or AlignDiff's textual inversion (an embedding bank for aligndiff.bank=RUN)")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. training/configs/text2mask-tiny.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
     p.add_argument("overrides", nargs="*",

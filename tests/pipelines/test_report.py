@@ -56,6 +56,19 @@ def test_sheet_pairs_image_with_coloured_mask_and_names_the_classes(tmp_path):
     assert tuple(PALETTE[2]) not in colours  # "dog" is in no mask shown: not in the legend
 
 
+def test_legend_labels_are_never_cut(tmp_path):
+    from PIL import ImageDraw
+
+    ds = _dataset(tmp_path / "ds")
+    long = ["background", "a cat with a very long descriptive class name", "dog"]
+    sheet = contact_sheet(ds, PALETTE, n=3, tile=64, classes=long)
+    need = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(long[1])
+    assert sheet.size[0] >= 4 + 20 + need  # the column holds swatch + the whole label
+    legend = np.array(sheet)[2 * (64 + 14):]
+    ink = np.where((legend < 100).all(axis=2).any(axis=0))[0]
+    assert ink.max() >= 20 + need - 8  # text drawn out to the label's full width
+
+
 def test_inspect_writes_the_sheet_and_names_bad_paths(tmp_path, capsys):
     ds = _dataset(tmp_path / "ds")
     result = inspect_dataset(ds, n_samples=2)
