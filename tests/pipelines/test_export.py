@@ -108,3 +108,19 @@ def test_bad_input_exits_2_with_one_line(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--format voc: the dataset has 300 classes" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_export_between_object_store_uris(ray_local, dataset, s3_bucket):
+    """DATASET and OUT both on S3 (moto's server): workers read and write through pyarrow.fs."""
+    from pyarrow import fs
+
+    root, masks = dataset
+    fs.copy_files(str(root), f"{s3_bucket[5:]}/synthetic", source_filesystem=fs.LocalFileSystem(),
+                  destination_filesystem=fs.FileSystem.from_uri(s3_bucket)[0])
+    assert main(["export", f"{s3_bucket}/synthetic", "--format", "voc", f"{s3_bucket}/voc"]) == 0
+    got = _read_back(f"{s3_bucket}/voc", "voc", "train")
+    assert got.keys() == {file_id(k) for k in masks}
+    for sid, mask in masks.items():
+        np.testing.assert_array_equal(got[file_id(sid)], mask)
+    assert main(["export", f"{s3_bucket}/synthetic", "--format", "voc", f"{s3_bucket}/voc"]) == 2  # not empty
