@@ -73,8 +73,10 @@ def bucket_problem(loc: Location) -> str | None:
     return None
 
 
-def source_problems(path: str | None, fmt: str, key: str = "source.path") -> list[str]:
-    """Problems of a source dataset given as ``key=path`` in format ``fmt`` (empty: none)."""
+def source_problems(path: str | None, fmt: str, key: str = "source.path",
+                    classes: list[str] | None = None) -> list[str]:
+    """Problems of a source dataset given as ``key=path`` in format ``fmt`` (empty: none);
+    a folder source also needs a class list (``classes`` or its classes.txt)."""
     if not path or not str(path).strip():
         return [f"{key}: required (a local directory or a URI such as s3://bucket/prefix)"]
     try:
@@ -91,7 +93,7 @@ def source_problems(path: str | None, fmt: str, key: str = "source.path") -> lis
             return []
         layout = LAYOUTS.get(fmt)
         if layout is None or _layout_ok(root, layout):
-            return []
+            return _class_list_problems(root, fmt, classes)
         names = ", ".join(layout.needs)
         off = _one_level_off(root, layout)
         hint = f"; did you mean {key}={off.uri}? (one level {'up' if off.path == root.parent.path else 'down'})" \
@@ -99,6 +101,21 @@ def source_problems(path: str | None, fmt: str, key: str = "source.path") -> lis
         return [f"{key}={path}: not a {fmt} dataset (no {names} inside; expected {layout.example}){hint}"]
     except StorageError as e:
         return [str(e)]
+
+
+def _class_list_problems(root: Location, fmt: str, classes: list[str] | None) -> list[str]:
+    """A folder source names its classes in classes.txt or the config (the index would refuse it
+    after Ray started)."""
+    if fmt != "folder" or classes:
+        return []
+    from pipelines.source_index import _resolve_classes
+    from pipelines.sources import SourceError
+
+    try:
+        _resolve_classes(fmt, classes, root, {})
+    except SourceError as e:
+        return [str(e)]
+    return []
 
 
 def _parquet_problems(root: Location, key: str, path: str) -> list[str]:
@@ -171,7 +188,8 @@ def check_generate(cfg):
     problems: list[str] = []
     notes: list[str] = []
     for key, path, check in (("source.path", cfg.source.path, lambda: source_problems(cfg.source.path,
-                                                                                     cfg.source.format)),
+                                                                                     cfg.source.format,
+                                                                                     classes=cfg.source.classes)),
                              ("output.path", cfg.output.path, lambda: output_problems(cfg.output.path))):
         if str(path or "").strip():
             problems += check()

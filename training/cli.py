@@ -14,13 +14,13 @@ from core.config import ConfigError
 EXIT_OK, EXIT_ERROR = 0, 1
 
 
-def _check_inputs(*checks: tuple[str | None, str, str]) -> None:
+def _check_inputs(*checks: tuple, classes: list[str] | None = None) -> None:
     """(path, format, key) of each input: the first problem as one line (exit 2), before Ray
     starts (a wrong folder level gets a hint; see :mod:`pipelines.inputs`)."""
     from pipelines.inputs import source_problems
 
     for path, fmt, key in checks:
-        if path and (problems := source_problems(path, fmt, key)):
+        if path and (problems := source_problems(path, fmt, key, classes=classes)):
             raise ConfigError(problems[0])
 
 
@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     cfg = load_config(TrainConfig, args.config, overrides)
     _check_inputs((cfg.real.path, cfg.real.format, "real.path"),
-                  *[(p, "parquet", "synthetic.paths") for p in cfg.synthetic.paths])
+                  *[(p, "parquet", "synthetic.paths") for p in cfg.synthetic.paths], classes=cfg.real.classes)
     final = run_train(cfg)
     print(f"run directory: {locate(cfg.output.path, 'output.path')}")
     if final.get("pretrain"):
@@ -124,7 +124,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     cfg = load_config(FinetuneConfig, args.config, overrides)
-    _check_inputs((cfg.source.path, cfg.source.format, "source.path"))
+    _check_inputs((cfg.source.path, cfg.source.format, "source.path"), classes=cfg.source.classes)
     final = run_finetune(cfg)
     print(f"{final['kind']}: {final['final_step']} steps, {final.get('steps_per_s') or 0:.2f} steps/s, "
           f"held-out loss {final['val_loss_initial']} -> {final['val_loss_final']}"

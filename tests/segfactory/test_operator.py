@@ -65,10 +65,11 @@ def test_user_errors_are_one_line_that_says_how_to_fix_them(tmp_path):
     assert "output.path of a `segfactory generate` run" in _one_line_exit_2("inspect", str(tmp_path / "none"))
     assert "no manifest.json" in _one_line_exit_2("inspect", str(tmp_path))
     assert "segfactory configs" in _one_line_exit_2("generate", "--config", "nope")
+    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)  # data in the VOC layout: the checkpoint is what fails
     assert "checkpoint_* folders" in _one_line_exit_2("evaluate", "--checkpoint", str(tmp_path / "x"),
-                                                       "--data", str(tmp_path))
+                                                       "--data", str(tmp_path / "voc"))
     assert "sweep directory" in _one_line_exit_2("scaling", "--report", str(tmp_path))
-    assert "source path not found" in _one_line_exit_2("train", "--config", "toy", f"real.path={tmp_path / 'no'}",
+    assert f"real.path={tmp_path / 'no'}: not found" in _one_line_exit_2("train", "--config", "toy", f"real.path={tmp_path / 'no'}",
                                                        f"synthetic.paths=[{tmp_path}]", f"output.path={tmp_path / 'r'}")
     folder = tmp_path / "folder"  # images/ + masks/ and no classes.txt
     for sub in ("images", "masks"):
