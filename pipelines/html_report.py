@@ -29,11 +29,13 @@ THUMB = 128
 
 
 def _data_uri(arr: np.ndarray) -> str:
-    img = Image.fromarray(arr)
+    """A thumbnail as a JPEG data URI (a PNG of a photo-like image is ~5x larger: the page of
+    120 cards would weigh tens of MB)."""
+    img = Image.fromarray(arr).convert("RGB")
     img.thumbnail((THUMB, THUMB), Image.NEAREST)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _decode(data: bytes, rgb: bool) -> np.ndarray:

@@ -100,7 +100,7 @@ def eval_protocol(meta: dict[str, Any], overrides: dict[str, Any] | None = None)
     except ValidationError as exc:
         from core.config import first_error_line
 
-        raise ConfigError(f"eval {first_error_line(exc)}") from None
+        raise ConfigError(f"eval {first_error_line(exc, EvalConfig)}") from None
 
 
 def evaluate_shard(model, arch: str, shard, num_classes: int, device, batch_size: int, precision: str,

@@ -144,7 +144,7 @@ def base_train_config(cfg: ScalingConfig, real_path: str | None = None) -> Train
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"train.{first_error_line(exc)}") from None
+        raise ConfigError(f"train.{first_error_line(exc, TrainConfig)}") from None
 
 
 def trial_config(base: TrainConfig, trial: Trial, synthetic_paths: list[str], out: str | os.PathLike | Location) -> TrainConfig:
