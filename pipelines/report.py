@@ -62,7 +62,8 @@ def read_manifest(dataset: Location | str | os.PathLike) -> dict:
         raise SourceError(f"{dataset}: no such directory; give the output.path of a `segfactory generate` run")
     if not storage.is_file(path):
         raise SourceError(f"{dataset}: not a segfactory dataset (no manifest.json); give the output.path of a "
-                          "finished `segfactory generate` run (rerun it to finish an interrupted one)")
+                          "finished `segfactory generate` run (rerun it to finish an interrupted one), or for "
+                          "a source dataset `inspect DIR --format voc|ade20k|folder|parquet`")
     try:
         return json.loads(storage.read_text(path))
     except ValueError as exc:
