@@ -74,6 +74,17 @@ def ray_node_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def pin_ray_address() -> None:
+    """Ray's ``worker_process_setup_hook`` for the local instances we start: ``RAY_ADDRESS`` is
+    this instance's GCS in each of its worker processes. Ray's state API, which Ray Train's
+    PlacementGroupCleaner polls without an address, would otherwise search the machine and,
+    when another Ray instance runs there, fail every second with "Found multiple active Ray
+    instances" (a 30-line traceback in every train/evaluate/finetune/scaling)."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def init_ray(ray_cfg=None, **kwargs) -> None:
     """Join ``ray_cfg.address`` (or ``RAY_ADDRESS``), else start a local instance; set Data options.
 
@@ -91,6 +102,8 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
         level = ray_log_level()
         if level and "logging_config" not in kwargs:
             kwargs["logging_config"] = ray.LoggingConfig(log_level=level)
+        if address == "local" and "runtime_env" not in kwargs:
+            kwargs["runtime_env"] = {"worker_process_setup_hook": "core.runtime.pin_ray_address"}
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  ignore_reinit_error=True, **kwargs)
     ctx = DataContext.get_current()

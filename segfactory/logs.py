@@ -19,9 +19,17 @@ it spawns inherit them:
 - ``PYTHONWARNINGS=ignore::DeprecationWarning`` for the processes Ray starts (Ray's own
   deprecated calls inside Ray Train).
 
-What stays: our lines, warnings of Ray Data and Ray Train, the raylet's warnings and Ray's C++
-errors (``core_worker.cc`` lines cannot be filtered by Python logging; Ray has no switch for
-one message).
+- a local instance we start pins ``RAY_ADDRESS`` in its workers (``core.runtime.pin_ray_address``,
+  Ray's ``worker_process_setup_hook``): Ray Train's PlacementGroupCleaner would otherwise fail
+  with "Found multiple active Ray instances" every second when another Ray runs on the machine;
+- Ray Data's progress bars are drawn only when stderr is a terminal.
+
+What stays: our lines, warnings of Ray Data and Ray Train (e.g. "Failed to send resource
+request" with its traceback when the CPUs are overloaded), the raylet's warnings and Ray's C++
+errors: the driver's ``core_worker.cc`` "constructor arguments in the object store" line of
+every Ray Data actor pool (Ray's issue 53727) comes from Ray's C++ logger, which only
+``RAY_BACKEND_LOG_LEVEL=fatal`` silences — for every Ray process and its log files as well, at
+the price of one "Set ray log level" line; not done.
 
 Every variable is set with ``setdefault``: one exported in the shell wins. Ray's own log files
 (``/tmp/ray/session_latest/logs``) keep everything either way.
