@@ -37,10 +37,10 @@ def bench_tiny(steps: int, threads: int) -> list[dict]:
     from core.config import load_config
     from pipelines.toy_data import make_toy_dataset
     from training.finetune.config import FinetuneConfig
+    from training.finetune.data import build_kwargs
     from training.finetune.local import encode, pairs_from_source, train_steps
     from training.finetune.models import build_components
     from training.finetune.recipes import RECIPES, make_recipe
-    from training.finetune.records import build_kwargs
 
     torch.set_num_threads(threads)
     root = Path(__file__).resolve().parents[1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from training.data import Mixer
 from training.inference import evaluate_shard
 from training.metrics import all_reduce_, summarize
 from training.models import build_model, load_model, loss, preload, save_image_processor, save_model
+from training.steps import due, fail_if_asked, report, restore_dir
 from training.transforms import LABELS, PIXELS
 
 log = logging.getLogger("segfactory.train")
@@ -93,15 +93,7 @@ def _sum(values: list[float], device) -> list[float]:
 def _restore(cfg: TrainConfig, meta: dict[str, Any]):
     """(checkpoint dir or None) to resume from: Ray's latest (failure restart / same run),
     else the driver's choice for resume=true."""
-    import ray.train
-
-    from training.rundir import fetch_dir
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        return ckpt.to_directory()
-    # the driver's choice: a local path, or a URI copied down to this node's cache
-    return fetch_dir(meta["resume_from"]) if meta.get("resume_from") else None
+    return restore_dir(meta.get("resume_from"))
 
 
 def _save(tmp: Path, model, opt, sched, step: int, consumed: dict[str, int], extra: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -219,17 +211,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             for k, v in (("loss", value_sum), ("n", 1), ("wait", wait), ("busy", time.perf_counter() - t0)):
                 window[k] += v
-            if step in cfg.debug.fail_at_steps and rank == 0:
-                from core import storage
+            fail_if_asked(meta["run_dir"], step, cfg.debug.fail_at_steps, rank)
 
-                marker = storage.resolve(meta["run_dir"]) / f".failed_at_{step}"
-                if not storage.exists(marker):
-                    storage.write_bytes(marker, b"")
-                    raise RuntimeError(f"debug.fail_at_steps: simulated worker failure at step {step}")
-
-            do_eval = step % cfg.eval_interval == 0 or step == end
-            do_ckpt = do_eval or step % ckpt_every == 0
-            if not (do_ckpt or step % cfg.log_interval == 0):
+            do_eval, do_ckpt, do_report = due(step, end=end, eval_every=cfg.eval_interval, ckpt_every=ckpt_every,
+                                              log_every=cfg.log_interval)
+            if not do_report:
                 continue
             taken = {k: mixer.taken[k] - window["taken0"][k] for k in mixer.taken}
             sums = _sum([float(window["loss"]), window["n"], window["wait"], window["busy"], taken.get("synthetic", 0),
@@ -250,14 +236,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if do_ckpt:
                 got = _sum([mixer.taken.get("real", 0), mixer.taken.get("synthetic", 0)], device)
                 now = {"real": consumed["real"] + int(got[0]), "synthetic": consumed["synthetic"] + int(got[1])}
-                with tempfile.TemporaryDirectory() as tmp:
-                    ckpt = None
-                    if rank == 0:
-                        _save(Path(tmp), model, opt, sched, step, now, {**extra, "phase": ph["name"]}, meta)
-                        ckpt = ray.train.Checkpoint.from_directory(tmp)
-                    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+                state = {**extra, "phase": ph["name"]}
+                report(metrics, step, rank, lambda tmp: _save(tmp, model, opt, sched, step, now, state, meta))  # noqa: B023
             else:
-                ray.train.report(metrics)
+                report(metrics, step, rank)
             window = _window(mixer)
 
 

@@ -15,7 +15,6 @@ see :mod:`training.rundir`)::
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -29,9 +28,11 @@ import yaml
 from core import storage
 from core.config import ConfigError
 from core.storage import Location
+from training import rundir
 from training.config import TrainConfig
 from training.data import split_names
-from training.rundir import append_text, locate, read_json, read_text, subdirs, writable, write_json
+from training.rundir import checkpoints, locate, read_json, writable, write_json
+from training.rundir import read_rows as _read_rows
 
 log = logging.getLogger("segfactory.train")
 
@@ -50,12 +51,6 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ConfigError(f"synthetic.paths: strategy={cfg.strategy} needs synthetic.paths or synthetic.live")
     if cfg.synthetic.live is not None and not cfg.synthetic.live.config:
         raise ConfigError("synthetic.live.config: required (a generation YAML)")
-
-
-def checkpoints(run_dir: str | os.PathLike | Location) -> list[Location]:
-    """Complete checkpoints of a run, oldest first."""
-    run = locate(run_dir, "output.path")
-    return [c for c in subdirs(run, "checkpoint_") if storage.is_file(c / "train_state.pt")]
 
 
 def resolve_checkpoint(path: str | os.PathLike | Location) -> Location:
@@ -82,34 +77,14 @@ def model_dir(ckpt: Location) -> Location:
 # --- metrics.csv ------------------------------------------------------------------------------
 
 
-def _read_rows(path: str | os.PathLike | Location) -> list[dict[str, str]]:
-    text = read_text(locate(path))
-    return list(csv.DictReader(io.StringIO(text, newline=""))) if text else []
-
-
-def _csv_text(rows: list[dict[str, Any]], header: bool) -> str:
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, CSV_COLUMNS)
-    if header:
-        w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def truncate_metrics(path: str | os.PathLike | Location, after_step: int) -> None:
     """Drop rows past ``after_step`` (a resumed run re-does those steps)."""
-    loc = locate(path)
-    storage.write_text(loc, _csv_text([r for r in _read_rows(loc) if int(r["step"]) <= after_step], header=True))
+    rundir.truncate_metrics(path, after_step, CSV_COLUMNS)
 
 
 def append_metrics(path: str | os.PathLike | Location, metrics: dict[str, Any]) -> None:
     """Append one row; a step at or before the last row (restart) first drops the later rows."""
-    loc = locate(path)
-    rows = _read_rows(loc)
-    if not rows or int(rows[-1]["step"]) >= metrics["step"]:
-        truncate_metrics(loc, metrics["step"] - 1)
-    append_text(loc, _csv_text([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()
-                                 if k in CSV_COLUMNS}], header=False))
+    rundir.append_metrics(path, metrics, CSV_COLUMNS)
 
 
 # --- trainer ----------------------------------------------------------------------------------
@@ -146,7 +121,7 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
                  ordered: tuple[str, ...] = ()):
     """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it; on a URI Ray Train
     uploads them through the run directory's pyarrow file system)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from core.runtime import ray_log_level
@@ -156,15 +131,11 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
     train_logging = LoggingConfig(log_level="WARNING") if ray_log_level() else None
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    run = locate(run_dir, "output.path")
-    where = {} if run.is_local else {"storage_filesystem": run.fs}  # local: Ray resolves the path itself
     return TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run.name, storage_path=run.parent.path, **where,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks),
-                             logging_config=train_logging),
+        run_config=rundir.run_config(run_dir, max_failures=max_failures, keep=keep, callbacks=callbacks,
+                                     logging_config=train_logging),
         datasets=datasets, dataset_config=_data_config(split_names(datasets), ordered))
 
 
@@ -207,7 +178,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from core.runtime import init_ray
     from training.data import build_datasets, index_inputs
     from training.loop import META_FILE, train_loop_per_worker
-    from training.runlog import append_event, make_callback, read_events, run_record
+    from training.runlog import append_event, make_callback, record_fit, run_record
 
     check_inputs(cfg)
     run_dir = locate(cfg.output.path, "output.path")
@@ -254,13 +225,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     log.info("training %s: %s, %d steps x %d samples x %d workers -> %s", cfg.strategy,
              " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
              cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        # "run_failed": Ray Train gave up after a worker failure it reported (not restarted)
-        last = (read_events(run_dir) or [{}])[-1].get("event")
-        append_event(run_dir, "run_failed" if last == "failure" else "fit_error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
-        raise
+    result = record_fit(trainer, run_dir)
     m = result.metrics or {}
     ckpt = resolve_checkpoint(run_dir)
     final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],

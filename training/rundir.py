@@ -1,5 +1,11 @@
 """Run and sweep directories on any file system: a local path or a URI (``s3://``, ``gs://``, ...).
 
+One module for the run directory of ``train``, ``finetune`` and textual inversion: where it is
+(:func:`locate`), its checkpoints (:func:`checkpoints`, :func:`checkpoint_name`), metrics.csv
+(:func:`append_metrics`, :func:`truncate_metrics`; each command names its columns), the small
+JSON/text records, and the Ray Train ``RunConfig`` that puts checkpoints in it
+(:func:`run_config`). events.jsonl, TensorBoard and best/ are written by :mod:`training.runlog`.
+
 Checkpoints are written by Ray Train itself (``RunConfig(storage_path, storage_filesystem)``
 uploads each reported checkpoint). The small records the driver and the Train controller
 write (config.yaml, metrics.csv, events.jsonl, final.json, ...) go through
@@ -13,6 +19,8 @@ Local paths behave as before: resolved like ``pathlib.Path.resolve()``, same fil
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -116,3 +124,79 @@ def fetch_dir(path: str | Location) -> Path:
     except storage.StorageError as e:
         raise ConfigError(str(e)) from None
 
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint_"
+STATE_FILE = "train_state.pt"  # in every checkpoint of every command: step (and optimizer state)
+
+
+def checkpoint_name(step: int) -> str:
+    """The checkpoint directory of a step (Ray Train's ``checkpoint_dir_name``)."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def checkpoints(run_dir: str | os.PathLike | Location, marker: str = STATE_FILE) -> list[Location]:
+    """Complete checkpoints of a run (those holding ``marker``), oldest first."""
+    run = locate(run_dir, "output.path")
+    return [c for c in subdirs(run, CHECKPOINT_PREFIX) if storage.is_file(c / marker)]
+
+
+def write_config(run: Location, dump: dict[str, Any]) -> None:
+    """``config.yaml``: the resolved config the run trains with."""
+    import yaml
+
+    storage.makedirs(run)
+    storage.write_text(run / "config.yaml", yaml.safe_dump(dump, sort_keys=False))
+
+
+# --- metrics.csv ------------------------------------------------------------------------------
+
+
+def read_rows(path: str | os.PathLike | Location) -> list[dict[str, str]]:
+    """metrics.csv's rows ([] when there is none yet)."""
+    text = read_text(locate(path))
+    return list(csv.DictReader(io.StringIO(text, newline=""))) if text else []
+
+
+def _csv_text(rows: list[dict[str, Any]], columns: list[str], header: bool) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, columns)
+    if header:
+        w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def truncate_metrics(path: str | os.PathLike | Location, after_step: int, columns: list[str]) -> None:
+    """Drop rows past ``after_step`` (a resumed or restarted run re-does those steps)."""
+    loc = locate(path)
+    kept = [r for r in read_rows(loc) if int(r["step"]) <= after_step]
+    storage.write_text(loc, _csv_text(kept, columns, header=True))
+
+
+def append_metrics(path: str | os.PathLike | Location, metrics: dict[str, Any], columns: list[str]) -> None:
+    """Append one row (floats as ``%.6g``); a step at or before the last row (a restart) first
+    drops the later rows."""
+    loc = locate(path)
+    rows = read_rows(loc)
+    if not rows or int(rows[-1]["step"]) >= metrics["step"]:
+        truncate_metrics(loc, metrics["step"] - 1, columns)
+    row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items() if k in columns}
+    append_text(loc, _csv_text([row], columns, header=False))
+
+
+# --- Ray Train ----------------------------------------------------------------------------------
+
+
+def run_config(run_dir: str | os.PathLike | Location, *, max_failures: int, keep: int, callbacks=(), **kwargs):
+    """Ray Train's ``RunConfig`` with its storage in ``run_dir`` (checkpoints land in it; on a
+    URI Ray Train uploads them through the run directory's pyarrow file system)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    run = locate(run_dir, "output.path")
+    where = {} if run.is_local else {"storage_filesystem": run.fs}  # local: Ray resolves the path itself
+    return RunConfig(name=run.name, storage_path=run.parent.path, **where,
+                     failure_config=FailureConfig(max_failures=max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks), **kwargs)

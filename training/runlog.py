@@ -56,6 +56,18 @@ def run_record(run_dir: RunDir) -> dict[str, int]:
     return {"failures": failures, "restarts": failures - events.count("run_failed"), "resumes": events.count("resumed")}
 
 
+def record_fit(trainer: Any, run_dir: RunDir) -> Any:
+    """``trainer.fit()``; when it raises, ``run_failed`` (Ray Train gave up after a worker failure
+    it reported, not restarted) or ``fit_error`` goes to events.jsonl before the error goes on."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        last = (read_events(run_dir) or [{}])[-1].get("event")
+        append_event(run_dir, "run_failed" if last == "failure" else "fit_error",
+                     error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        raise
+
+
 def best_miou(run_dir: RunDir) -> float | None:
     meta = read_json(locate(run_dir) / BEST_DIR / "segfactory.json")
     return meta.get("miou") if meta is not None else None
@@ -105,10 +117,15 @@ SCALARS = ("loss", "lr", "steps_per_s", "data_wait_fraction", "step_time_s", "sy
            "eval_miou", "eval_pixel_acc")
 
 
-def tb_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """TensorBoard tags of one report: train/*, eval/*, eval_iou/<class>."""
-    out = {f"{'eval' if k.startswith('eval_') else 'train'}/{k.removeprefix('eval_')}": float(metrics[k])
-           for k in SCALARS if metrics.get(k) is not None}
+def tb_scalars(metrics: dict[str, Any], names: tuple[str, ...] = SCALARS) -> dict[str, float]:
+    """TensorBoard tags of one report: train/*, eval/* (``eval_*``), val/* (``val_*``), eval_iou/<class>."""
+    def tag(k: str) -> str:
+        for prefix in ("eval", "val"):
+            if k.startswith(prefix + "_"):
+                return f"{prefix}/{k.removeprefix(prefix + '_')}"
+        return f"train/{k}"
+
+    out = {tag(k): float(metrics[k]) for k in names if metrics.get(k) is not None}
     for name, iou in (metrics.get("eval_per_class_iou") or {}).items():
         if iou is not None:
             out[f"eval_iou/{name}"] = float(iou)
@@ -118,67 +135,84 @@ def tb_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 QUIET_EVERY_S = 60.0  # a training line at least this often when the command runs quiet
 
 
-def make_callback(run_dir: RunDir, append_metrics):
-    """The controller-side callback (Ray Train ``UserCallback``)."""
+def train_line(m: dict[str, Any]) -> str:
+    """``segfactory train``'s progress line of one report."""
+    msg = (f"[{m['phase']}] step {m['step']}/{m['iterations']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+           f"{m['steps_per_s']:.2f} it/s data-wait {m['data_wait_fraction']:.0%} syn {m['synthetic_fraction']:.2f}")
+    if "eval_miou" in m:
+        msg += f" | val mIoU {m['eval_miou']:.4f} pixAcc {m['eval_pixel_acc']:.4f}"
+    return msg
+
+
+def best_hook(run: Location, m: dict[str, Any], checkpoint: Any) -> str:
+    """``train``: an evaluated checkpoint that beats ``best/`` replaces it; the line says so."""
+    if "eval_miou" not in m or checkpoint is None:
+        return ""
+    with checkpoint.as_directory() as d:
+        return " (best so far: kept in best/)" if keep_best(run, Path(d), m["step"], m["eval_miou"]) else ""
+
+
+class TensorBoard:
+    """One SummaryWriter per controller; on a URI it writes to a local temporary directory that
+    is copied up after each flush."""
+
+    def __init__(self, run: Location) -> None:
+        self.run, self.writer, self.local = run, None, None
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            import tempfile
+
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.local = None if self.run.is_local else tempfile.mkdtemp(prefix="segfactory-tb-")
+            self.writer = SummaryWriter(self.local or str(Path(self.run.path) / TB_DIR))
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        if self.local:
+            upload_dir(self.local, self.run / TB_DIR)
+
+
+def make_callback(run_dir: RunDir, append_metrics, *, line=train_line, scalars: tuple[str, ...] = SCALARS,
+                  on_report=best_hook, logger: logging.Logger = log):
+    """The controller-side callback (Ray Train ``UserCallback``) of every training command:
+    metrics.csv (``append_metrics``), TensorBoard (``scalars``), failures in events.jsonl and a
+    progress line (``line``; ``on_report`` may act on the checkpoint and add to it: best/)."""
     from core.compat import ray_api
-
-    UserCallback = ray_api("UserCallback")
-
     from core.runtime import own_loggers_in_ray_worker, ray_log_level
 
+    UserCallback = ray_api("UserCallback")
     quiet = ray_log_level() is not None  # the `segfactory` command without --verbose
     run = locate(run_dir)
 
     class RunLog(UserCallback):
-        """Writes metrics.csv, TensorBoard files and best/; logs progress. Quiet: the evaluation
+        """Writes metrics.csv, TensorBoard files (and best/); logs progress. Quiet: the evaluation
         steps, the last step, and otherwise at most one line every QUIET_EVERY_S."""
 
         def __init__(self):
-            self.writer = None
-            self.tb_local = None  # run directory on a URI: TensorBoard writes here, copied up after each flush
-            self.last_line = 0.0
-
-        def _log(self) -> None:
-            own_loggers_in_ray_worker()  # the controller's process: lines of ours whatever Ray's root level is
+            self.tb, self.last_line = TensorBoard(run), 0.0
 
         def after_report(self, run_context, metrics, checkpoint):
-            self._log()
+            own_loggers_in_ray_worker()  # the controller's process: lines of ours whatever Ray's root level is
             m = metrics[0]
             if "step" not in m:
                 return
             append_metrics(run / "metrics.csv", m)
-            if self.writer is None:
-                import tempfile
-
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb_local = None if run.is_local else tempfile.mkdtemp(prefix="segfactory-tb-")
-                self.writer = SummaryWriter(self.tb_local or str(Path(run.path) / TB_DIR))
-            for tag, value in tb_scalars(m).items():
-                self.writer.add_scalar(tag, value, m["step"])
-            self.writer.flush()
-            if self.tb_local:
-                upload_dir(self.tb_local, run / TB_DIR)
+            self.tb.write(tb_scalars(m, scalars), m["step"])
+            evaluated = any(k.startswith(("eval_", "val_")) for k in m)
             now = time.monotonic()
-            if quiet and "eval_miou" not in m and m["step"] < m["iterations"] and now - self.last_line < QUIET_EVERY_S:
+            if quiet and not evaluated and m["step"] < m["iterations"] and now - self.last_line < QUIET_EVERY_S:
                 return
             self.last_line = now
-            msg = (f"[{m['phase']}] step {m['step']}/{m['iterations']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                   f"{m['steps_per_s']:.2f} it/s data-wait {m['data_wait_fraction']:.0%} syn {m['synthetic_fraction']:.2f}")
-            if "eval_miou" in m:
-                msg += f" | val mIoU {m['eval_miou']:.4f} pixAcc {m['eval_pixel_acc']:.4f}"
-                if checkpoint is not None:
-                    with checkpoint.as_directory() as d:
-                        if keep_best(run, Path(d), m["step"], m["eval_miou"]):
-                            msg += " (best so far: kept in best/)"
-            log.info(msg)
+            logger.info(line(m) + (on_report(run, m, checkpoint) if on_report else ""))
 
         def after_exception(self, run_context, worker_exceptions):
-            self._log()
+            own_loggers_in_ray_worker()
             errors = {int(r): f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                       for r, e in worker_exceptions.items()}
             append_event(run, "failure", ranks=sorted(errors), errors=errors)
-            log.warning("worker group failed (%s); Ray Train restarts it from the latest checkpoint if "
-                        "max_failures allows", "; ".join(errors.values()))
+            logger.warning("worker group failed (%s); Ray Train restarts it from the latest checkpoint if "
+                           "max_failures allows", "; ".join(errors.values()))
 
     return RunLog()

@@ -122,11 +122,11 @@ def trained_local(toy_source, tmp_path_factory):
     """Mask2Img and LoRA trained in this process for 30 steps each; their exported folders."""
     import torch
 
+    from training.finetune.data import build_kwargs
     from training.finetune.local import encode, pairs_from_source, train_steps
     from training.finetune.models import build_components, eval_timesteps, noise_scheduler
     from training.finetune.recipes import RECIPES as KINDS
     from training.finetune.recipes import make_recipe
-    from training.finetune.records import build_kwargs
     from training.finetune.validate import held_out_loss
     from training.finetune.worker import to_device
 
@@ -256,10 +256,10 @@ def test_sd15_mask2img_from_pixels_exports_a_controlnet_generate_loads(toy_sourc
     import torch
 
     from actors.mask2img import Mask2Img
+    from training.finetune.data import build_kwargs
     from training.finetune.local import pairs_from_source, train_steps
     from training.finetune.models import PairEncoder, build_components
     from training.finetune.recipes import make_recipe
-    from training.finetune.records import build_kwargs
 
     cfg = quick_cfg("mask2img", toy_source, "", "family=sd15", "data.cache_latents=false")
     pairs, palette, _ = pairs_from_source(cfg, "train", 8)

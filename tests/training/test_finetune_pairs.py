@@ -123,9 +123,9 @@ def corrupt_copy(src: Path, dst: Path, n_train: int) -> tuple[Path, str, str]:
 
 def test_split_rejected_writes_the_bad_row_in_the_contract_schema(toy_source, tmp_path):
     from pipelines.writer import REJECTED_SCHEMA
+    from training.finetune.data import resolve_palette
     from training.finetune.local import pairs_from_source
     from training.finetune.pairs import make_pairs, pair_kwargs, split_rejected
-    from training.finetune.run import resolve_palette
 
     src, bad, rel = corrupt_copy(toy_source, tmp_path / "src", 4)
     cfg = cfg_of("mask2img", src)
@@ -158,16 +158,16 @@ def test_pairs_and_latent_cache_on_s3_on_ray_with_the_captioner_pool(ray_local, 
     as an actor pool; the corrupt image lands in rejected/ naming its s3:// key; the rest are
     encoded by the caching pass into a latent cache on s3:// and read back."""
     from core import storage
-    from training.finetune.pairs import captioner_stage
-    from training.finetune.records import write_index_problems
-    from training.finetune.run import (
+    from training.finetune.data import (
         cache_current,
         cache_key,
         cache_root,
         cached_datasets,
         pair_datasets,
         resolve_palette,
+        write_index_problems,
     )
+    from training.finetune.pairs import captioner_stage
 
     local, bad, rel = corrupt_copy(toy_source, tmp_path / "src", 6)
     (local / "SegmentationClass" / "toy_train_00003.png").unlink()  # a missing mask: an index problem
@@ -214,8 +214,14 @@ def test_textual_inversion_instances_send_an_unreadable_row_to_rejected(toy_sour
     assert got[0]["drop_reason"].startswith(f"corrupt_image: {src / rel}")
 
 
-def test_a_run_directory_on_object_storage_is_a_clear_error(toy_source):
-    from training.finetune.run import run_finetune
+def test_a_run_directory_in_a_missing_bucket_exits_2_with_one_line_naming_it(s3_server, toy_source, capsys):
+    from segfactory.cli import main
 
-    with pytest.raises(ConfigError, match=r"^output.path=s3://b/run: finetune writes a local run directory"):
-        run_finetune(cfg_of("text2mask", toy_source, "s3://b/run"))
+    out = "s3://no-such-bucket-here/run"
+    argv = ["finetune", "--config", str(ROOT / "training" / "configs" / "text2mask-tiny.yaml"),
+            f"source.path={toy_source}", f"output.path={out}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{out}: bucket 'no-such-bucket-here' does not exist" in errors[0], err
+    assert "Traceback" not in err

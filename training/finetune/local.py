@@ -1,6 +1,6 @@
 """The fine-tuning step in one process, without Ray: actor-level tests and the benchmark.
 
-The same pieces as the Ray Train loop (:mod:`training.finetune.worker`): pairs from
+The same pieces as the Ray Train loop (:mod:`training.finetune.denoising`): pairs from
 ``make_pairs``, the caching pass's ``EncodeActor``, ``to_device``, ``denoising_loss``,
 the configured optimizer and lr schedule — only the data comes from a numpy dict in memory.
 """
@@ -19,6 +19,7 @@ def pairs_from_source(cfg: FinetuneConfig, split: str, limit: int | None = None)
     """(pairs, palette, index) of a source split, decoded (and captioned, when captions come
     from the captioner: the same gated captioner the Ray pass runs) in this process."""
     from pipelines.source_index import index_source
+    from training.finetune.data import resolve_palette
     from training.finetune.pairs import (
         captioner_stage,
         make_pairs,
@@ -26,7 +27,6 @@ def pairs_from_source(cfg: FinetuneConfig, split: str, limit: int | None = None)
         split_rejected,
         uses_captioner,
     )
-    from training.finetune.run import resolve_palette
 
     index = index_source(cfg.source.path, cfg.source.format, split=split, classes=cfg.source.classes)
     rows = sorted(index.rows, key=lambda r: r["source_id"])[:limit]
@@ -41,8 +41,8 @@ def pairs_from_source(cfg: FinetuneConfig, split: str, limit: int | None = None)
 
 def encode(cfg: FinetuneConfig, pairs: dict[str, np.ndarray], target_key: str) -> dict[str, np.ndarray]:
     """The caching pass on ``pairs`` (EncodeActor called directly)."""
+    from training.finetune.data import build_kwargs
     from training.finetune.pairs import EncodeActor
-    from training.finetune.records import build_kwargs
 
     actor = EncodeActor(build_kwargs(cfg), cfg.resolved_family, target_key, cfg.data.flip, cfg.seed, device="cpu")
     return actor(pairs)

@@ -1,16 +1,17 @@
-"""What each fine-tuning recipe trains and how a batch becomes a prediction.
+"""The fine-tuning recipes and their registry: ``kind`` in the config -> a recipe class.
 
-A recipe says (1) which module trains (``module``: what DDP/FSDP wraps), (2) which of its
-parameters (``parameters``), (3) how an encoded batch and noisy latents become the model's
-prediction (``predict``), (4) what a checkpoint keeps (``state_dict``/``load_state_dict``),
-(5) the diffusers folder it exports and (6) a pipeline for validation samples. The loop
-(:mod:`training.finetune.worker`) is the same for all; a new recipe registers in ``RECIPES``.
+Every recipe is a :class:`training.finetune.recipe_base.Recipe` (torchtune style: its driver,
+set-up of model / optimizer / data, train step, evaluation, save / load; the loop is shared).
 
 - Text2Mask (SegGen A.4): the SDXL UNet learns to draw the colour map of a caption.
 - Mask2Img (SegGen A.4): a ControlNet made by ``ControlNetModel.from_unet`` learns
   [caption, colour map -> image]; the UNet stays frozen (diffusers' ``train_controlnet_sdxl``).
 - LoRA (attn2mask Tab. 2, DreamBooth-LoRA): peft adapters on the UNet's attention
   projections learn the target domain's images; only adapter weights are saved.
+- Textual inversion (AlignDiff Sec. 3.4): one embedding per given instance, the masked loss
+  (:mod:`training.finetune.textual_inversion`).
+
+A new recipe subclasses ``Recipe`` (or ``DenoisingRecipe``) and registers in ``RECIPES``.
 """
 
 from __future__ import annotations
@@ -21,55 +22,38 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from actors import diffusion_models as dm
+from training.finetune.denoising import META_NAME, UNET_PIPE, DenoisingRecipe
 from training.finetune.models import unet_kwargs, vae_factor
+from training.finetune.recipe_base import Recipe
+from training.finetune.textual_inversion import TextualInversionRecipe
 
 log = logging.getLogger(__name__)
 
-META_NAME = "segfactory.json"  # written into every exported folder: kind, palette, classes
 
-
-class Recipe:
-    """Base: the UNet trains in full (Text2Mask). Subclasses override what differs."""
+class Text2MaskRecipe(DenoisingRecipe):
+    """The UNet trains in full on [caption -> colour map]."""
 
     kind = "text2mask"
     target_key = "cond"  # the picture the model denoises: the colour map
-    needs_cond = False  # whether the colour map is fed as conditioning
-
-    def __init__(self, comps: dict[str, Any], family: str, resolution: int, lora: Any = None,
-                 controlnet_path: str | None = None) -> None:
-        self.comps, self.family, self.resolution = comps, family, resolution
-        self.module = self._build(lora, controlnet_path)
 
     def _build(self, lora: Any, controlnet_path: str | None) -> Any:
         return self.comps["unet"].requires_grad_(True)
-
-    def parameters(self, module: Any) -> list[Any]:
-        return [p for p in module.parameters() if p.requires_grad]
-
-    def predict(self, model: Any, noisy: Any, timesteps: Any, batch: dict[str, Any]) -> Any:
-        return model(noisy, timesteps, **unet_kwargs(batch, self.family, self.resolution)).sample
-
-    def state_dict(self, module: Any) -> dict[str, Any]:
-        return module.state_dict()
-
-    def load_state_dict(self, module: Any, state: dict[str, Any]) -> None:
-        module.load_state_dict(state)
-
-    def pipeline(self) -> Any:
-        cls = dm._pipeline_class("text2img", self.family)
-        names = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        pipe = cls(**{k: self.comps[k] for k in names if k in self.comps}, **dm._extras(self.family))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def export(self, out: Path, meta: dict[str, Any]) -> None:
         """A whole pipeline folder (``model_index.json``, safetensors) for ``text2mask.model.local_path``."""
         self.pipeline().save_pretrained(out, safe_serialization=True)
         (out / META_NAME).write_text(json.dumps(meta, indent=1))
 
+    def sample_metrics(self, images: np.ndarray) -> dict[str, float]:
+        from training.finetune.validate import color_fidelity
 
-class Mask2ImgRecipe(Recipe):
+        return {"val_fidelity": color_fidelity(images, np.asarray(self.w.meta["palette"], np.uint8))}
+
+
+class Mask2ImgRecipe(DenoisingRecipe):
     kind = "mask2img"
     target_key = "target"
     needs_cond = True
@@ -96,8 +80,7 @@ class Mask2ImgRecipe(Recipe):
 
     def pipeline(self) -> Any:
         cls = dm._pipeline_class("controlnet", self.family)
-        names = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        pipe = cls(**{k: self.comps[k] for k in names if k in self.comps}, controlnet=self.module,
+        pipe = cls(**{k: self.comps[k] for k in UNET_PIPE if k in self.comps}, controlnet=self.module,
                    **dm._extras(self.family))
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -108,7 +91,7 @@ class Mask2ImgRecipe(Recipe):
         (out / META_NAME).write_text(json.dumps(meta, indent=1))
 
 
-class LoraRecipe(Recipe):
+class LoraRecipe(DenoisingRecipe):
     kind = "lora"
     target_key = "target"
 
@@ -145,11 +128,20 @@ class LoraRecipe(Recipe):
         (out / META_NAME).write_text(json.dumps(meta, indent=1))
 
 
-RECIPES: dict[str, type[Recipe]] = {"text2mask": Recipe, "mask2img": Mask2ImgRecipe, "lora": LoraRecipe}
+RECIPES: dict[str, type[Recipe]] = {"text2mask": Text2MaskRecipe, "mask2img": Mask2ImgRecipe, "lora": LoraRecipe,
+                                    "textual_inversion": TextualInversionRecipe}
+
+
+def recipe_class(kind: str) -> type[Recipe]:
+    if kind not in RECIPES:
+        raise ValueError(f"unknown recipe {kind!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[kind]
 
 
 def make_recipe(kind: str, comps: dict[str, Any], family: str, resolution: int, lora: Any = None,
-                controlnet_path: str | None = None) -> Recipe:
-    if kind not in RECIPES:
-        raise ValueError(f"unknown recipe {kind!r}; expected one of {sorted(RECIPES)}")
-    return RECIPES[kind](comps, family, resolution, lora=lora, controlnet_path=controlnet_path)
+                controlnet_path: str | None = None) -> DenoisingRecipe:
+    """A denoising recipe built in this process (tests, the benchmark, ``training.finetune.local``)."""
+    cls = recipe_class(kind)
+    if not issubclass(cls, DenoisingRecipe):
+        raise ValueError(f"recipe {kind!r} is not built from components (it runs only through `segfactory finetune`)")
+    return cls(comps, family, resolution, lora=lora, controlnet_path=controlnet_path)

@@ -4,11 +4,14 @@ AlignDiff (seed 000, Sec. 3.4) learns, for each given image-mask pair and class 
 embedding v* used as an adjective ("a photo of a v* sofa") with the normalized masked loss of
 Eq. 3 (:mod:`training.finetune.textual_inversion_loss`). Everything else is frozen.
 
-Why its own loop instead of :mod:`training.finetune.worker`: the text embeddings change at
-every step (no cached prompt embeddings), the loss needs the mask, and only a (N, D) table
-trains. It reuses the shared pieces: ``build_components`` (same base weights as the other
-recipes), ``PairEncoder`` (frozen VAE / text encoders), ``draw_noise`` / ``target_for`` /
-``noise_scheduler``, the optimizer and lr schedule, ``resize_crop``.
+A recipe of its own (:class:`TextualInversionRecipe`, registered in
+:mod:`training.finetune.recipes`) on the shared loop of :mod:`training.finetune.recipe_base`: its
+hooks differ from the denoising recipes' because the text embeddings change at every step (no
+cached prompt embeddings), the loss needs the mask, and only a (N, D) table trains. It reuses the
+shared pieces: ``build_components`` (same base weights as the other recipes), ``PairEncoder``
+(frozen VAE / text encoders), ``draw_noise`` / ``target_for`` / ``noise_scheduler``, the optimizer
+and lr schedule, ``resize_crop``, the run directory (a local path or a URI), checkpoints with
+the step and optimizer state (``--resume`` continues the step count).
 
 Layout on Ray:
 - a Ray Data pass decodes the few-shot source (any format ``generate`` reads; ``source.limit``
@@ -19,22 +22,35 @@ Layout on Ray:
   all-reduced, so every rank holds the same table (no DDP wrapper around a frozen UNet);
 - the output is one safetensors bank (``actors.textual_inversion``) with each embedding's
   instance id, source id and class, plus ``final.json`` with the fixed-noise loss before and
-  after training (the same noise and timesteps for both, so the numbers are comparable).
+  after training (the same noise and timesteps for both, so the numbers are comparable),
+  evaluated at step 0, every ``validation.interval`` steps and at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.config import ConfigError
+from core.storage import Location
+from training import rundir
 from training.finetune.config import FinetuneConfig
+from training.finetune.recipe_base import Recipe, make_trainer, open_run, start_run
+from training.finetune.worker import (
+    META_FILE,
+    STATE_FILE,
+    WorkerSetup,
+    epochs,
+    make_lr_schedule,
+    make_optimizer,
+    optimizer_step,
+)
 
 log = logging.getLogger("segfactory.finetune")
 
@@ -94,7 +110,7 @@ def add_index(batch: dict[str, np.ndarray], *, index: dict[str, int]) -> dict[st
     return batch
 
 
-# --- the worker loop ----------------------------------------------------------------------
+# --- the worker side ----------------------------------------------------------------------
 
 
 class InstanceText:
@@ -170,112 +186,179 @@ def _loss(unet: Any, text: InstanceText, encoder: Any, scheduler: Any, batch: di
     return normalized_masked_loss(pred, target_for(scheduler, latents, noise, ts), masks, bg_weight)
 
 
-def ti_loop(config: dict[str, Any]) -> None:
-    """Each Ray Train worker: the instance table, trained on its shard of instance rows."""
-    import ray.train
-    import torch
+class TextualInversionRecipe(Recipe):
+    """AlignDiff's instance embeddings: the (N, D) table(s) train, everything else is frozen."""
 
-    from actors.textual_inversion import BankEntry, adjective_prompt, save_bank
-    from training.finetune.models import eval_timesteps
-    from training.finetune.worker import (
-        _epochs,
-        make_lr_schedule,
-        make_optimizer,
-        optimizer_step,
-        setup_worker,
-    )
+    kind = "textual_inversion"
+    target_key = "image"
 
-    w = setup_worker(config)
-    cfg, meta, rank, world, comps = w.cfg, w.meta, w.rank, w.world, w.comps
-    encoder, scheduler, family, res = w.encoder, w.scheduler, cfg.resolved_family, cfg.data.resolution
-    ti = cfg.textual_inversion
-    entries = [BankEntry(**e) for e in meta["entries"]]
-    text = InstanceText(comps, family, [e.token for e in entries], [e.class_name for e in entries], w.device)
-    unet = comps["unet"]
-    params = text.parameters()
-    opt = make_optimizer(cfg, params)
-    sched = make_lr_schedule(cfg, opt)
+    # --- worker side --------------------------------------------------------------------------
 
-    def prompts_of(batch: dict[str, np.ndarray]) -> list[str]:
-        return [adjective_prompt(entries[int(k)].class_name, entries[int(k)].token, ti.template)
+    @classmethod
+    def from_worker(cls, w: WorkerSetup) -> TextualInversionRecipe:
+        from actors.textual_inversion import BankEntry
+
+        recipe = cls()
+        recipe.w, recipe.ti = w, w.cfg.textual_inversion
+        recipe.entries = [BankEntry(**e) for e in w.meta["entries"]]
+        recipe.everything = w.meta["eval"]  # every instance once: the same fixed noise and timesteps each evaluation
+        return recipe
+
+    def setup_model(self, resume: str | None) -> dict[str, Any] | None:
+        import torch
+
+        from actors.textual_inversion import load_bank
+
+        w = self.w
+        self.text = InstanceText(w.comps, w.cfg.resolved_family, [e.token for e in self.entries],
+                                 [e.class_name for e in self.entries], w.device)
+        self.start_loss: float | None = None
+        if not resume:
+            return None
+        _, tables, _ = load_bank(str(Path(resume) / BANK_IN_CKPT))
+        with torch.no_grad():
+            for param, saved in zip(self.text.parameters(), tables, strict=True):
+                param.copy_(saved.to(param.device, param.dtype))
+        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)  # plain state dicts only: no pickled code
+        self.start_loss = state.get("start_loss")
+        return state
+
+    def setup_optimizer(self, state: dict[str, Any] | None) -> None:
+        self.params = self.text.parameters()
+        self.opt = make_optimizer(self.w.cfg, self.params)
+        self.sched = make_lr_schedule(self.w.cfg, self.opt)
+        if state is not None:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+
+    def setup_data(self, step: int) -> None:
+        import ray.train
+        import torch
+
+        cfg = self.w.cfg
+        self.batches = epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer,
+                              cfg.seed + step, cfg.data.in_memory)
+        self.gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + self.w.rank + 100003 * step)
+
+    def prompts(self, batch: dict[str, np.ndarray]) -> list[str]:
+        from actors.textual_inversion import adjective_prompt
+
+        return [adjective_prompt(self.entries[int(k)].class_name, self.entries[int(k)].token, self.ti.template)
                 for k in batch["instance"]]
 
-    everything = meta["eval"]  # every instance once, the same fixed noise and timesteps before/after
+    def loss(self, batch: dict[str, np.ndarray], gen: Any, timesteps: Any = None) -> Any:
+        w = self.w
+        return _loss(w.comps["unet"], self.text, w.encoder, w.scheduler, batch, self.prompts(batch),
+                     w.cfg.resolved_family, w.cfg.data.resolution, self.ti.bg_weight, gen, timesteps)
 
-    def eval_loss() -> float:
-        ts_all = eval_timesteps(scheduler, cfg.validation.timesteps)
+    def train_step(self) -> tuple[float, float]:
+        import torch
+
+        tw = time.perf_counter()
+        batch = next(self.batches)
+        wait = time.perf_counter() - tw
+        loss = self.loss(batch, self.gen)
+        loss.backward()
+        if self.w.world > 1:  # every rank ends with the same table
+            for p in self.params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.w.world
+        self.lr = optimizer_step(self.w.cfg, self.params, self.opt, self.sched)
+        return float(loss.detach()), wait
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The fixed-noise loss over every instance (the same noise and timesteps each time)."""
+        import torch
+
+        from training.finetune.models import eval_timesteps
+
+        cfg, everything = self.w.cfg, self.everything
+        ts_all = eval_timesteps(self.w.scheduler, cfg.validation.timesteps)
         total = 0.0
         with torch.no_grad():
             for t in ts_all:
-                gen = torch.Generator("cpu").manual_seed(cfg.seed + t)
                 ts = torch.full((len(everything["instance"]),), t)
-                total += float(_loss(unet, text, encoder, scheduler, everything, prompts_of(everything), family, res,
-                                     ti.bg_weight, gen, ts))
-        return total / len(ts_all)
+                total += float(self.loss(everything, torch.Generator("cpu").manual_seed(cfg.seed + t), ts))
+        value = total / len(ts_all)
+        if step == 0:
+            self.start_loss = value
+        return {"val_loss": value}
 
-    start_loss = eval_loss()
-    ray.train.report({"step": 0, "iterations": cfg.iterations, "val_loss": start_loss})
-    batches = _epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer, cfg.seed,
-                      cfg.data.in_memory)
-    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
-    window, t0, started = [], time.perf_counter(), time.perf_counter()
-    for step in range(1, cfg.iterations + 1):
-        batch = next(batches)
-        loss = _loss(unet, text, encoder, scheduler, batch, prompts_of(batch), family, res, ti.bg_weight, gen)
-        loss.backward()
-        if world > 1:  # every rank ends with the same table
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
-        lr = optimizer_step(cfg, params, opt, sched)
-        window.append(float(loss.detach()))
-        last = step == cfg.iterations
-        if step % cfg.log_interval and not last:
-            continue
-        metrics = {"step": step, "iterations": cfg.iterations, "loss": float(np.mean(window)),
-                   "lr": lr, "steps_per_s": len(window) / max(1e-9, time.perf_counter() - t0),
-                   "data_wait_fraction": 0.0, "step_time_s": (time.perf_counter() - t0) / len(window)}
-        window, t0 = [], time.perf_counter()
-        if not last:
-            ray.train.report(metrics)
-            continue
-        metrics["val_loss"] = eval_loss()
-        metrics["elapsed_s"] = time.perf_counter() - started
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_bank(str(Path(tmp) / BANK_IN_CKPT), entries, [p.detach().cpu() for p in params],
-                          extra={k: str(v) for k, v in meta["bank_meta"].items()})
-                (Path(tmp) / "losses.json").write_text(json.dumps({"initial": start_loss, "final": metrics["val_loss"]}))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+    def save_checkpoint(self, step: int, metrics: dict[str, Any]) -> Callable[[Path], None]:
+        """The bank so far, the losses before / now, and the optimizer state to resume from."""
+        def write(tmp: Path) -> None:
+            import torch
+
+            from actors.textual_inversion import save_bank
+
+            save_bank(str(tmp / BANK_IN_CKPT), self.entries, [p.detach().cpu() for p in self.params],
+                      extra={k: str(v) for k, v in self.w.meta["bank_meta"].items()})
+            (tmp / "losses.json").write_text(json.dumps({"initial": self.start_loss, "final": metrics.get("val_loss")}))
+            torch.save({"step": step, "elapsed_s": metrics["elapsed_s"], "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict(), "start_loss": self.start_loss}, tmp / STATE_FILE)
+            (tmp / META_FILE).write_text(json.dumps({"kind": self.kind, "step": step}, indent=1))
+
+        return write
+
+    # --- driver side --------------------------------------------------------------------------
+
+    @classmethod
+    def run(cls, cfg: FinetuneConfig) -> dict[str, Any]:
+        """Instances -> TorchTrainer -> ``output.path/bank.safetensors`` + ``final.json``."""
+        from core.runtime import init_ray
+        from training.finetune.data import build_kwargs, clear_rejected, write_index_problems
+        from training.runlog import record_fit
+
+        started = time.time()
+        run, resume_from, step = open_run(cfg)
+        index, rows, only = source_rows(cfg)
+        init_ray(cfg.ray)
+        start_run(cfg, run, resume_from, step)
+        clear_rejected(run)  # this run's instance pass writes its own
+        write_index_problems(run, index.problems)
+        ds, entries = instance_dataset(cfg, index, rows, only, run)
+        ordered = ds.sort("instance").take_all()  # few-shot: a handful of small rows
+        meta = {"run_dir": run.uri, "build": build_kwargs(cfg), "entries": [e.__dict__ for e in entries],
+                "bank_meta": bank_meta(cfg), "resume_from": str(resume_from) if resume_from else None,
+                "eval": {k: np.stack([np.asarray(r[k]) for r in ordered]) for k in ("instance", "image", "mask")}}
+        trainer = make_trainer(cfg, cls, meta, {"train": ds.select_columns(["instance", "image", "mask"])}, run)
+        log.info("textual inversion: %d instance(s) of %d source row(s), %d steps x %d x %d worker(s) -> %s",
+                 len(entries), len(rows), cfg.iterations, cfg.batch_size, cfg.workers.num_workers, run)
+        result = record_fit(trainer, run)
+        return cls._finish(cfg, run, result, entries, started)
+
+    @classmethod
+    def _finish(cls, cfg: FinetuneConfig, run: Location, result: Any, entries: list[Any], started: float) -> dict[str, Any]:
+        """The last checkpoint's bank copied to ``RUN/<bank_name>``; ``final.json``."""
+        from actors.textual_inversion import load_bank, save_bank
+        from training.finetune.data import rejected_counts
+        from training.runlog import run_record
+
+        with result.checkpoint.as_directory() as ckpt:
+            losses = json.loads((Path(ckpt) / "losses.json").read_text())
+            got, embeddings, meta_out = load_bank(str(Path(ckpt) / BANK_IN_CKPT))
+        bank = save_bank(str(run / cfg.textual_inversion.bank_name), got, embeddings,
+                         extra={k: v for k, v in meta_out.items() if k != "instances"})
+        final = {"kind": cfg.kind, "final_step": cfg.iterations, "iterations": cfg.iterations, "model": bank,
+                 "bank": bank, "instances": len(entries), "classes": sorted({e.class_name for e in entries}),
+                 "val_loss_initial": losses["initial"], "val_loss_final": losses["final"],
+                 "steps_per_s": (result.metrics or {}).get("steps_per_s"), "rejected": rejected_counts(run),
+                 **run_record(run), "wall_s": round(time.time() - started, 3)}
+        rundir.write_json(run / "final.json", final)
+        log.info("textual inversion done: fixed-noise loss %.4f -> %.4f, bank %s", losses["initial"], losses["final"], bank)
+        return final
 
 
-# --- the driver ---------------------------------------------------------------------------
+# --- the driver's data ---------------------------------------------------------------------
 
 
-def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Instances -> TorchTrainer -> ``output.path/bank.safetensors`` + ``final.json``."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from actors.textual_inversion import BankEntry, instance_token, save_bank
-    from core.config import ConfigError
-    from core.runtime import init_ray
+def source_rows(cfg: FinetuneConfig) -> tuple[Any, list[dict], list[int] | None]:
+    """(index, the given rows: ``textual_inversion.ids`` and ``source.limit``, the class ids to
+    learn or None for every class); bad ids or class names are one line naming the key."""
     from pipelines.source_index import index_source
     from pipelines.sources import SourceError
-    from training.finetune.records import (
-        build_kwargs,
-        metrics_callback,
-        rejected_counts,
-        truncate_metrics,
-        write_index_problems,
-    )
 
     ti = cfg.textual_inversion
-    run_dir = Path(cfg.output.path).expanduser().resolve()
-    started = time.time()
     try:
         index = index_source(cfg.source.path, cfg.source.format, split=cfg.source.split, classes=cfg.source.classes)
     except SourceError as exc:
@@ -287,65 +370,44 @@ def run_textual_inversion(cfg: FinetuneConfig) -> dict[str, Any]:
             raise ConfigError(f"textual_inversion.ids: not in the source: {missing[:5]}")
         rows = [r for r in rows if r["source_id"] in set(ti.ids)]
     rows = rows[: cfg.source.limit or None]
-    classes = list(index.classes)
-    only = None
+    classes, only = list(index.classes), None
     if ti.classes is not None:
         unknown = [c for c in ti.classes if c not in classes]
         if unknown:
             raise ConfigError(f"textual_inversion.classes: unknown class(es) {unknown}; the source has {classes}")
         only = [classes.index(c) for c in ti.classes]
-    init_ray(cfg.ray)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / "rejected", ignore_errors=True)  # this run's instance pass writes its own
-    write_index_problems(run_dir, index.problems)
+    return index, rows, only
+
+
+def instance_dataset(cfg: FinetuneConfig, index: Any, rows: list[dict], only: list[int] | None,
+                     run: Location) -> tuple[Any, list[Any]]:
+    """The instance rows (a Ray Data pass; unreadable rows to ``RUN/rejected/``) with their bank
+    row, and the bank's entries (one token per (source row, class))."""
+    import ray
+
+    from actors.textual_inversion import BankEntry, instance_token
+
+    ti, classes = cfg.textual_inversion, list(index.classes)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 16))).map_batches(
         make_instances, batch_size=4, num_cpus=cfg.data.encode_num_cpus, batch_format="numpy",
         fn_kwargs={"format": index.format, "classes": classes, "background": index.background_index,
                    "resolution": cfg.data.resolution, "only": only, "min_fraction": ti.min_fraction,
-                   "rejected_to": str(run_dir)}).materialize()
+                   "rejected_to": run.uri}).materialize()
     keys = sorted({(str(r["source_id"]), int(r["class_id"])) for r in ds.select_columns(["source_id", "class_id"]).take_all()})
     if not keys:
         raise ConfigError(f"source.path: no instance (a non-background class covering >= {ti.min_fraction:.2%}) "
                           f"in {len(rows)} source row(s)")
     entries = [BankEntry(instance_token(k), f"{s}:{c}", s, c, classes[c]) for k, (s, c) in enumerate(keys)]
-    index_of = {e.instance_id: k for k, e in enumerate(entries)}
-    ds = ds.map_batches(add_index, fn_kwargs={"index": index_of}, batch_format="numpy").materialize()
     if len(entries) < cfg.batch_size * cfg.workers.num_workers:
         raise ConfigError(f"batch_size: {cfg.batch_size} x {cfg.workers.num_workers} worker(s) needs at least that many "
                           f"instances; the source gives {len(entries)}")
-    ordered = ds.sort("instance").take_all()  # few-shot: a handful of small rows
-    everything = {k: np.stack([np.asarray(r[k]) for r in ordered]) for k in ("instance", "image", "mask")}
-    bank_meta = {"family": cfg.resolved_family, "preset": cfg.preset, "template": ti.template,
-                 "bg_weight": ti.bg_weight, "base": cfg.model.local_path or cfg.model.id or f"{cfg.preset}-random",
-                 "revision": cfg.model.revision, "resolution": cfg.data.resolution}
-    meta = {"build": build_kwargs(cfg), "entries": [e.__dict__ for e in entries], "bank_meta": bank_meta,
-            "eval": everything}
-    truncate_metrics(run_dir / "metrics.csv", -1)
-    w = cfg.workers
-    trainer = TorchTrainer(
-        ti_loop, train_loop_config={"cfg": cfg.model_dump(mode="json"), "meta": meta},
-        scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
-                                     resources_per_worker={"CPU": w.cpus_per_worker, **({"GPU": 1} if w.use_gpu else {})}),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
-                             callbacks=[metrics_callback(run_dir)]),
-        datasets={"train": ds.select_columns(["instance", "image", "mask"])},
-        dataset_config=DataConfig(datasets_to_split=["train"]))
-    log.info("textual inversion: %d instance(s) of %d source row(s), %d steps x %d x %d worker(s) -> %s",
-             len(entries), len(rows), cfg.iterations, cfg.batch_size, w.num_workers, run_dir)
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
-        losses = json.loads((Path(ckpt) / "losses.json").read_text())
-        from actors.textual_inversion import load_bank
+    index_of = {e.instance_id: k for k, e in enumerate(entries)}
+    return ds.map_batches(add_index, fn_kwargs={"index": index_of}, batch_format="numpy").materialize(), entries
 
-        got, embeddings, meta_out = load_bank(str(Path(ckpt) / BANK_IN_CKPT))
-    bank = save_bank(str(run_dir / ti.bank_name), got, embeddings, extra={k: v for k, v in meta_out.items() if k != "instances"})
-    final = {"kind": cfg.kind, "final_step": cfg.iterations, "iterations": cfg.iterations, "model": bank,
-             "bank": bank, "instances": len(entries), "classes": sorted({e.class_name for e in entries}),
-             "val_loss_initial": losses["initial"], "val_loss_final": losses["final"],
-             "steps_per_s": (result.metrics or {}).get("steps_per_s"), "rejected": rejected_counts(run_dir),
-             "wall_s": round(time.time() - started, 3)}
-    (run_dir / "final.json").write_text(json.dumps(final, indent=1))
-    log.info("textual inversion done: fixed-noise loss %.4f -> %.4f, bank %s", losses["initial"], losses["final"], bank)
-    return final
+
+def bank_meta(cfg: FinetuneConfig) -> dict[str, Any]:
+    """What the bank's metadata records (generation checks family, template and base)."""
+    return {"family": cfg.resolved_family, "preset": cfg.preset, "template": cfg.textual_inversion.template,
+            "bg_weight": cfg.textual_inversion.bg_weight,
+            "base": cfg.model.local_path or cfg.model.id or f"{cfg.preset}-random",
+            "revision": cfg.model.revision, "resolution": cfg.data.resolution}

@@ -9,7 +9,6 @@ assigns without ambiguity.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,13 +53,17 @@ def held_out_loss(recipe: Any, model: Any, batch: dict[str, Any], scheduler: Any
 
 
 def sample_grid(recipe: Any, captions: list[str], conds: np.ndarray | None, resolution: int, steps: int,
-                guidance: float, seed: int, out_png: Path) -> np.ndarray:
+                guidance: float, seed: int, out_png: Any) -> np.ndarray:
     """Sample one picture per caption (conditioned on ``conds`` for ControlNet), write them as
-    one PNG row (conditions above when given); returns the (B, R, R, 3) uint8 samples."""
+    one PNG row (conditions above when given) to ``out_png`` (a path or a
+    :class:`core.storage.Location`: a URI works); returns the (B, R, R, 3) uint8 samples."""
+    import io
+
     import torch
     from PIL import Image
 
     from actors.diffusion_models import images_to_uint8
+    from core import storage
 
     pipe = recipe.pipeline()
     was = recipe.module.training
@@ -77,6 +80,7 @@ def sample_grid(recipe: Any, captions: list[str], conds: np.ndarray | None, reso
     rows = [np.concatenate(list(images), axis=1)]
     if recipe.needs_cond and conds is not None:
         rows.insert(0, np.concatenate([np.asarray(c, np.uint8) for c in conds], axis=1))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out_png)
+    png = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(png, format="PNG")
+    storage.write_bytes(storage.resolve(out_png), png.getvalue())
     return images

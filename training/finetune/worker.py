@@ -1,35 +1,27 @@
-"""``finetune_loop``: what each Ray Train worker runs, for every recipe.
-
-Generic over :mod:`training.finetune.recipes`: build the base components, let the recipe say
-which module trains, wrap it (DDP, or FSDP via Ray Train's ``prepare_model``), then the
-denoising objective of diffusers' training scripts: noise, a uniform timestep, the noisy
-latents, and MSE against the noise (epsilon) or velocity (v) — as the scheduler's
-``prediction_type`` says. AdamW (or bitsandbytes' 8-bit AdamW), constant or polynomial lr with
-warm-up (diffusers ``get_scheduler``), gradient accumulation (``no_sync`` between micro-steps),
-bf16 autocast on CUDA, gradient checkpointing, optional EMA (diffusers ``EMAModel``).
-Every ``validation.interval`` steps: held-out loss, a sample grid (rank 0) and a checkpoint;
-on start it restores the latest checkpoint (worker failure, or ``resume=true``) and continues
-the step count.
+"""The pieces every fine-tuning recipe's worker uses (:mod:`training.finetune.recipe_base`):
+the worker's setup (config, rank, device, the frozen base built the same on every rank), batches
+(endless epochs over a Ray Data shard), a numpy batch on the device, the denoising objective of
+diffusers' training scripts (noise, a uniform timestep, MSE against the noise (epsilon) or the
+velocity (v) as the scheduler's ``prediction_type`` says), AdamW (or bitsandbytes' 8-bit AdamW)
+with diffusers' lr schedules, and the optimizer step with gradient clipping.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from training.finetune.config import FinetuneConfig
+from training.rundir import STATE_FILE  # noqa: F401  (train_state.pt: step, optimizer, schedule; re-exported)
 
 log = logging.getLogger("segfactory.finetune")
 
-WEIGHTS_FILE, STATE_FILE, META_FILE = "trained.safetensors", "train_state.pt", "segfactory.json"
+
+WEIGHTS_FILE, META_FILE = "trained.safetensors", "segfactory.json"
 EMA_FILE = "ema.safetensors"  # the EMA weights (what the run exports) when ema.enabled
 
 
@@ -62,7 +54,7 @@ def to_device(batch: dict[str, np.ndarray], device: Any, flips: np.ndarray | Non
     return out
 
 
-def _epochs(shard: Any, batch_size: int, shuffle: int, seed: int, in_memory: bool):
+def epochs(shard: Any, batch_size: int, shuffle: int, seed: int, in_memory: bool):
     """Endless batches: one pass of the shard per epoch (a fresh local shuffle each). With
     ``in_memory`` the first pass is kept and later epochs reshuffle it in the worker (no Ray
     Data execution per epoch: small datasets, e.g. the tiny recipes and few-shot sets)."""
@@ -91,7 +83,7 @@ def _epochs(shard: Any, batch_size: int, shuffle: int, seed: int, in_memory: boo
             yield {k: v[idx] for k, v in rows.items()}
 
 
-def _whole(shard: Any) -> dict[str, np.ndarray]:
+def whole(shard: Any) -> dict[str, np.ndarray]:
     parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -180,173 +172,9 @@ def setup_worker(config: dict[str, Any]) -> WorkerSetup:
                        PairEncoder(comps, cfg.resolved_family, str(device)), noise_scheduler(comps))
 
 
-def _autocast(device: Any, bf16: bool):
+def autocast(device: Any, bf16: bool):
     import torch
 
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _trained_state(cfg: FinetuneConfig, recipe: Any, model: Any) -> dict[str, Any]:
-    """The trained weights (all ranks call this: FSDP gathers a full state dict collectively)."""
-    if cfg.workers.strategy == "fsdp":
-        return model.state_dict()
-    return recipe.state_dict(recipe.module)
-
-
-def _save(tmp: Path, weights: dict[str, Any], state: dict[str, Any], meta: dict[str, Any]) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-
-
-def _restore_dir(meta: dict[str, Any]) -> str | None:
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    return ckpt.to_directory() if ckpt is not None else meta.get("resume_from")
-
-
-def finetune_loop(config: dict[str, Any]) -> None:
-    """Train per ``config["cfg"]`` (a FinetuneConfig dump); ``config["meta"]`` from the driver:
-    run_dir, build kwargs, palette, resume_from."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from safetensors.torch import load_file
-
-    from training.finetune.models import eval_timesteps
-    from training.finetune.recipes import make_recipe
-    from training.finetune.validate import color_fidelity, held_out_loss, sample_grid
-
-    w = setup_worker(config)
-    cfg, meta, rank, world, device = w.cfg, w.meta, w.rank, w.world, w.device
-    encoder, scheduler, res = w.encoder, w.scheduler, cfg.data.resolution
-    recipe = make_recipe(cfg.kind, w.comps, cfg.resolved_family, res, lora=cfg.lora,
-                         controlnet_path=cfg.model.controlnet_local_path)
-    if cfg.workers.gradient_checkpointing:
-        recipe.module.enable_gradient_checkpointing()
-    recipe.module.train()
-
-    resume = _restore_dir(meta)
-    state: dict[str, Any] | None = None
-    if resume:
-        recipe.load_state_dict(recipe.module, load_file(str(Path(resume) / WEIGHTS_FILE), device=str(device)))
-        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)  # plain state dicts only: no pickled code
-    strategy = cfg.workers.strategy if world > 1 or cfg.workers.strategy == "fsdp" else "ddp"
-    model = ray.train.torch.prepare_model(recipe.module, parallel_strategy=strategy) if world > 1 else recipe.module
-    params = recipe.parameters(recipe.module)
-    opt = make_optimizer(cfg, params)
-    sched = make_lr_schedule(cfg, opt)
-    ema = None
-    if cfg.ema.enabled:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(params, decay=cfg.ema.decay)
-    step, elapsed = 0, 0.0
-    if state is not None:
-        step, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
-        if state.get("optimizer") is not None:
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume, step)
-
-    val_np = _whole(ray.train.get_dataset_shard("val"))
-    val = to_device(val_np, device, None, encoder, recipe.target_key, torch.Generator(str(device)).manual_seed(cfg.seed))
-    ts_eval = eval_timesteps(scheduler, cfg.validation.timesteps)
-    palette = np.asarray(meta["palette"], np.uint8)
-    batches = _epochs(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer, cfg.seed + step,
-                      cfg.data.in_memory)
-    rng = np.random.default_rng((cfg.seed, rank, step))
-    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank * 100003 + step)
-
-    def validate(at: int) -> dict[str, Any]:
-        out = {"val_loss": held_out_loss(recipe, model, val, scheduler, ts_eval, cfg.seed)}
-        can_sample = cfg.validation.samples and rank == 0 and cfg.workers.strategy == "ddp"
-        if can_sample:
-            k = min(cfg.validation.samples, len(val["captions"]))
-            conds = val_np["cond"][:k] if recipe.needs_cond else None
-            imgs = sample_grid(recipe, val["captions"][:k], conds, res, cfg.validation.steps,
-                               cfg.validation.guidance_scale, cfg.seed,
-                               Path(meta["run_dir"]) / "samples" / f"step_{at:07d}.png")
-            if cfg.kind == "text2mask":
-                out["val_fidelity"] = color_fidelity(imgs, palette)
-        return out
-
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "t0": time.perf_counter()}
-    started = time.perf_counter() - elapsed
-    if step == 0:
-        ray.train.report({"step": 0, "iterations": cfg.iterations, **validate(0)})
-    while step < cfg.iterations:
-        t0 = time.perf_counter()
-        loss_sum, wait = 0.0, 0.0
-        for micro in range(cfg.grad_accum):
-            tw = time.perf_counter()
-            nb = next(batches)
-            flips = rng.random(len(nb["caption"])) < 0.5 if cfg.data.flip else None
-            batch = to_device(nb, device, flips, encoder, recipe.target_key, gen if device.type == "cpu" else None)
-            wait += time.perf_counter() - tw
-            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, cfg.workers.bf16):
-                loss = denoising_loss(recipe, model, batch, scheduler, gen)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-        lr = optimizer_step(cfg, params, opt, sched)
-        if ema is not None:
-            ema.step(params)
-        step += 1
-        for k, v in (("loss", loss_sum), ("n", 1), ("wait", wait), ("busy", time.perf_counter() - t0)):
-            window[k] += v
-        if step in cfg.debug.fail_at_steps and rank == 0:
-            marker = Path(meta["run_dir"]) / f".failed_at_{step}"
-            if not marker.exists():
-                marker.touch()
-                raise RuntimeError(f"debug.fail_at_steps: simulated worker failure at step {step}")
-        do_val = step % cfg.validation.interval == 0 or step == cfg.iterations
-        do_ckpt = do_val or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)
-        if not (do_ckpt or step % cfg.log_interval == 0):
-            continue
-        span = time.perf_counter() - window["t0"]
-        metrics: dict[str, Any] = {
-            "step": step, "iterations": cfg.iterations, "loss": window["loss"] / window["n"], "lr": lr,
-            "data_wait_fraction": window["wait"] / max(1e-9, window["busy"]),
-            "step_time_s": window["busy"] / window["n"], "steps_per_s": window["n"] / max(1e-9, span)}
-        if do_val:
-            if ema is not None:  # validate (and export) the EMA weights
-                ema.store(params)
-                ema.copy_to(params)
-            metrics |= validate(step)
-            if ema is not None:
-                ema.restore(params)
-        elapsed = metrics["elapsed_s"] = time.perf_counter() - started
-        if do_ckpt:
-            weights, ema_weights = _trained_state(cfg, recipe, model), None
-            if ema is not None:  # the run's output is the EMA; training resumes from the raw weights
-                ema.store(params)
-                ema.copy_to(params)
-                ema_weights = {k: v.detach().clone() for k, v in _trained_state(cfg, recipe, model).items()}
-                ema.restore(params)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    train_state = {"step": step, "elapsed_s": elapsed, "scheduler": sched.state_dict(),
-                                   # FSDP shards the optimizer state: not checkpointed (moments restart)
-                                   "optimizer": opt.state_dict() if cfg.workers.strategy == "ddp" else None,
-                                   "ema": ema.state_dict() if ema is not None else None}
-                    _save(Path(tmp), weights, train_state, {"kind": cfg.kind, "step": step, **meta["out_meta"]})
-                    if ema_weights is not None:
-                        from safetensors.torch import save_file
-
-                        save_file({k: v.contiguous().cpu() for k, v in ema_weights.items()}, str(Path(tmp) / EMA_FILE))
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
-        else:
-            ray.train.report(metrics)
-        window = {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "t0": time.perf_counter()}
