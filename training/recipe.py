@@ -23,8 +23,6 @@ import os
 import time
 from typing import Any
 
-import yaml
-
 from core import storage
 from core.config import ConfigError
 from core.storage import Location
@@ -194,8 +192,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         return final
     src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
     init_ray(cfg.ray)
-    storage.makedirs(run_dir)
-    storage.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    rundir.write_config(run_dir, cfg.model_dump(mode="json"))
     step, consumed, resume_from = 0, {}, None
     if cfg.resume and existing:
         import torch

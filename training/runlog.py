@@ -1,5 +1,6 @@
-"""What the Train controller records while a run trains: metrics.csv, TensorBoard event files,
-the best checkpoint by val mIoU, and the failures Ray Train reports.
+"""What the Train controller records while a run trains — for ``train``, ``finetune`` and
+textual inversion alike: metrics.csv, TensorBoard event files, the failures Ray Train reports
+(events.jsonl) and, for ``train``, the best checkpoint by val mIoU (``best/``).
 
 TensorBoard, not MLflow: event files are plain files in the run directory (copied with it,
 readable offline, no tracking server or database to run on a cluster), and ``tensorboard
