@@ -1,7 +1,8 @@
 """``segfactory finetune`` with its run directory on s3:// (moto's S3 server): the same run
 directory module as ``train`` (checkpoints, metrics.csv, events.jsonl, TensorBoard, final.json),
 a failed fit resumed with ``--resume`` from the checkpoint in the bucket, the exported model and
-the sample grids in the bucket, and textual inversion's bank there too. Nothing lands locally."""
+the sample grids in the bucket, and textual inversion's bank there too (resumed the same way).
+Nothing lands locally."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def test_text2mask_run_directory_on_s3_fails_then_resumes_the_step_count(
     assert sorted(p.name for p in Path(".").rglob("*")) == []
 
 
-@pytest.mark.timeout(600, method="thread")
-def test_textual_inversion_bank_and_records_on_s3(ray_local, s3_bucket, toy_source, tmp_path_factory, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.timeout(900, method="thread")
+def test_textual_inversion_bank_records_and_resume_on_s3(ray_local, s3_bucket, toy_source, tmp_path_factory, monkeypatch):
     from actors.textual_inversion import load_bank
     from core.config import load_config
     from training.finetune.config import FinetuneConfig
@@ -80,4 +82,11 @@ def test_textual_inversion_bank_and_records_on_s3(ray_local, s3_bucket, toy_sour
     for name in ("config.yaml", "final.json", "checkpoint_0000006/bank.safetensors", "checkpoint_0000006/train_state.pt"):
         assert name in files, name
     assert [line.split(",")[0] for line in _text(f"{run}/metrics.csv").splitlines()] == ["step", "0", "3", "6"]
+    # --resume continues from step 6 (the bank and optimizer state read back from the bucket)
+    more = run_finetune(cfg.model_copy(update={"iterations": 9, "resume": True}))
+    assert more["final_step"] == 9 and more["resumes"] == 1
+    assert more["val_loss_initial"] == final["val_loss_initial"]  # the step-0 loss, kept in the checkpoint
+    assert [line.split(",")[0] for line in _text(f"{run}/metrics.csv").splitlines()] == ["step", "0", "3", "6", "9"]
+    _, again, _ = load_bank(more["bank"])
+    assert not (again[0] == embeddings[0]).all()  # trained on from where it was
     assert sorted(p.name for p in Path(".").rglob("*")) == []
