@@ -62,10 +62,13 @@ def bench_tiny(steps: int, threads: int) -> list[dict]:
 
 
 def bench_sdxl_random(steps: int, resolution: int, batch: int, checkpointing: bool) -> list[dict]:
-    """Full-size SDXL recipes on random weights and random cached inputs (GPU)."""
+    """Full-size SDXL recipes on random weights and random cached inputs (GPU). The ControlNet and
+    LoRA recipes run twice: frozen weights in bf16 (``workers.frozen_bf16``, the default) and in
+    float32 (the code before it), so their ratio comes from one run."""
     import torch
 
     from training.finetune.config import LoraConfig
+    from training.finetune.denoising import store_frozen_in
     from training.finetune.models import build_components, noise_scheduler
     from training.finetune.recipes import make_recipe
     from training.finetune.worker import denoising_loss
@@ -74,13 +77,16 @@ def bench_sdxl_random(steps: int, resolution: int, batch: int, checkpointing: bo
         raise SystemExit("--preset sdxl-random needs a CUDA GPU (none here)")
     dev = "cuda"
     out = []
-    for kind in KINDS:
+    runs = [(k, frozen) for k in KINDS for frozen in (("bf16", "fp32") if k != "text2mask" else ("bf16",))]
+    for kind, frozen in runs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         comps = build_components("sdxl-random", "sdxl", device=dev)
         for name in ("vae", "text_encoder", "text_encoder_2"):  # latents are cached: not needed on the GPU
             comps[name].to("cpu")
         recipe = make_recipe(kind, comps, "sdxl", resolution, lora=LoraConfig())
+        if frozen == "bf16":
+            store_frozen_in(comps, torch.bfloat16)
         if checkpointing:
             recipe.module.enable_gradient_checkpointing()
             if kind == "mask2img":
@@ -106,7 +112,7 @@ def bench_sdxl_random(steps: int, resolution: int, batch: int, checkpointing: bo
             torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-        out.append({"recipe": f"{kind}-sdxl-random", "steps_per_s": len(times) / sum(times),
+        out.append({"recipe": f"{kind}-sdxl-random", "frozen_weights": frozen, "steps_per_s": len(times) / sum(times),
                     "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30,
                     "trainable_params": sum(p.numel() for p in params), "batch": batch, "resolution": resolution,
                     "gradient_checkpointing": checkpointing, "loss": float(loss)})

@@ -275,3 +275,37 @@ def test_sd15_mask2img_from_pixels_exports_a_controlnet_generate_loads(toy_sourc
                "color_raw": np.array([pairs["cond"][0].tobytes()], object), "height": np.array([32]),
                "width": np.array([32])})
     assert len(out["image_raw"][0]) == 32 * 32 * 3 and out["generator"][0] == f"tiny-random+local:{tmp_path / 'cn'}"
+
+
+def test_frozen_weights_in_bf16_leave_the_adapters_float32_and_training(toy_source):
+    """workers.frozen_bf16 (CUDA + bf16 autocast): the LoRA base UNet is stored in bf16, the adapters
+    stay float32 and still get gradients; run here under CPU autocast (the same casts)."""
+    import torch
+
+    from training.finetune.data import build_kwargs
+    from training.finetune.denoising import store_frozen_in
+    from training.finetune.models import build_components
+    from training.finetune.recipes import make_recipe
+
+    cfg = quick_cfg("lora", toy_source)
+    comps = build_components(**build_kwargs(cfg))
+    recipe = make_recipe("lora", comps, cfg.resolved_family, cfg.data.resolution, lora=cfg.lora)
+    assert store_frozen_in(comps, torch.bfloat16) > 0
+    unet = recipe.module
+    frozen = {p.dtype for p in unet.parameters() if not p.requires_grad}
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    assert frozen == {torch.bfloat16} and trained and {p.dtype for p in trained} == {torch.float32}
+    assert {p.dtype for p in comps["vae"].parameters()} == {torch.bfloat16}
+    c = unet.config
+    latents = torch.randn(1, c.in_channels, 8, 8)
+    text = torch.randn(1, 4, c.cross_attention_dim)
+    extra = {}
+    if c.addition_embed_type == "text_time":  # SDXL's pooled text + size conditioning
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, c.projection_class_embeddings_input_dim - 6 *
+                                                                  c.addition_time_embed_dim),
+                                       "time_ids": torch.zeros(1, 6)}}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(latents, torch.tensor([10]), encoder_hidden_states=text, **extra).sample
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)

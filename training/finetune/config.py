@@ -122,6 +122,11 @@ class WorkersConfig(Strict):
                                             "Train's prepare_model (shards the trained module for SDXL on small GPUs)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (trained module)")
+    frozen_bf16: bool = Field(True, description="with bf16 autocast on CUDA, store the weights that do not train "
+                              "(the UNet under a ControlNet or LoRA, the VAE, the text encoders) in bf16, as "
+                              "diffusers' example training scripts do: autocast re-casts float32 weights that "
+                              "do not require grad at every use (no cast cache for them), twice with "
+                              "checkpointing; the trained parameters stay float32")
 
 
 class ValidationConfig(Strict):

@@ -118,6 +118,8 @@ class DenoisingRecipe(Recipe):
         from safetensors.torch import load_file
 
         w, cfg = self.w, self.w.cfg
+        if cfg.workers.bf16 and cfg.workers.frozen_bf16 and w.device.type == "cuda":
+            store_frozen_in(self.comps, torch.bfloat16)
         if cfg.workers.gradient_checkpointing:
             self.module.enable_gradient_checkpointing()
         self.module.train()
@@ -304,6 +306,21 @@ class DenoisingRecipe(Recipe):
         log.info("%s done: step %d, held-out loss %s -> %s, model in %s", cfg.kind, final["final_step"],
                  final["val_loss_initial"], final["val_loss_final"], final["model"])
         return final
+
+
+def store_frozen_in(comps: dict[str, Any], dtype: Any) -> int:
+    """Cast every parameter that does not train (``requires_grad`` False) of the components to
+    ``dtype``; the trained ones (a ControlNet, LoRA adapters, a fully trained UNet) keep float32
+    master weights. Returns how many parameters were cast."""
+    seen, cast = set(), 0
+    for comp in comps.values():
+        for p in getattr(comp, "parameters", lambda: [])():
+            if id(p) in seen or p.requires_grad or p.dtype == dtype:
+                continue
+            seen.add(id(p))
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def write_checkpoint(tmp: Path, weights: dict[str, Any], state: dict[str, Any], meta: dict[str, Any],
