@@ -16,7 +16,8 @@ import contextlib
 from typing import Any
 
 # parameter-name prefixes of the pretrained encoder per architecture (transformers' module names)
-BACKBONE_PREFIXES = {"segformer": ("segformer.",), "mask2former": ("model.pixel_level_module.encoder.",)}
+BACKBONE_PREFIXES = {"segformer": ("segformer.",), "mask2former": ("model.pixel_level_module.encoder.",),
+                     "deeplabv3": ("backbone.",), "deeplabv3plus": ("backbone.",)}
 
 
 def autocast_dtype(device_type: str, precision: str):
@@ -59,17 +60,46 @@ def maybe_sync_batchnorm(model, world_size: int, device):
     return model
 
 
-def param_groups(model, arch: str, lr: float, backbone_lr_mult: float) -> list[dict[str, Any]]:
-    """Backbone parameters at ``lr * backbone_lr_mult``, the rest (decode head) at ``lr``."""
+# parameter names that are embeddings (mmseg's custom_keys with decay_mult=0: Mask2Former's query_embed,
+# query_feat, level_embed; Swin's absolute_pos_embed, relative_position_bias_table), in transformers' names
+NO_DECAY_NAMES = ("position_bias_table", "position_embeddings", "pos_embed", "level_embed", "queries_embedder",
+                  "queries_features", "query_embed", "query_feat")
+
+
+def _no_decay_names(net) -> set[str]:
+    """Parameters of normalisation layers and embeddings (no weight decay in mmseg's recipes)."""
+    import torch
+
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)
+    out = set()
+    for mname, module in net.named_modules():
+        # transformers' own LayerNorm subclasses (Segformer/Swin) are nn.LayerNorm too
+        if isinstance(module, norms) or type(module).__name__.endswith(("LayerNorm", "RMSNorm")):
+            out |= {f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)}
+    return out | {n for n, _ in net.named_parameters() if any(k in n for k in NO_DECAY_NAMES)}
+
+
+def param_groups(model, arch: str, lr: float, backbone_lr_mult: float, weight_decay: float | None = None,
+                 no_decay_norm_embed: bool = False) -> list[dict[str, Any]]:
+    """Backbone parameters at ``lr * backbone_lr_mult``, the rest (head) at ``lr``; with
+    ``no_decay_norm_embed`` norms and embeddings of each part get weight decay 0 (their own group)."""
     prefixes = BACKBONE_PREFIXES[arch]
     net = getattr(model, "module", model)
-    backbone, head = [], []
+    skip = _no_decay_names(net) if no_decay_norm_embed else set()
+    buckets: dict[tuple[str, bool], list] = {}
     for name, p in net.named_parameters():
         if p.requires_grad:
-            (backbone if name.startswith(prefixes) else head).append(p)
-    groups = [{"params": head, "lr": lr, "name": "head"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
+            part = "backbone" if name.startswith(prefixes) else "head"
+            buckets.setdefault((part, name in skip), []).append(p)
+    groups = []
+    for (part, no_decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "head", kv[0][1])):
+        group = {"params": params, "lr": lr * (backbone_lr_mult if part == "backbone" else 1.0),
+                 "name": part + ("_no_decay" if no_decay else "")}
+        if no_decay:
+            group["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        groups.append(group)
     return groups
 
 

@@ -33,6 +33,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     cfg = load_config(TrainConfig, args.config, overrides)
+    if args.print_config:  # the resolved config, in the keys the YAML takes; nothing starts
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return EXIT_OK
     _check_inputs((cfg.real.path, cfg.real.format, "real.path"),
                   *[(p, "parquet", "synthetic.paths") for p in cfg.synthetic.paths], classes=cfg.real.classes)
     final = run_train(cfg)
@@ -138,6 +143,7 @@ def add_training_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
     p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/toy.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit (starts no Ray)")
     p.add_argument("overrides", nargs="*",
                    help="key.sub=value overrides, e.g. real.path=DIR synthetic.paths=[OUT] strategy=mix p_aug=0.6 output.path=RUN")
     p.set_defaults(func=_cmd_train)

@@ -44,6 +44,15 @@ class SyntheticData(Strict):
     volume: int | None = Field(None, ge=1, description="use only this many samples: a nested subset by a stable hash of sample_id (scaling sweeps)")
 
 
+class MixConfig(Strict):
+    """How strategy=mix draws its synthetic samples."""
+
+    mode: Literal["independent", "variant"] = Field("independent", description="independent = a slot holds a sample of the "
+                                                     "synthetic stream with probability p_aug (SegGen); variant = a real image is "
+                                                     "replaced by one of its own synthetic variants (same source_id) with "
+                                                     "probability p_aug (Diffusion Synthesis, Eq. 3)")
+
+
 class TinyModel(Strict):
     """Sizes of the randomly initialised tiny model (preset=tiny)."""
 
@@ -53,14 +62,63 @@ class TinyModel(Strict):
     num_queries: int = Field(12, ge=1, description="Mask2Former object queries")
 
 
+ARCHS = ("segformer", "mask2former", "deeplabv3", "deeplabv3plus")
+
+
+class BackboneConfig(Strict):
+    """An ImageNet-pretrained backbone under a freshly initialised head (``model.preset=backbone``).
+
+    Weights: ``model.safetensors`` of a hub repo at a pinned revision, or of a local directory
+    (never pickle, never remote code). transformers backbones (SegFormer's MiT, Mask2Former's
+    ResNet / Swin) take their architecture from the repo's ``config.json``; DeepLab's torchvision
+    ResNet takes it from ``name`` and reads timm-layout weights (``timm/resnet50.a1_in1k``)."""
+
+    id: str = Field("", description="hub repo id, e.g. nvidia/mit-b0, microsoft/resnet-50, "
+                    "microsoft/swin-large-patch4-window12-384-in22k, timm/resnet50.a1_in1k")
+    revision: str = Field("main", description="pinned revision (a commit hash) of `id`")
+    local_path: str | None = Field(None, description="local directory with model.safetensors (+ config.json); wins over `id`")
+    name: Literal["resnet50", "resnet101", "resnet-tiny"] = Field("resnet50", description="DeepLab: the torchvision ResNet "
+                                                                   "to build (resnet-tiny: tests and the toy domain)")
+    output_stride: Literal[8, 16] = Field(8, description="DeepLab: dilation past this stride (mmseg d8 configs: 8; DeepLabv3+ paper: 16)")
+
+
+class DeepLabHead(Strict):
+    aspp_channels: int = Field(256, ge=4, description="ASPP / decoder width (DeepLabv3(+) papers: 256)")
+
+
+class Mask2FormerHead(Strict):
+    """Mask2Former's pixel decoder and transformer decoder around a pretrained backbone
+    (defaults: the published models' — transformers' Mask2FormerConfig defaults)."""
+
+    num_queries: int = Field(100, ge=1, description="object queries (Mask2Former paper: 100)")
+    hidden_dim: int = Field(256, ge=8, description="transformer / pixel decoder width (256)")
+    encoder_layers: int = Field(6, ge=1, description="deformable-attention pixel decoder layers (6)")
+    decoder_layers: int = Field(10, ge=1, description="transformer decoder layers (transformers' 10: 9 masked-attention layers + 1)")
+    train_num_points: int = Field(12544, ge=16, description="points sampled per mask for the mask loss (112 x 112)")
+
+
 class ModelConfig(Strict):
-    arch: Literal["segformer", "mask2former"] = Field("segformer", description="segmentation architecture (transformers)")
-    preset: Literal["tiny", "pretrained"] = Field("tiny", description="tiny = random weights from a config built in code; pretrained = from_pretrained(id, revision)")
+    arch: Literal["segformer", "mask2former", "deeplabv3", "deeplabv3plus"] = Field(
+        "segformer", description="segmentation architecture: segformer / mask2former (transformers), deeplabv3 / deeplabv3plus (torchvision ResNet)")
+    preset: Literal["tiny", "pretrained", "backbone"] = Field(
+        "tiny", description="tiny = random weights from a config built in code; pretrained = a whole model from_pretrained(id, revision); "
+        "backbone = pretrained backbone (model.backbone) under a fresh head for the dataset's classes")
     id: str = Field("nvidia/mit-b0", description="hub model id for preset=pretrained, e.g. nvidia/mit-b0 or facebook/mask2former-swin-tiny-ade-semantic")
     revision: str = Field("main", description="pinned revision (commit hash) of `id`")
     local_path: str | None = Field(None, description="local directory with safetensors weights; wins over `id`")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="preset=backbone: the pretrained backbone")
+    deeplab: DeepLabHead = Field(default_factory=DeepLabHead, description="DeepLab head sizes")
+    mask2former: Mask2FormerHead = Field(default_factory=Mask2FormerHead, description="Mask2Former head sizes (preset=backbone)")
     tiny: TinyModel = Field(default_factory=TinyModel, description="tiny preset sizes")
     init_from: str | None = Field(None, description="checkpoint (or run) directory whose weights initialise the model")
+
+    @model_validator(mode="after")
+    def _backbone_given(self) -> ModelConfig:
+        if self.preset == "backbone" and not (self.backbone.id or self.backbone.local_path):
+            raise ValueError("model.backbone: preset=backbone needs model.backbone.id (+ revision) or model.backbone.local_path")
+        if self.preset == "pretrained" and self.arch.startswith("deeplab"):
+            raise ValueError("model.preset: DeepLab has no whole pretrained checkpoint here; use preset=backbone")
+        return self
 
 
 class OptimConfig(Strict):
@@ -73,15 +131,26 @@ class OptimConfig(Strict):
     warmup_iters: int = Field(0, ge=0, description="linear warm-up steps before the poly decay")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this")
     backbone_lr_mult: float | None = Field(None, gt=0, description="backbone lr = lr x this; None = 0.1 for model.preset=pretrained "
-                                           "(mmseg's SegFormer/Mask2Former recipes), 1.0 for tiny (nothing pretrained)")
+                                           "or backbone (mmseg's SegFormer/Mask2Former recipes), 1.0 for tiny (nothing pretrained)")
+    no_decay_norm_embed: bool = Field(False, description="no weight decay on normalisation layers, position/query/level embeddings "
+                                      "(mmseg's norm_decay_mult=0 and custom_keys decay_mult=0 of its Mask2Former/Swin recipes)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps")
 
 
 class AugConfig(Strict):
     crop_size: int = Field(512, ge=8, description="square training crop side (pads with ignore when smaller)")
     scale_min: float = Field(0.5, gt=0, description="smallest random rescale factor")
     scale_max: float = Field(2.0, gt=0, description="largest random rescale factor")
-    base_size: int | None = Field(None, ge=8, description="rescale the short side to this before the random factor; None = the image's own size")
+    base_size: int | None = Field(None, ge=8, description="rescale the short side to this before the random factor; None = the image's own size "
+                                  "(mmseg RandomResize scale=(max_long_side, base_size), keep_ratio=True)")
+    max_long_side: int | None = Field(None, ge=8, description="...unless the long side would pass this (times the same factor); "
+                                      "None = no limit (mmseg ADE20K/VOC: 2048)")
+    cat_max_ratio: float = Field(1.0, gt=0, le=1, description="random crop: retry (up to 10 times) while one class covers more than "
+                                 "this share of the crop's labelled pixels (mmseg RandomCrop; 1.0 = off)")
     flip: bool = Field(True, description="random horizontal flip")
+    photometric: bool = Field(False, description="mmseg PhotoMetricDistortion: brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5, "
+                              "hue +-18 (of 180), each with probability 0.5")
     mean: list[float] = Field([0.485, 0.456, 0.406], description="normalisation mean (RGB, 0..1)")
     std: list[float] = Field([0.229, 0.224, 0.225], description="normalisation std (RGB, 0..1)")
 
@@ -96,8 +165,10 @@ class EvalConfig(Strict):
     """The test protocol (mmsegmentation's): keep-ratio resize, whole or sliding-window
     inference, logits resized back to the original label size, 255 ignored (training.inference)."""
 
-    short_side: int | None = Field(512, ge=8, description="resize so the short side is this (mmseg ADE20K: 512); null = native size")
-    max_long_side: int | None = Field(2048, ge=8, description="...unless the long side would pass this (mmseg: 2048); null = no limit")
+    short_side: int | None = Field(512, ge=8, description="resize so the short side is this (mmseg ADE20K: 512); null = native size. "
+                                   "In a training config left unset it is aug.base_size: the test scale is training's scale")
+    max_long_side: int | None = Field(2048, ge=8, description="...unless the long side would pass this (mmseg: 2048); null = no limit. "
+                                      "In a training config left unset it is aug.max_long_side")
     mode: Literal["whole", "slide"] = Field("whole", description="whole image in one pass, or sliding windows (crop_size, stride)")
     crop_size: int = Field(512, ge=8, description="slide: window side (mmseg ADE20K: 512)")
     stride: int = Field(341, ge=1, description="slide: window step (mmseg ADE20K: 341)")
@@ -155,12 +226,15 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="seed of model init, mixing draws and augmentation")
     iterations: int = Field(160000, ge=1, description="optimizer steps (iteration budget)")
     batch_size: int = Field(8, ge=1, description="samples per worker per micro-batch")
+    total_batch_size: int | None = Field(None, ge=1, description="samples per optimizer step over all workers (papers quote this); "
+                                         "when set, batch_size = total / (workers.num_workers x grad_accum), which must divide")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     eval_interval: int = Field(16000, ge=1, description="evaluate (and checkpoint) every N steps, and at the end")
     checkpoint_interval: int | None = Field(None, ge=1, description="checkpoint every N steps; None = at each eval")
     log_interval: int = Field(50, ge=1, description="report loss/lr/timings every N steps")
     eval_batch_size: int = Field(8, ge=1, description="eval samples per worker per batch")
     resume: bool = Field(False, description="continue from the latest checkpoint in output.path")
+    mix: MixConfig = Field(default_factory=MixConfig, description="strategy=mix: independent stream or per-image variants")
     real: RealData = Field(default_factory=RealData, description="the real dataset")
     synthetic: SyntheticData = Field(default_factory=SyntheticData, description="synthetic data")
     model: ModelConfig = Field(default_factory=ModelConfig, description="model")
@@ -174,6 +248,24 @@ class TrainConfig(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig, description="run directory")
     debug: DebugConfig = Field(default_factory=DebugConfig, description="testing hooks")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime settings")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> TrainConfig:
+        """Derived values, so the resolved config (--print-config, config.yaml) says what runs."""
+        if self.total_batch_size is not None:
+            per = self.workers.num_workers * self.grad_accum
+            if self.total_batch_size % per:
+                raise ValueError(f"total_batch_size: {self.total_batch_size} is not divisible by workers.num_workers x grad_accum = {per}")
+            if "batch_size" in self.model_fields_set and self.batch_size != self.total_batch_size // per:
+                raise ValueError(f"batch_size: {self.batch_size} contradicts total_batch_size {self.total_batch_size} / {per}; give one")
+            object.__setattr__(self, "batch_size", self.total_batch_size // per)
+        # the test scale is the training scale unless the config says otherwise (mmseg: one `scale` for both)
+        given = self.eval.model_fields_set
+        if "short_side" not in given:
+            object.__setattr__(self.eval, "short_side", self.aug.base_size)
+        if "max_long_side" not in given:
+            object.__setattr__(self.eval, "max_long_side", self.aug.max_long_side)
+        return self
 
     @property
     def p_synthetic(self) -> float:

@@ -83,7 +83,7 @@ def segment(model, arch: str, image, spec: dict[str, Any], mean: list[float], st
             if flip:
                 logits = logits.flip(-1)
             logits = F.interpolate(logits.float(), size=(h0, w0), mode="bilinear", align_corners=False)
-            probs = logits.softmax(1) if arch == "segformer" else logits  # mask2former: already scores
+            probs = logits if arch == "mask2former" else logits.softmax(1)  # mask2former: already scores
             total = probs if total is None else total + probs
     return total[0]
 

@@ -69,16 +69,18 @@ def poly_lambda(cfg: TrainConfig, iterations: int):
 
 
 def make_optimizer(cfg: TrainConfig, model, lr: float):
-    """AdamW or SGD over parameter groups: a pretrained backbone at ``lr x backbone_lr_mult``."""
+    """AdamW or SGD over parameter groups: a pretrained backbone at ``lr x backbone_lr_mult``,
+    norms and embeddings without weight decay when ``optim.no_decay_norm_embed``."""
     import torch
 
     from training.accel import param_groups
 
-    mult = cfg.optim.backbone_lr_mult or (0.1 if cfg.model.preset == "pretrained" else 1.0)
-    groups = param_groups(model, cfg.model.arch, lr, mult)
-    if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
+    o = cfg.optim
+    mult = o.backbone_lr_mult or (0.1 if cfg.model.preset in ("pretrained", "backbone") else 1.0)
+    groups = param_groups(model, cfg.model.arch, lr, mult, o.weight_decay, o.no_decay_norm_embed)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
 
 
 def _sum(values: list[float], device) -> list[float]:

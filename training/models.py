@@ -1,11 +1,14 @@
-"""Segmentation models from transformers: SegFormer (default) and Mask2Former (semantic).
+"""Segmentation models: SegFormer (default) and Mask2Former (semantic) from transformers,
+DeepLabv3 / DeepLabv3+ on a torchvision ResNet (:mod:`training.deeplab`).
 
-One code path per architecture: ``preset=tiny`` builds the real transformers class from a
-small config made here (random weights, offline); ``preset=pretrained`` calls
-``from_pretrained(id, revision=..., use_safetensors=True)`` (or a local path); a checkpoint
-is reloaded the same way from the directory :func:`save_model` wrote. Never
-``trust_remote_code``. :func:`loss` and :func:`predict` hide the difference between the
-per-pixel (SegFormer) and mask-classification (Mask2Former) heads.
+One code path per architecture: ``preset=tiny`` builds the real class from a small config
+made here (random weights, offline); ``preset=pretrained`` calls
+``from_pretrained(id, revision=..., use_safetensors=True)`` (or a local path);
+``preset=backbone`` builds the full-size architecture around the backbone repo's config,
+a fresh head for the dataset's classes, and loads only the backbone's weights
+(:mod:`training.backbones`). A checkpoint is reloaded from the directory :func:`save_model`
+wrote. Never ``trust_remote_code``. :func:`loss` and :func:`predict` hide the difference
+between the per-pixel (SegFormer, DeepLab) and mask-classification (Mask2Former) heads.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from core.config import ConfigError
 from core.schema import IGNORE_INDEX
 from training.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-_MODULES = {"segformer": ("transformers.models.segformer.modeling_segformer", "SegformerForSemanticSegmentation"),
+_MODULES = {"deeplabv3": ("training.deeplab", "DeepLab"), "deeplabv3plus": ("training.deeplab", "DeepLab"),
+            "segformer": ("transformers.models.segformer.modeling_segformer", "SegformerForSemanticSegmentation"),
             "mask2former": ("transformers.models.mask2former.modeling_mask2former", "Mask2FormerForUniversalSegmentation")}
 
 
@@ -72,21 +77,96 @@ def tiny_config(cfg: ModelConfig, classes: list[str]):
         use_auxiliary_loss=True, ignore_value=IGNORE_INDEX, **_labels(classes))
 
 
+def _per_pixel(arch: str) -> bool:
+    return arch != "mask2former"
+
+
+def _with_backbone_config(cfg: ModelConfig, classes: list[str]):
+    """The segmentation config around a pretrained backbone's own config (fresh head sizes:
+    transformers' defaults, which are the published models' — Mask2Former 100 queries,
+    hidden 256, 6 encoder / 10 decoder layers; SegFormer's decode width from the MiT config)."""
+    from training.backbones import hf_backbone_config
+
+    bb = hf_backbone_config(cfg.backbone)
+    if cfg.arch == "segformer":
+        from transformers import SegformerConfig
+
+        if bb.model_type != "segformer":
+            raise ConfigError(f"model.backbone: {bb.model_type} is not a MiT (segformer) backbone")
+        return SegformerConfig(**{**bb.to_dict(), "semantic_loss_ignore_index": IGNORE_INDEX, **_labels(classes)})
+    from transformers import Mask2FormerConfig
+
+    if bb.model_type not in ("resnet", "swin"):
+        raise ConfigError(f"model.backbone: {bb.model_type} backbones are not supported by Mask2Former here (resnet, swin)")
+    bb.out_features = [f"stage{i + 1}" for i in range(len(bb.depths))]
+    h = cfg.mask2former
+    return Mask2FormerConfig(backbone_config=bb, ignore_value=IGNORE_INDEX, num_queries=h.num_queries, hidden_dim=h.hidden_dim,
+                             feature_size=h.hidden_dim, mask_feature_size=h.hidden_dim, encoder_layers=h.encoder_layers,
+                             decoder_layers=h.decoder_layers, train_num_points=h.train_num_points, **_labels(classes))
+
+
+def build_architecture(cfg: ModelConfig, classes: list[str]):
+    """The configured architecture with random weights (tiny sizes, or the backbone repo's)."""
+    if cfg.arch.startswith("deeplab"):
+        from training import deeplab
+
+        name = "resnet-tiny" if cfg.preset == "tiny" else cfg.backbone.name
+        channels = cfg.tiny.decoder_hidden_size if cfg.preset == "tiny" else cfg.deeplab.aspp_channels
+        return deeplab.build(len(classes), cfg.arch, name, cfg.backbone.output_stride, channels)
+    config = tiny_config(cfg, classes) if cfg.preset == "tiny" else _with_backbone_config(cfg, classes)
+    return _classes(cfg.arch)(config)
+
+
 def build_model(cfg: ModelConfig, classes: list[str]):
     """The configured model with a head for ``classes`` (weights per ``cfg.preset``)."""
-    cls = _classes(cfg.arch)
-    if cfg.preset == "tiny":
-        return cls(tiny_config(cfg, classes))
-    source = cfg.local_path or cfg.id
-    log.info("loading %s from %s (revision %s)", cfg.arch, source, None if cfg.local_path else cfg.revision)
-    kwargs = {} if cfg.local_path else {"revision": cfg.revision}
-    return cls.from_pretrained(source, use_safetensors=True, ignore_mismatched_sizes=True,
-                               **kwargs, **_labels(classes))
+    if cfg.preset == "pretrained":
+        cls = _classes(cfg.arch)
+        source = cfg.local_path or cfg.id
+        log.info("loading %s from %s (revision %s)", cfg.arch, source, None if cfg.local_path else cfg.revision)
+        kwargs = {} if cfg.local_path else {"revision": cfg.revision}
+        return cls.from_pretrained(source, use_safetensors=True, ignore_mismatched_sizes=True,
+                                   **kwargs, **_labels(classes))
+    model = build_architecture(cfg, classes)
+    if cfg.preset == "backbone":
+        from training.backbones import load_into
+
+        load_into(model, cfg)
+    return model
+
+
+def check_weights(cfg: ModelConfig, classes: list[str]) -> None:
+    """On the driver, before Ray: transformers backbones are loaded alone (not the whole model);
+    DeepLab's checkpoint keys and shapes (safetensors header) are checked against the
+    architecture built on the meta device. Raises ConfigError naming the key."""
+    if cfg.preset != "backbone":
+        return
+    import torch
+
+    from training import backbones
+
+    if not cfg.arch.startswith("deeplab"):  # transformers loads the backbone alone (its own key renaming)
+        bb = backbones.hf_backbone_config(cfg.backbone)
+        stages = {} if bb.model_type == "segformer" else {"out_features": [f"stage{i + 1}" for i in range(len(bb.depths))]}
+        backbones.load_hf_backbone(cfg.backbone, bb.model_type, **stages)
+        return
+    with torch.device("meta"):  # DeepLab: keys and shapes from the safetensors header, no tensor read
+        model = build_architecture(cfg, classes)
+    ours = {k: tuple(v.shape) for k, v in backbones.backbone_module(model, cfg.arch).state_dict().items()}
+    _, problem = backbones.problems(backbones.checkpoint_shapes(cfg.backbone), ours, backbones.where(cfg.backbone))
+    if problem:
+        raise ConfigError(problem)
 
 
 def save_model(model, path: Path) -> None:
     """Weights (safetensors) + config, loadable by :func:`load_model`."""
-    getattr(model, "module", model).save_pretrained(str(path), safe_serialization=True)
+    net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)  # torch.compile's wrapper
+    if hasattr(net, "save_pretrained"):
+        net.save_pretrained(str(path), safe_serialization=True)
+    else:
+        from training import deeplab
+
+        deeplab.save(net, Path(path))
 
 
 def save_image_processor(arch: str, path: Path, eval_spec: dict[str, Any], mean: list[float], std: list[float]) -> None:
@@ -95,6 +175,8 @@ def save_image_processor(arch: str, path: Path, eval_spec: dict[str, Any], mean:
     (the processor resizes to a fixed size: the protocol's short side, square; our own
     evaluate/predict keep the aspect ratio, training.inference)."""
     side = eval_spec.get("short_side") or eval_spec.get("crop_size") or 512
+    if arch.startswith("deeplab"):
+        return  # no transformers class reads a DeepLab directory; evaluate/predict use training.deeplab
     if arch == "segformer":
         from transformers import SegformerImageProcessor
 
@@ -110,7 +192,16 @@ def save_image_processor(arch: str, path: Path, eval_spec: dict[str, Any], mean:
 
 def load_model(arch: str, path: Path):
     """A model saved by :func:`save_model` (same code path as a pretrained preset)."""
+    if arch.startswith("deeplab"):
+        from training import deeplab
+
+        return deeplab.load(Path(path))
     return _classes(arch).from_pretrained(str(path), use_safetensors=True)
+
+
+def _logits(out):
+    """Per-pixel logits of a transformers output (``.logits``) or of DeepLab (a tensor)."""
+    return getattr(out, "logits", out)
 
 
 def _semantic_targets(labels, num_classes: int):
@@ -130,8 +221,8 @@ def loss(model, arch: str, pixels, labels, num_classes: int):
     """Training loss of a batch; ``labels`` (B, H, W) int64 with 255 = ignore."""
     import torch.nn.functional as F
 
-    if arch == "segformer":
-        logits = model(pixel_values=pixels).logits
+    if _per_pixel(arch):
+        logits = _logits(model(pixel_values=pixels))
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
     masks, cls = _semantic_targets(labels, num_classes)
@@ -144,8 +235,8 @@ def predict(model, arch: str, pixels, size: tuple[int, int]):
     import torch.nn.functional as F
 
     out = model(pixel_values=pixels)
-    if arch == "segformer":
-        return F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=False)
+    if _per_pixel(arch):
+        return F.interpolate(_logits(out).float(), size=size, mode="bilinear", align_corners=False)
     cls = out.class_queries_logits.float().softmax(-1)[..., :-1]
     masks = F.interpolate(out.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False).sigmoid()
     return torch.einsum("bqc,bqhw->bchw", cls, masks)

@@ -47,6 +47,8 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ConfigError("real.path: required (evaluation always uses the real val split)")
     if cfg.strategy != "real_only" and not (cfg.synthetic.paths or cfg.synthetic.live):
         raise ConfigError(f"synthetic.paths: strategy={cfg.strategy} needs synthetic.paths or synthetic.live")
+    if cfg.strategy == "mix" and cfg.mix.mode == "variant" and cfg.synthetic.live is not None:
+        raise ConfigError("mix.mode: variant needs synthetic.paths (variants are found by source_id), not synthetic.live")
     if cfg.synthetic.live is not None and not cfg.synthetic.live.config:
         raise ConfigError("synthetic.live.config: required (a generation YAML)")
 
@@ -191,6 +193,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
         return final
     src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
+    from training.models import check_weights
+
+    check_weights(cfg.model, src.classes)  # a backbone checkpoint that does not fit: one line naming the key
     init_ray(cfg.ray)
     rundir.write_config(run_dir, cfg.model_dump(mode="json"))
     step, consumed, resume_from = 0, {}, None

@@ -44,23 +44,73 @@ def _pad(image: np.ndarray, mask: np.ndarray, h: int, w: int) -> tuple[np.ndarra
     return image, mask
 
 
+def rescale_factor(h: int, w: int, ratio: float, aug: dict[str, Any]) -> float:
+    """mmseg's keep-ratio ``RandomResize(scale=(max_long_side, base_size), ratio_range)``: the
+    short side to ``base_size x ratio`` unless the long side would pass ``max_long_side x ratio``;
+    no ``base_size``: ``ratio`` of the image's own size."""
+    base, long = aug.get("base_size"), aug.get("max_long_side")
+    if not base:
+        return ratio
+    s = base / min(h, w)
+    if long:
+        s = min(s, long / max(h, w))
+    return s * ratio
+
+
+def _crop_origin(mask: np.ndarray, c: int, rng: np.random.Generator, cat_max_ratio: float) -> tuple[int, int]:
+    """mmseg RandomCrop: up to 10 draws while one class covers >= ``cat_max_ratio`` of the
+    crop's labelled pixels (ignore excluded; a crop with one class only is kept as is)."""
+    for _ in range(10 if cat_max_ratio < 1 else 1):
+        y = int(rng.integers(0, mask.shape[0] - c + 1))
+        x = int(rng.integers(0, mask.shape[1] - c + 1))
+        if cat_max_ratio >= 1:
+            break
+        labels = mask[y:y + c, x:x + c]
+        counts = np.bincount(labels[labels != S.IGNORE_INDEX].ravel().astype(np.int64))
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return y, x
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg PhotoMetricDistortion: brightness +-32, contrast x[0.5, 1.5] (before or after the
+    colour changes), saturation x[0.5, 1.5], hue +-18 of 180 — each with probability 0.5."""
+    img = image.astype(np.float32)
+    if rng.integers(2):
+        img = img + rng.uniform(-32, 32)
+    contrast_first = bool(rng.integers(2))
+    if contrast_first and rng.integers(2):
+        img = img * rng.uniform(0.5, 1.5)
+    sat, hue = (rng.uniform(0.5, 1.5) if rng.integers(2) else None), (rng.integers(-18, 18) if rng.integers(2) else None)
+    if sat is not None or hue is not None:
+        hsv = np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if sat is not None:
+            hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 255)
+        if hue is not None:  # PIL's hue is 0..255 for cv2's 0..180
+            hsv[..., 0] = (hsv[..., 0] + hue * 256 / 180) % 256
+        img = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
+    if not contrast_first and rng.integers(2):
+        img = img * rng.uniform(0.5, 1.5)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, aug: dict[str, Any]
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Random rescale (relative to the image, or to ``base_size`` on its short side), pad,
-    random ``crop_size`` crop, random horizontal flip. Returns uint8 image, mask."""
+    """mmseg's training pipeline: random keep-ratio rescale (:func:`rescale_factor`), pad,
+    random ``crop_size`` crop (``cat_max_ratio``), random horizontal flip, photometric
+    distortion (``photometric``). Returns uint8 image, mask."""
     h, w = image.shape[:2]
-    base = aug.get("base_size")
-    s = float(rng.uniform(aug["scale_min"], aug["scale_max"]))
-    if base:
-        s *= base / min(h, w)
+    s = rescale_factor(h, w, float(rng.uniform(aug["scale_min"], aug["scale_max"])), aug)
     image, mask = _resize(image, mask, max(1, round(h * s)), max(1, round(w * s)))
     c = aug["crop_size"]
     image, mask = _pad(image, mask, c, c)
-    y = int(rng.integers(0, image.shape[0] - c + 1))
-    x = int(rng.integers(0, image.shape[1] - c + 1))
+    y, x = _crop_origin(mask, c, rng, aug.get("cat_max_ratio", 1.0))
     image, mask = image[y:y + c, x:x + c], mask[y:y + c, x:x + c]
     if aug.get("flip") and rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
+    if aug.get("photometric"):
+        image = photometric(np.ascontiguousarray(image), rng)
     return image, mask
 
 

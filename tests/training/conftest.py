@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from core import schema as S
@@ -82,3 +83,49 @@ def _quick(real: Path, run: Path, *extra: str) -> list[str]:
 def quick():
     """``quick(real, run, *extra)``: toy-config overrides for a run of a few seconds."""
     return _quick
+
+
+def _write_backbone(kind: str, path: Path) -> dict[str, torch.Tensor]:
+    """A tiny ImageNet-classifier checkpoint of ``kind`` in the hub layout at ``path``; returns
+    its encoder's tensors under the module's own names (what the backbone must hold)."""
+    torch.manual_seed(1)
+    if kind == "mit":
+        from transformers import SegformerConfig, SegformerForImageClassification
+
+        cfg = SegformerConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+                              decoder_hidden_size=32, num_labels=10)
+        net = SegformerForImageClassification(cfg)
+        net.save_pretrained(str(path))
+        return net.segformer.state_dict()
+    elif kind == "resnet":
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="bottleneck",
+                           num_labels=10)
+        net = ResNetForImageClassification(cfg)
+        net.save_pretrained(str(path))
+        return net.resnet.state_dict()
+    elif kind == "swin":
+        from transformers import SwinConfig, SwinForImageClassification
+
+        cfg = SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, num_labels=10)
+        net = SwinForImageClassification(cfg)
+        net.save_pretrained(str(path))
+        return net.swin.state_dict()
+    else:  # timm-layout ResNet (torchvision names, fc included)
+        from safetensors.torch import save_file
+
+        from training.deeplab import resnet
+
+        net = resnet("resnet-tiny", 8)
+        path.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps({"architecture": "resnet-tiny", "num_classes": 1000}))
+        return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+@pytest.fixture(scope="session")
+def write_backbone():
+    """``write_backbone(kind, path)``: a tiny classifier checkpoint (mit | resnet | swin | timm)
+    in the hub layout; returns its encoder's tensors under the module's own names."""
+    return _write_backbone

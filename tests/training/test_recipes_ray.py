@@ -1,0 +1,44 @@
+"""The shipped paper recipes run end to end on CPU with tiny backbones: the protocol config as
+shipped (mmseg pipeline, poly schedule, parameter groups, total batch), only the sizes and the
+backbone's weights swapped for a tiny hub-layout checkpoint written by the test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.config import load_config
+from segfactory.configs import resolve_config
+from training.config import TrainConfig
+from training.recipe import run_train
+
+
+def _tiny(real, run, backbone, *extra: str) -> list[str]:
+    """Small sizes for a 2-CPU box; everything else as the protocol ships it."""
+    return [f"real.path={real}", f"output.path={run}", "iterations=6", "total_batch_size=4", "workers.num_workers=1",
+            "workers.use_gpu=false", "workers.cpus_per_worker=0.5", "workers.torch_threads=1", "eval_interval=6",
+            "log_interval=3", "eval_batch_size=8", "aug.crop_size=48", "aug.base_size=64", "aug.max_long_side=256",
+            "model.backbone.name=resnet-tiny", f"model.backbone.local_path={backbone}", "model.deeplab.aspp_channels=16",
+            "data.transform_batch_size=8", "data.shuffle_buffer=8", "ray.no_progress_timeout_s=240", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600, method="thread")
+def test_attn2mask_deeplabv3plus_recipe_trains_and_evaluates(train_ray, small_real, tmp_path, write_backbone):
+    from training.evaluate import run_evaluate
+
+    backbone = tmp_path / "bb"
+    write_backbone("timm", backbone)
+    cfg = load_config(TrainConfig, str(resolve_config("attn2mask-voc-deeplabv3plus-r50")),
+                      _tiny(small_real, tmp_path / "run", backbone, "strategy=real_only"))
+    assert cfg.optim.name == "sgd" and cfg.aug.photometric and cfg.aug.cat_max_ratio == 0.75 and cfg.batch_size == 4
+    final = run_train(cfg)
+    assert final["final_step"] == 6 and 0.0 <= final["miou"] <= 1.0
+    saved = json.loads((tmp_path / "run" / "checkpoint_0000006" / "model" / "config.json").read_text())
+    assert saved["architecture"] == "deeplab" and saved["plus"] is True and saved["backbone"] == "resnet-tiny"
+    # the test scale is the training scale: short side 64, long side at most 256
+    meta = json.loads((tmp_path / "run" / "checkpoint_0000006" / "segfactory.json").read_text())
+    assert meta["eval"]["short_side"] == 64 and meta["eval"]["max_long_side"] == 256
+    again = run_evaluate(tmp_path / "run", small_real, cpus_per_worker=0.5)
+    assert again["miou"] == pytest.approx(final["miou"], abs=1e-6)
