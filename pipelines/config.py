@@ -37,7 +37,7 @@ class CpuStage(Strict):
 class SourceConfig(Strict):
     path: str = Field("", description="source dataset: a local directory or a URI (s3://, gs://, abfs://, hdfs://, file://); "
                       "a captions.jsonl for format=captions")
-    format: Literal["voc", "ade20k", "folder", "parquet", "captions"] = Field("voc", description="source layout")
+    format: Literal["voc", "ade20k", "coco", "folder", "parquet", "captions"] = Field("voc", description="source layout (coco: COCO-Stuff 164k PNGs, or panoptic JSON + PNGs -> semantic)")
     split: str | None = Field(None, description="which split to read; None = the format's default (voc/ade20k: train, folder: all)")
     classes: list[str] | None = Field(None, description="class names (index = class id) when the source has none")
     limit: int | None = Field(None, ge=1, description="read only the first N source rows (quick runs)")

@@ -33,6 +33,7 @@ from pipelines.sources import (
     ADE20K_CLASSES,
     FORMATS,
     IMAGE_EXTS,
+    PANOPTIC_SEGMENTS,
     VOC_CLASSES,
     Problem,
     SourceError,
@@ -204,6 +205,40 @@ def _index_dirs(img_dir: Location, mask_dir: Location, require_masks: bool) -> t
     return rows, problems + dups
 
 
+COCO_SPLITS = {"train": "train2017", "val": "val2017"}
+
+
+def _index_coco(root: Location, split: str | None, classes: Sequence[str] | None,
+                require_masks: bool) -> tuple[pa.Table, list[Problem], list[str] | None]:
+    """COCO: panoptic (``annotations/panoptic_<split>.json`` + its PNG folder) → semantic, else
+    COCO-Stuff 164k's PNG layout (mmseg: ``images/<split>/X.jpg``, ``annotations/<split>/
+    X_labelTrainIds.png``, class ids 0..170, 255 ignore). Returns (rows, problems, class names
+    from the panoptic categories when ``classes`` is None)."""
+    sub = COCO_SPLITS.get(split or "train", split or "train")
+    pan = root / "annotations" / f"panoptic_{sub}.json"
+    if not storage.is_file(pan):
+        images, dups = _unique_listing(root / "images" / sub)
+        masks, _ = _unique_listing(root / "annotations" / sub, {".png"})
+        stems = pc.replace_substring_regex(masks.column(ID), "_labelTrainIds$", "")
+        rows, problems = _pair(images, pa.table({ID: stems, PATH: masks.column(PATH)}), require_masks)
+        return rows, problems + dups, None
+    data = json.loads(storage.read_text(pan))
+    names = {c["id"]: c["name"] for c in data.get("categories", [])}
+    vocab = list(classes) if classes is not None else [c["name"] for c in data.get("categories", [])]
+    index = {n: i for i, n in enumerate(vocab)}
+    out, problems = _Chunks(INDEX_SCHEMA), []
+    for ann in data.get("annotations", []):
+        stem = ann["file_name"].rsplit(".", 1)[0]
+        png = (root / "annotations" / f"panoptic_{sub}" / ann["file_name"]).uri
+        missing = sorted({names.get(s["category_id"], str(s["category_id"])) for s in ann.get("segments_info", [])} - index.keys())
+        if missing:  # quarantined: a class the run does not know would be trained as ignore silently
+            problems.append((stem, png, f"coco_category_not_in_classes: {', '.join(missing)} not in source.classes"))
+            continue
+        pairs = ",".join(f"{s['id']}:{index[names[s['category_id']]]}" for s in ann.get("segments_info", []))
+        out.add(stem, (root / "images" / sub / f"{stem}.jpg").uri, f"{png}{PANOPTIC_SEGMENTS}{pairs}", -1, "")
+    return out.table(), problems, None if classes is not None else vocab
+
+
 def _parquet_files(root: Location) -> list[Location]:
     if storage.is_file(root):
         return [root]
@@ -347,6 +382,10 @@ def index_source(
     elif format == "ade20k":
         sub = {"train": "training", "val": "validation"}.get(split or "train", split or "train")
         rows, problems = _index_dirs(root / "images" / sub, root / "annotations" / sub, require_masks)
+    elif format == "coco":  # source.classes, else classes.txt, else the panoptic categories
+        given = classes if classes is not None else _read_classes(base / "classes.txt")
+        rows, problems, found = _index_coco(root, split, given, require_masks)
+        classes = given if found is None else found
     elif format == "folder":
         parts = (split,) if split else ()
         rows, problems = _index_dirs(root.join("images", *parts), root.join("masks", *parts), require_masks)
@@ -369,18 +408,22 @@ def index_source(
     if format != "captions" and storage.is_file(base / "captions.jsonl"):
         rows, bad = _merge_captions(rows, base / "captions.jsonl")
         problems += bad
-    if format in ("voc", "folder"):
-        background: int | None = 0
-    elif format == "ade20k" or not names:
-        background = None
-    else:
-        background = 0 if names[0].lower() in _BACKGROUND_NAMES else None
+    background = _background_index(format, names)
     hint = {"voc": "voc", "ade20k": "ade20k"}.get(format) or manifest.get("palette_hint")
     if problems:
         log.warning("%s: %d row problem(s), e.g. %s", root, len(problems), problems[0])
     rows = rows.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA).sort_by(ID).combine_chunks()
     return SourceIndex(format, str(root), rows, names, hint if hint in ("voc", "ade20k") else None,
                        background, problems)
+
+
+def _background_index(format: str, names: Sequence[str]) -> int | None:
+    """The class left out of generated captions: VOC/folder's 0, a first class named like background."""
+    if format in ("voc", "folder"):
+        return 0
+    if format == "ade20k" or not names:
+        return None
+    return 0 if names[0].lower() in _BACKGROUND_NAMES else None
 
 
 def _read_classes(path: Location) -> list[str] | None:

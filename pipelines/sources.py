@@ -26,7 +26,8 @@ from core import schema, storage
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("voc", "ade20k", "folder", "parquet", "captions")
+FORMATS = ("voc", "ade20k", "coco", "folder", "parquet", "captions")
+PANOPTIC_SEGMENTS = "#segments="  # coco panoptic mask path: PNG#segments=<segment id>:<class id>,... (source_index)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 VOC_CLASSES = (
@@ -192,6 +193,7 @@ def load_pixels(
     path = str(row.get(schema.SOURCE_PATH) or "")
     if not path:
         raise SourceError(f"source {sid!r}: row has no image ({format} source)", "missing_image")
+    segments = ""
     if format == "parquet":
         i = int(row["source_row"])
         where = f"{path} row {i} ({sid})"
@@ -202,16 +204,36 @@ def load_pixels(
     else:
         image = _to_rgb(_open(path, path, "image"), path)
         mwhere = str(row.get(schema.SOURCE_MASK_PATH) or "")
+        mwhere, _, segments = mwhere.partition(PANOPTIC_SEGMENTS)
         mask_im = _open(mwhere, mwhere, "mask") if mwhere else None
     if mask_im is None:
         return image, None
+    if segments:
+        _check_size(mask_im, image, mwhere, path)
+        return image, panoptic_to_semantic(_to_rgb(mask_im, mwhere), segments, num_classes)
+    _check_size(mask_im, image, mwhere, path)
+    return image, _mask_ids(mask_im, mwhere, format == "ade20k", num_classes)
+
+
+def _check_size(mask_im: Image.Image, image: np.ndarray, mwhere: str, path: str) -> None:
     if (mask_im.height, mask_im.width) != image.shape[:2]:
         raise SourceError(
             f"{mwhere}: mask size {mask_im.width}x{mask_im.height} != image size "
             f"{image.shape[1]}x{image.shape[0]} ({path})",
             "mask_size_mismatch",
         )
-    return image, _mask_ids(mask_im, mwhere, format == "ade20k", num_classes)
+
+
+def panoptic_to_semantic(rgb: np.ndarray, segments: str, num_classes: int | None) -> np.ndarray:
+    """A COCO panoptic PNG (segment id = R + 256 G + 256^2 B) → class ids, by the index's
+    ``<segment id>:<class id>`` list; void (0) and unlisted segments → 255 (ignore)."""
+    ids = rgb[..., 0].astype(np.int64) + 256 * rgb[..., 1].astype(np.int64) + 65536 * rgb[..., 2].astype(np.int64)
+    out = np.full(ids.shape, schema.IGNORE_INDEX, dtype=schema.mask_dtype(num_classes) if num_classes else np.uint8)
+    for pair in segments.split(","):
+        if pair:
+            seg, cls = pair.split(":")
+            out[ids == int(seg)] = int(cls)
+    return out
 
 
 def caption_from_mask(

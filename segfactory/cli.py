@@ -204,7 +204,7 @@ main keys (key=value overrides, values parse as YAML; unknown keys are an error)
   pipeline                     seggen | imgsyn | masksyn | factory | ...
   preset                       toy | tiny | sdxl | sd15 | sdxl-random
   seed                         run seed (sample seeds derive from it and sample_id)
-  source.path, source.format   the labelled dataset: voc | ade20k | folder | parquet | captions
+  source.path, source.format   the labelled dataset: voc | ade20k | coco | folder | parquet | captions
   source.classes=[a,b,...]     class names when the folder has no classes.txt
   source.split, source.limit   which split, how many source rows
   output.path                  where the dataset goes (a rerun resumes; a different config is refused)

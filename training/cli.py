@@ -53,6 +53,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.protocol == "fss":
+        return _cmd_evaluate_fss(args)
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint: required (the semantic protocol scores a trained model)")
     from training.evaluate import run_evaluate
     from training.metrics import format_table
 
@@ -63,6 +67,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"checkpoint {result['checkpoint']} (step {result['step']}) on {result['data']} [{result['split']}], "
           f"{result['samples']} samples, {result['num_workers']} worker(s)")
     print(format_table(result))
+    print(f"written to {result['json']}")
+    return EXIT_OK
+
+
+def _cmd_evaluate_fss(args: argparse.Namespace) -> int:
+    """Few-shot episodes (training.fss): per fold mIoU and FB-IoU, their means."""
+    from training.fss import run_fss
+
+    backbone = None
+    if args.fss_backbone:
+        bid, _, rev = args.fss_backbone.partition("@")
+        backbone = {"local_path": bid} if not rev else {"model_id": bid, "revision": rev}
+    result = run_fss(args.data, args.format, args.split, args.benchmark, args.folds, args.shots, args.episodes,
+                     args.seed, args.fss_model, backbone, args.out)
+    for f in result["folds"]:
+        print(f"fold {f['fold']}: mIoU {f['miou']:.4f}, FB-IoU {f['fb_iou']:.4f} ({f['episodes']} episodes)")
+    print(f"{result['benchmark']} {result['shots']}-shot ({result['model']}): mean mIoU {result['miou']:.4f}, "
+          f"FB-IoU {result['fb_iou']:.4f}")
     print(f"written to {result['json']}")
     return EXIT_OK
 
@@ -149,9 +171,20 @@ def add_training_commands(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("evaluate", help="mIoU / per-class IoU / pixel accuracy of a checkpoint on a real split")
-    p.add_argument("--checkpoint", required=True, help="run directory (its final checkpoint) or a checkpoint directory")
+    p.add_argument("--checkpoint", default=None, help="run directory (its final checkpoint) or a checkpoint directory "
+                   "(the semantic protocol)")
     p.add_argument("--data", required=True, help="real dataset directory")
-    p.add_argument("--format", default="voc", choices=["voc", "ade20k", "folder", "parquet"], help="source layout (default voc)")
+    p.add_argument("--protocol", choices=["semantic", "fss"], default="semantic",
+                   help="semantic = mIoU of a checkpoint; fss = few-shot episodes (PASCAL-5i / COCO-20i folds)")
+    p.add_argument("--benchmark", choices=["pascal-5i", "coco-20i"], default="pascal-5i", help="fss: fold split")
+    p.add_argument("--folds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2, 3], help="fss: e.g. 0,1,2,3")
+    p.add_argument("--shots", type=int, default=1, help="fss: support images per episode (1 or 5)")
+    p.add_argument("--episodes", type=int, default=1000, help="fss: episodes per fold (BAM/HDMNet: 1000 PASCAL, 10000 COCO)")
+    p.add_argument("--seed", type=int, default=0, help="fss: episode draw seed")
+    p.add_argument("--fss-model", default="prototype", help="fss: prototype (DINOv2 matcher), tiny (random, tests) "
+                   "or package.module:factory (factory(classes) -> a model with predict(supports, masks, query))")
+    p.add_argument("--fss-backbone", default=None, help="fss prototype: DINOv2 as a local path or id@revision")
+    p.add_argument("--format", default="voc", choices=["voc", "ade20k", "coco", "folder", "parquet"], help="source layout (default voc)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (confusion matrices are all-reduced)")
     p.add_argument("--batch-size", type=int, default=8, help="images per worker per batch")
@@ -163,7 +196,7 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory (its best/ model), checkpoint or best/ directory")
     p.add_argument("--data", required=True, help="folder of images, or a dataset directory (with --format)")
     p.add_argument("--out", required=True, help="output folder: OUT/<id>.png")
-    p.add_argument("--format", default="images", choices=["images", "voc", "ade20k", "folder", "parquet"],
+    p.add_argument("--format", default="images", choices=["images", "voc", "ade20k", "coco", "folder", "parquet"],
                    help="images = every image file under --data (default); else a source layout")
     p.add_argument("--split", default=None, help="split of a dataset --format (e.g. val)")
     p.add_argument("--batch-size", type=int, default=4, help="images per actor call")

@@ -20,7 +20,7 @@ class RealData(Strict):
     """The human-annotated dataset: its train split for training, its val split for eval."""
 
     path: str = Field("", description="source dataset directory (any format pipelines.sources reads)")
-    format: Literal["voc", "ade20k", "folder", "parquet"] = Field("voc", description="source layout")
+    format: Literal["voc", "ade20k", "coco", "folder", "parquet"] = Field("voc", description="source layout (coco: COCO-Stuff 164k PNGs, or panoptic JSON + PNGs -> semantic)")
     split: str = Field("train", description="split used for training")
     val_split: str = Field("val", description="split used for periodic and final evaluation")
     classes: list[str] | None = Field(None, description="class names (index = id) when the source has none")
@@ -270,6 +270,8 @@ class TrainConfig(Strict):
     @property
     def p_synthetic(self) -> float:
         """Probability that a training slot holds a synthetic sample."""
+        if self.strategy == "mix" and self.mix.mode == "variant":
+            return 0.0  # variants replace real rows inside the real stream (training.variants)
         return {"mix": self.p_aug, "synthetic_only": 1.0}.get(self.strategy, 0.0)
 
     def samples_needed(self, p: float) -> int:

@@ -167,11 +167,17 @@ def real_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 
     driver holds the index once (in the object store), never a list as long as the budget."""
     n = len(src.real_rows)
     columns = {k: np.array([r[k] for r in src.real_rows], dtype=object) for k in _INDEX_KEYS}
+    alpha = cfg.p_aug if cfg.strategy == "mix" and cfg.mix.mode == "variant" else 0.0
+    if alpha:  # Diffusion Synthesis: each row carries its own variants (training.variants)
+        from training.variants import attach_variants
+
+        columns = attach_variants(columns, src.synthetic_files)
     tbs = cfg.data.transform_batch_size
     return _span_map(_budget(n_rows, tbs), cfg, real_span,
                      pick={"n": n, "offset": start_epoch * n, "seed": cfg.seed, "salt": 1},
                      rows_ref=_table_ref(columns), seed=cfg.seed, rows_per_batch=tbs,
-                     transform=_transform_kwargs(cfg, src.classes, source="index", train=True, fmt=cfg.real.format))
+                     transform=_transform_kwargs(cfg, src.classes, source="index", train=True, fmt=cfg.real.format,
+                                                 variant_alpha=alpha))
 
 
 def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):

@@ -30,7 +30,7 @@ from training.inference import evaluate_shard
 from training.metrics import all_reduce_, summarize
 from training.models import build_model, load_model, loss, preload, save_image_processor, save_model
 from training.steps import due, fail_if_asked, report, restore_dir
-from training.transforms import LABELS, PIXELS
+from training.transforms import LABELS, PIXELS, SYNTHETIC
 
 log = logging.getLogger("segfactory.train")
 
@@ -202,6 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     value = loss(model, arch, x, y, len(classes)) / cfg.grad_accum
                 scaler.scale(value).backward()
                 value_sum += value.detach()  # stays on the device: no sync per step
+                window["flagged"] += batch[SYNTHETIC].sum()  # synthetic rows, variants included (on the device)
             if cfg.optim.grad_clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -220,7 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not do_report:
                 continue
             taken = {k: mixer.taken[k] - window["taken0"][k] for k in mixer.taken}
-            sums = _sum([float(window["loss"]), window["n"], window["wait"], window["busy"], taken.get("synthetic", 0),
+            sums = _sum([float(window["loss"]), window["n"], window["wait"], window["busy"], float(window["flagged"]),
                          sum(taken.values()), time.perf_counter() - window["t0"]], device)
             metrics: dict[str, Any] = {
                 "step": step, "phase": ph["name"], "iterations": total, "loss": sums[0] / max(1, sums[1]), "lr": lr,
@@ -253,4 +254,4 @@ def _phase_p(meta: dict[str, Any], ph: dict[str, Any]) -> float:
 
 def _window(mixer: Mixer) -> dict[str, Any]:
     """Accumulators of one reporting window."""
-    return {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "t0": time.perf_counter(), "taken0": dict(mixer.taken)}
+    return {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "t0": time.perf_counter(), "taken0": dict(mixer.taken), "flagged": 0}

@@ -122,42 +122,49 @@ def decode_png(data: bytes, what: str) -> np.ndarray:
     return np.asarray(im)
 
 
-def _rows_from_bytes(batch: dict[str, np.ndarray]):
-    """(image, mask) pairs of an encoded-bytes batch; rows with a drop_reason are skipped."""
+def _rows_from_bytes(batch: dict[str, np.ndarray], synthetic: bool):
+    """(image, mask, synthetic) of an encoded-bytes batch; rows with a drop_reason are skipped."""
     drops = batch.get(S.DROP_REASON)
     for i in range(len(batch[S.IMAGE])):
         if drops is not None and drops[i]:
             continue
-        yield decode_png(batch[S.IMAGE][i], "image"), decode_png(batch[S.MASK][i], "mask")
+        yield decode_png(batch[S.IMAGE][i], "image"), decode_png(batch[S.MASK][i], "mask"), synthetic
 
 
-def _rows_from_index(batch: dict[str, np.ndarray], fmt: str, num_classes: int):
-    """(image, mask) pairs of a source-index batch, decoded with pipelines.sources."""
+def _rows_from_index(batch: dict[str, np.ndarray], fmt: str, num_classes: int, variant_alpha: float = 0.0):
+    """(image, mask, synthetic) of a source-index batch, decoded with pipelines.sources. With
+    ``variant_alpha`` a row is replaced by one of its own synthetic variants (Parquet rows,
+    training.variants) with that probability, drawn from its ``aug_key``."""
     from pipelines.sources import load_pixels
+    from training.variants import pick_variant
 
     keys = [k for k in batch if k != AUG_KEY]
+    aug = batch.get(AUG_KEY)
     for i in range(len(batch[keys[0]])):
         row = {k: batch[k][i] for k in keys}
-        image, mask = load_pixels(row, fmt, num_classes)
+        variant = pick_variant(row, None if aug is None else int(aug[i]), variant_alpha) if variant_alpha else None
+        image, mask = load_pixels(variant, "parquet", num_classes) if variant else load_pixels(row, fmt, num_classes)
         if mask is None:
             raise ValueError(f"{row.get(S.SOURCE_PATH)}: no mask; training needs labelled rows")
-        yield image, mask
+        yield image, mask, variant is not None
 
 
 def transform_batch(batch: dict[str, np.ndarray], *, source: str, train: bool, aug: dict[str, Any],
                     num_classes: int, fmt: str = "", synthetic: bool = False,
-                    seed: int | None = None) -> dict[str, np.ndarray]:
+                    seed: int | None = None, variant_alpha: float = 0.0) -> dict[str, np.ndarray]:
     """The map_batches function: decode (``source`` = "index" rows or encoded "bytes" rows),
     augment and normalise (``train``), or only decode (eval: ``image`` uint8 HWC and
     ``labels`` at their own size). Rows with an ``aug_key`` column draw their
-    augmentation from it (reproducible); otherwise from ``seed`` (None: fresh each run)."""
-    rows = _rows_from_bytes(batch) if source == "bytes" else _rows_from_index(batch, fmt, num_classes)
+    augmentation from it (reproducible); otherwise from ``seed`` (None: fresh each run).
+    ``variant_alpha`` (index rows, mix.mode=variant): the chance a row becomes one of its variants."""
+    rows = (_rows_from_bytes(batch, synthetic) if source == "bytes"
+            else _rows_from_index(batch, fmt, num_classes, variant_alpha if train else 0.0))
     keys = batch.get(AUG_KEY)
     if keys is not None and S.DROP_REASON in batch:
         keys = keys[np.asarray([not d for d in batch[S.DROP_REASON]], dtype=bool)]
     shared = np.random.default_rng(seed)
-    images, masks = [], []
-    for i, (image, mask) in enumerate(rows):
+    images, masks, flags = [], [], []
+    for i, (image, mask, is_synthetic) in enumerate(rows):
         # a row's own key (sample id, epoch, run seed): the same crop whatever batch it lands in
         rng = np.random.default_rng(int(keys[i])) if keys is not None else shared
         if mask.ndim != 2 or mask.shape != image.shape[:2]:
@@ -166,6 +173,7 @@ def transform_batch(batch: dict[str, np.ndarray], *, source: str, train: bool, a
             image, mask = augment(image, mask, rng, aug)
         images.append(image)
         masks.append(mask)
+        flags.append(is_synthetic)
     label_dtype = np.uint8 if num_classes <= S.IGNORE_INDEX else np.int32
     n = len(images)
     if not train:  # the image and label as they are: the model side resizes (training.inference)
@@ -175,7 +183,7 @@ def transform_batch(batch: dict[str, np.ndarray], *, source: str, train: bool, a
         # uint8 on the wire (4x fewer bytes than float32); training.accel.to_model_input normalises on the device
         PIXELS: np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)) if n else np.zeros((0, 3, side, side), np.uint8),
         LABELS: np.stack(masks).astype(label_dtype) if n else np.zeros((0, side, side), label_dtype),
-        SYNTHETIC: np.full(n, int(synthetic), np.int8),
+        SYNTHETIC: np.asarray(flags, dtype=np.int8),
     }
 
 

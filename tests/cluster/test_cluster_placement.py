@@ -99,9 +99,12 @@ def test_fetch_targets_of_the_sdxl_config():
     assert len(cfg.mask2img.model.revision) == 40
     both = pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null", "captions=template"))
     assert len(both) == 1  # the same base id@revision for both stages: fetched once
-    captioned = pf.fetch_targets(_cfg("seggen-sdxl.yaml"))  # SegGen's BLIP-2 captioner too
-    assert [t.repo_id for t in captioned] == [cfg.captioner.model.id, cfg.mask2img.model.id]
-    assert _cfg("seggen-sdxl.yaml").captioner.model.id == "Salesforce/blip2-opt-2.7b"
+    # SegGen's BLIP-2 FlanT5-XXL comes from local_path (no commit verified offline): not fetched
+    assert _cfg("seggen-sdxl.yaml").captioner.model.local_path == "models/blip2-flan-t5-xxl"
+    assert [t.repo_id for t in pf.fetch_targets(_cfg("seggen-sdxl.yaml"))] == [cfg.mask2img.model.id]
+    # the documented lighter option, by its catalogue name, is fetched at its pinned commit
+    captioned = pf.fetch_targets(_cfg("seggen-sdxl.yaml", "captioner.model=blip2-opt-2.7b"))
+    assert [t.repo_id for t in captioned] == ["Salesforce/blip2-opt-2.7b", cfg.mask2img.model.id]
     assert pf.fetch_targets(_cfg("seggen-sdxl.yaml", "text2mask.model.local_path=null", "captions=template",
                                  "text2mask.model.revision=abc"))[0].revision == "abc"
     imgsyn = _cfg("seggen-sdxl.yaml", "pipeline=imgsyn", "text2mask.model.local_path=null",

@@ -140,11 +140,12 @@ def test_submit_refuses_relative_model_paths_before_submitting(capsys):
     from segfactory.cli import _check_submitted_generate, build_parser
 
     sdxl = str(ROOT / "pipelines/configs/seggen-sdxl.yaml")
-    assert main(["submit", "--", "generate", "--config", sdxl, "source.path=s3://b/src", "output.path=s3://b/out"]) == 2
+    assert main(["submit", "--", "generate", "--config", sdxl, "source.path=s3://b/src", "output.path=s3://b/out",
+                 "captioner.model.local_path=/mnt/blip2"]) == 2
     assert capsys.readouterr().err.startswith(
         "error: submit: text2mask.model.local_path: models/seggen-text2mask-sdxl is relative")
     ok = build_parser().parse_args(["submit", "--", "generate", "--config", sdxl, "text2mask.model.local_path=/mnt/t2m",
-                                    "mask2img.controlnet.local_path=/mnt/cn"])
+                                    "mask2img.controlnet.local_path=/mnt/cn", "captioner.model.local_path=/mnt/blip2"])
     assert _check_submitted_generate(ok) is None  # absolute paths: left to the cluster to have
     toy = build_parser().parse_args(["submit", "--", "generate", "--config", str(ROOT / "pipelines/configs/seggen-toy.yaml")])
     assert _check_submitted_generate(toy) is None

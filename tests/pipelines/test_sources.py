@@ -338,8 +338,8 @@ def test_caption_from_mask() -> None:
 
 
 def test_source_level_errors(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="unknown source format 'coco'"):
-        index_source(tmp_path, "coco")
+    with pytest.raises(SourceError, match="unknown source format 'cityscapes'"):
+        index_source(tmp_path, "cityscapes")
     with pytest.raises(SourceError, match="nowhere: source path not found"):
         index_source(tmp_path / "nowhere", "voc")
     with pytest.raises(SourceError, match="no .parquet files"):

@@ -129,3 +129,24 @@ def write_backbone():
     """``write_backbone(kind, path)``: a tiny classifier checkpoint (mit | resnet | swin | timm)
     in the hub layout; returns its encoder's tensors under the module's own names."""
     return _write_backbone
+
+
+def _write_variants(path, ids: list[str], k: int = 2, size: int = 64) -> list[str]:
+    """k variants per id: image value 200 + j, mask all class 1; one extra dropped row."""
+    rows = []
+    for sid in ids:
+        for j in range(k):
+            rows.append({S.SAMPLE_ID: f"{sid}/factory/{j}", S.SOURCE_ID: sid, S.METHOD: "factory", S.CAPTION: "", S.PROMPT: "",
+                         S.IMAGE: _png(np.full((size, size, 3), 200 + j, np.uint8)), S.MASK: _png(np.ones((size, size), np.uint8)),
+                         S.HEIGHT: size, S.WIDTH: size, S.SEED: j, S.GENERATOR: "test", S.DROP_REASON: ""})
+    rows.append({**rows[0], S.SAMPLE_ID: "dropped", S.DROP_REASON: "low_similarity"})
+    path.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=S.DATASET_SCHEMA), path / "part-0.parquet")
+    return [str(path / "part-0.parquet")]
+
+
+@pytest.fixture(scope="session")
+def write_variants():
+    """``write_variants(dir, source_ids, k=2)``: a shard with k synthetic variants per source id
+    (image value 200 + j, mask all class 1) and one dropped row; returns the shard files."""
+    return _write_variants

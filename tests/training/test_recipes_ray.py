@@ -42,3 +42,29 @@ def test_attn2mask_deeplabv3plus_recipe_trains_and_evaluates(train_ray, small_re
     assert meta["eval"]["short_side"] == 64 and meta["eval"]["max_long_side"] == 256
     again = run_evaluate(tmp_path / "run", small_real, cpus_per_worker=0.5)
     assert again["miou"] == pytest.approx(final["miou"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600, method="thread")
+def test_diffsynth_variant_recipe_replaces_real_rows_by_their_variants(train_ray, small_real, tmp_path, write_backbone,
+                                                                        write_variants):
+    """mix.mode=variant through Ray: only the real stream runs, its rows swapped for their own
+    variants (every real train id has two here)."""
+    import numpy as np
+
+    from pipelines.source_index import index_source
+    from training.variants import variant_index
+
+
+    ids = [r["source_id"] for r in index_source(small_real, "voc", split="train").rows]
+    files = write_variants(tmp_path / "syn" / "shards", ids)
+    assert sum(len(v) for v in variant_index(files).values()) == 2 * len(ids)
+    backbone = tmp_path / "bb"
+    write_backbone("timm", backbone)
+    cfg = load_config(TrainConfig, str(resolve_config("diffsynth-voc-deeplabv3-r50")),
+                      _tiny(small_real, tmp_path / "run", backbone, f"synthetic.paths=[{tmp_path / 'syn'}]"))
+    assert cfg.mix.mode == "variant" and cfg.p_aug == 0.4 and cfg.p_synthetic == 0.0
+    final = run_train(cfg)
+    assert final["final_step"] == 6 and np.isfinite(final["miou"])
+    # replaced rows count as synthetic: ~alpha of 24 rows (the stream of synthetic batches never ran)
+    assert 0.1 < final["synthetic_fraction"] < 0.75, final["synthetic_fraction"]

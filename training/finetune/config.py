@@ -106,6 +106,11 @@ class TextualInversionConfig(Strict):
     min_fraction: float = Field(0.001, ge=0, le=1, description="least share of the image a class must cover to "
                                 "become an instance")
     bank_name: str = Field("bank.safetensors", description="file name of the embedding bank in output.path")
+    shots_per_class: int | None = Field(None, ge=1, description="k-shot: keep the first k source rows (by id) of each class "
+                                        "as its instances (AlignDiff's k given pairs per class); None = every instance")
+    steps_per_instance: int | None = Field(None, ge=1, description="optimisation budget of each instance's embedding "
+                                           "(AlignDiff: 3000 per instance); sets iterations = ceil(steps x instances / "
+                                           "(batch_size x workers)); None = `iterations` shared by all instances")
 
 
 class EmaConfig(Strict):

@@ -104,10 +104,32 @@ def make_instances(batch: dict[str, np.ndarray], *, format: str, classes: list[s
 
 
 def add_index(batch: dict[str, np.ndarray], *, index: dict[str, int]) -> dict[str, np.ndarray]:
-    """The instance's bank row (its token number) from (source id, class id)."""
-    batch["instance"] = np.array([index[f"{s}:{c}"] for s, c in zip(batch["source_id"], batch["class_id"], strict=True)],
-                                 np.int64)
-    return batch
+    """The instance's bank row (its token number) from (source id, class id); instances not in
+    ``index`` (past ``shots_per_class``) are dropped."""
+    keys = [f"{s}:{c}" for s, c in zip(batch["source_id"], batch["class_id"], strict=True)]
+    keep = np.array([k in index for k in keys], dtype=bool)
+    out = {name: np.asarray(col)[keep] for name, col in batch.items()}
+    out["instance"] = np.array([index[k] for k, kept in zip(keys, keep, strict=True) if kept], np.int64)
+    return out
+
+
+def select_shots(keys: list[tuple[str, int]], k: int | None) -> list[tuple[str, int]]:
+    """k-shot per class: the first ``k`` sources (by id) of each class; None keeps all."""
+    if k is None:
+        return keys
+    chosen: dict[int, list[str]] = {}
+    for source, cls in sorted(keys):
+        if len(chosen.setdefault(cls, [])) < k:
+            chosen[cls].append(source)
+    return sorted((s, c) for c, sources in chosen.items() for s in sources)
+
+
+def budget_iterations(steps_per_instance: int | None, instances: int, batch_size: int, workers: int, default: int) -> int:
+    """Optimizer steps giving each instance ``steps_per_instance`` updates (each step updates
+    batch_size x workers instances); ``default`` when no per-instance budget is set."""
+    if steps_per_instance is None:
+        return default
+    return -(-steps_per_instance * instances // (batch_size * workers))
 
 
 # --- the worker side ----------------------------------------------------------------------
@@ -317,6 +339,9 @@ class TextualInversionRecipe(Recipe):
         clear_rejected(run)  # this run's instance pass writes its own
         write_index_problems(run, index.problems)
         ds, entries = instance_dataset(cfg, index, rows, only, run)
+        # a budget per instance (textual_inversion.steps_per_instance) is known once the instances are
+        cfg = cfg.model_copy(update={"iterations": budget_iterations(
+            cfg.textual_inversion.steps_per_instance, len(entries), cfg.batch_size, cfg.workers.num_workers, cfg.iterations)})
         ordered = ds.sort("instance").take_all()  # few-shot: a handful of small rows
         meta = {"run_dir": run.uri, "build": build_kwargs(cfg), "entries": [e.__dict__ for e in entries],
                 "bank_meta": bank_meta(cfg), "resume_from": str(resume_from) if resume_from else None,
@@ -394,6 +419,7 @@ def instance_dataset(cfg: FinetuneConfig, index: Any, rows: list[dict], only: li
                    "resolution": cfg.data.resolution, "only": only, "min_fraction": ti.min_fraction,
                    "rejected_to": run.uri}).materialize()
     keys = sorted({(str(r["source_id"]), int(r["class_id"])) for r in ds.select_columns(["source_id", "class_id"]).take_all()})
+    keys = select_shots(keys, ti.shots_per_class)
     if not keys:
         raise ConfigError(f"source.path: no instance (a non-background class covering >= {ti.min_fraction:.2%}) "
                           f"in {len(rows)} source row(s)")
