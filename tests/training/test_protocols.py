@@ -82,6 +82,7 @@ def test_protocol_config_resolves_to_the_quoted_numbers(name):
     assert four.batch_size * 4 == cfg.total_batch_size
 
 
+@pytest.mark.subprocess
 def test_print_config_prints_the_resolved_yaml_and_starts_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-m", "segfactory", "train", "--config", "diffsynth-voc-deeplabv3-r50",
                           "--print-config", "workers.num_workers=2"], capture_output=True, text=True, timeout=120)
