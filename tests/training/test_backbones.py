@@ -45,6 +45,7 @@ def _batch():
     return x, y
 
 
+@pytest.mark.slow  # ~50-60 s each on the loaded 2-core box
 @pytest.mark.parametrize("arch, kind", CASES)
 def test_backbone_loads_and_trains(arch, kind, tmp_path, write_backbone):
     expected = write_backbone(kind, tmp_path / "bb")
