@@ -33,6 +33,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "blip2-opt-2.7b": {"id": "Salesforce/blip2-opt-2.7b", "revision": "51572668da0eb669e01a189dc22abe6088589a24",
                        # pinned commit found in public code; safetensors not checked here (offline)
                        "what": "BLIP-2 with OPT-2.7B: the lighter BLIP-2"},
+    "resnet-50": {"id": "microsoft/resnet-50", "revision": "34c2154c194f829b11125337b98c8f5f9965ff19",
+                  # pinned commit found in public code (a transformers test); safetensors not checked here (offline)
+                  "what": "ResNet-50 v1.5, ImageNet-1k: the R50 backbone of Mask2Former (SegGen) and DeepLab (attn2mask, DS)"},
     "grounding-dino-tiny": {"id": "IDEA-Research/grounding-dino-tiny",
                             "revision": "a2bb814dd30d776dcf7e30523b00659f4f141c71",
                             "what": "Grounding DINO Swin-T (the paper's groundingdino_swint_ogc)"},

@@ -27,7 +27,7 @@ def calls(text: str, opening: str):
         start = text.find(opening, end)
 
 
-MODEL_KEYS = ("model", "controlnet", "vae")  # keys whose value is a weights spec (or a catalogue name)
+MODEL_KEYS = ("model", "controlnet", "vae", "backbone")  # keys whose value is a weights spec (or a catalogue name)
 
 
 def model_specs(node, path=""):

@@ -7,7 +7,7 @@ unknown keys are an error, every field has a description.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -71,14 +71,23 @@ class BackboneConfig(Strict):
     Weights: ``model.safetensors`` of a hub repo at a pinned revision, or of a local directory
     (never pickle, never remote code). transformers backbones (SegFormer's MiT, Mask2Former's
     ResNet / Swin) take their architecture from the repo's ``config.json``; DeepLab's torchvision
-    ResNet takes it from ``name`` and reads timm-layout weights (``timm/resnet50.a1_in1k``)."""
+    ResNet takes it from ``resnet`` and reads transformers- or timm-layout ResNet weights. A
+    catalogue name (core/catalogue.py) stands for id + revision: ``backbone: resnet-50`` or
+    ``{name: resnet-50, resnet: resnet50, output_stride: 8}``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _by_name(cls, value: Any) -> Any:
+        from core.catalogue import resolve_model
+
+        return resolve_model(value, set(cls.model_fields))
 
     id: str = Field("", description="hub repo id, e.g. nvidia/mit-b0, microsoft/resnet-50, "
                     "microsoft/swin-large-patch4-window12-384-in22k, timm/resnet50.a1_in1k")
     revision: str = Field("main", description="pinned revision (a commit hash) of `id`")
     local_path: str | None = Field(None, description="local directory with model.safetensors (+ config.json); wins over `id`")
-    name: Literal["resnet50", "resnet101", "resnet-tiny"] = Field("resnet50", description="DeepLab: the torchvision ResNet "
-                                                                   "to build (resnet-tiny: tests and the toy domain)")
+    resnet: Literal["resnet50", "resnet101", "resnet-tiny"] = Field("resnet50", description="DeepLab: the torchvision ResNet "
+                                                                     "to build (resnet-tiny: tests and the toy domain)")
     output_stride: Literal[8, 16] = Field(8, description="DeepLab: dilation past this stride (mmseg d8 configs: 8; DeepLabv3+ paper: 16)")
 
 

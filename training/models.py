@@ -110,7 +110,7 @@ def build_architecture(cfg: ModelConfig, classes: list[str]):
     if cfg.arch.startswith("deeplab"):
         from training import deeplab
 
-        name = "resnet-tiny" if cfg.preset == "tiny" else cfg.backbone.name
+        name = "resnet-tiny" if cfg.preset == "tiny" else cfg.backbone.resnet
         channels = cfg.tiny.decoder_hidden_size if cfg.preset == "tiny" else cfg.deeplab.aspp_channels
         return deeplab.build(len(classes), cfg.arch, name, cfg.backbone.output_stride, channels)
     config = tiny_config(cfg, classes) if cfg.preset == "tiny" else _with_backbone_config(cfg, classes)

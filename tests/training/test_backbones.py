@@ -26,7 +26,7 @@ CASES = [("segformer", "mit"), ("mask2former", "resnet"), ("mask2former", "swin"
 
 
 def _cfg(arch: str, **backbone) -> ModelConfig:
-    return ModelConfig(arch=arch, preset="backbone", backbone={"name": "resnet-tiny", **backbone},
+    return ModelConfig(arch=arch, preset="backbone", backbone={"resnet": "resnet-tiny", **backbone},
                        deeplab={"aspp_channels": 16}, mask2former=SMALL_M2F)
 
 
@@ -135,7 +135,7 @@ def test_cli_exits_2_naming_the_key_before_ray(tmp_path, toy_source, capsys, wri
     write_backbone("timm", bad)
     _rewrite(bad, lambda t: t.__setitem__("bn1.weight", torch.ones(7)))
     code = main(["train", "--config", "toy", f"real.path={toy_source}", "strategy=real_only", "model.arch=deeplabv3plus",
-                 "model.preset=backbone", "model.backbone.name=resnet-tiny", f"model.backbone.local_path={bad}",
+                 "model.preset=backbone", "model.backbone.resnet=resnet-tiny", f"model.backbone.local_path={bad}",
                  f"output.path={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "'bn1.weight' has shape [7]" in err and len(err.strip().splitlines()) == 1

@@ -24,7 +24,7 @@ MMSEG_PIPELINE = {"aug.scale_min": (0.5, "mmseg ratio_range=(0.5, 2.0)"), "aug.s
                   "optim.poly_power": (0.9, "mmseg PolyLR power=0.9")}
 EXPECTED = {
     "seggen-ade20k-mask2former-r50": {
-        "model.arch": ("mask2former", "SegGen §4.1"), "model.backbone.id": ("microsoft/resnet-50", "SegGen Table 1 R50"),
+        "model.arch": ("mask2former", "SegGen §4.1"), "model.backbone.id": ("microsoft/resnet-50", "SegGen Table 1 R50 (catalogue resnet-50)"),
         "optim.name": ("adamw", "SegGen A.3"), "optim.lr": (1e-4, "SegGen A.3 10^-4"), "optim.weight_decay": (0.05, "SegGen A.3 5x10^-2"),
         "total_batch_size": (16, "SegGen A.3 batch 16"), "iterations": (160000, "SegGen Table 1 160k"),
         "aug.crop_size": (512, "SegGen Table 1 crop 512"), "p_aug": (0.6, "SegGen §4.3 p_aug=60%"),
@@ -40,14 +40,14 @@ EXPECTED = {
         "aug.base_size": (640, "mmseg 640 short edge"), "eval.short_side": (640, "mmseg test Resize (2560, 640)"),
         "eval.max_long_side": (2560, "mmseg test Resize"), "optim.backbone_lr_mult": (0.1, "mmseg"), **MMSEG_PIPELINE},
     "attn2mask-voc-deeplabv3plus-r50": {
-        "model.arch": ("deeplabv3plus", "attn2mask supp. Table 1"), "model.backbone.name": ("resnet50", "attn2mask ResNet50"),
+        "model.arch": ("deeplabv3plus", "attn2mask supp. Table 1"), "model.backbone.resnet": ("resnet50", "attn2mask ResNet50"),
         "optim.name": ("sgd", "attn2mask SGD"), "optim.lr": (0.001, "attn2mask 0.001 (ResNet50)"),
         "optim.weight_decay": (1e-5, "attn2mask 0.00001"), "total_batch_size": (12, "attn2mask 6 per GPU x 2 GPUs"),
         "batch_size": (6, "12 over 2 workers"), "iterations": (25000, "attn2mask 25,000"), "aug.crop_size": (512, "mmseg 512x512"),
         "aug.cat_max_ratio": (0.75, "mmseg cat_max_ratio=0.75"), "eval.short_side": (512, "mmseg (2048, 512)"),
         "strategy": ("synthetic_only", "attn2mask trains on pseudo-masks"), **MMSEG_PIPELINE},
     "diffsynth-voc-deeplabv3-r50": {
-        "model.arch": ("deeplabv3", "DS Table 6 DeepLabV3"), "model.backbone.name": ("resnet50", "DS ResNet50"),
+        "model.arch": ("deeplabv3", "DS Table 6 DeepLabV3"), "model.backbone.resnet": ("resnet50", "DS ResNet50"),
         "strategy": ("mix", "DS Eq. 3"), "mix.mode": ("variant", "DS Eq. 3: its own augmented version"),
         "p_aug": (0.4, "DS alpha = 0.4"), "optim.lr": (0.01, "mmseg lr=0.01"), "optim.weight_decay": (5e-4, "mmseg 0.0005"),
         "total_batch_size": (16, "mmseg 4x4"), "iterations": (20000, "mmseg 20k"), "aug.cat_max_ratio": (0.75, "mmseg"),
