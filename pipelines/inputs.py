@@ -29,6 +29,8 @@ LAYOUTS = {
     "voc": Layout(("JPEGImages/",), "VOC2012/ holding JPEGImages/, SegmentationClass/, ImageSets/Segmentation/"),
     "ade20k": Layout(("images/", "annotations/"), "ADEChallengeData2016/ holding images/{training,validation}/, "
                      "annotations/{training,validation}/"),
+    "coco": Layout(("images/", "annotations/"), "a COCO root holding images/{train2017,val2017}/ and annotations/ "
+                   "(panoptic_*.json + PNG folders, or COCO-Stuff's {train2017,val2017}/*_labelTrainIds.png)"),
     "folder": Layout(("images/",), "a folder holding images/, masks/ and classes.txt"),
     "captions": Layout(("captions.jsonl",), "a folder holding captions.jsonl"),
 }

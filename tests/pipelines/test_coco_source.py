@@ -101,3 +101,12 @@ def test_training_and_generation_read_the_coco_source(tmp_path):
     with pytest.raises(Exception, match="no usable rows"):
         index_rows(load_config(GenerateConfig, str(resolve_config("seggen-toy")), [f"source.path={root}", "source.format=coco",
                                                                "source.classes=[cat]", f"output.path={tmp_path / 'o2'}"]))
+
+
+def test_a_coco_root_one_level_off_is_named_before_ray(tmp_path):
+    from pipelines.inputs import source_problems
+
+    root = write_coco_panoptic(tmp_path / "coco")
+    assert source_problems(str(root), "coco") == []
+    problems = source_problems(str(root / "images"), "coco")
+    assert problems and "did you mean" in problems[0] and str(root) in problems[0]
