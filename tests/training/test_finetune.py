@@ -61,7 +61,7 @@ def test_cli_finetune_names_a_missing_key(capsys, tmp_path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"^optim.lrr: unknown key$"):
+    with pytest.raises(ConfigError, match=r"^optim.lrr: unknown key; did you mean optim.lr\?$"):
         load_config(FinetuneConfig, None, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="Text2Mask is an SDXL model"):
         load_config(FinetuneConfig, None, ["kind=text2mask", "preset=sd15"])
