@@ -79,7 +79,7 @@ def test_cli_runs_folds_with_the_baseline_and_a_plugged_in_model(tmp_path, capsy
     data = write_voc21(tmp_path / "voc")
     base = ["evaluate", "--protocol", "fss", "--data", str(data), "--benchmark", "pascal-5i", "--folds", "0,1",
             "--episodes", "12", "--seed", "1"]
-    assert main([*base, "--fss-model", "tests.training.test_fss:factory", "--shots", "1", "--out", str(tmp_path / "oracle.json")]) == 0
+    assert main([*base, "--fss-model", "tests.training.test_fss_protocol:factory", "--shots", "1", "--out", str(tmp_path / "oracle.json")]) == 0
     oracle = json.loads((tmp_path / "oracle.json").read_text())
     assert [f["fold"] for f in oracle["folds"]] == [0, 1] and oracle["miou"] == 1.0 and oracle["fb_iou"] == 1.0
     assert all(f["episodes"] == 12 for f in oracle["folds"])
