@@ -117,7 +117,7 @@ def test_kill_then_resume_with_output_on_s3(s3_run, s3_source, s3_bucket):
     ("source.path=", "source.path: required"),
     ("output.path=ftp://host/out", "output.path=ftp://host/out: unknown URI scheme 'ftp'"),
     ("output.path=s3://no-such-bucket/out", "s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist"),
-    ("source.path=s3://no-such-bucket/src", "s3://no-such-bucket/src: source path not found"),
+    ("source.path=s3://no-such-bucket/src", "s3://no-such-bucket/src: bucket 'no-such-bucket' does not exist"),
 ])
 @pytest.mark.ray
 def test_bad_paths_exit_2_with_one_line(s3_server, toy_source, tmp_path, capsys, override, words):
