@@ -266,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line): config, source, output, checkpoint."""
-    from core.storage import StorageError
+    from core.storage import StorageError  # includes a corrupt commit record (pipelines.commits)
+    from pipelines.lease import LeaseHeld
     from pipelines.sources import SourceError
     from pipelines.writer import OutputConflict
 
-    return (ConfigError, SourceError, OutputConflict, StorageError)
+    return (ConfigError, SourceError, OutputConflict, StorageError, LeaseHeld)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class GraphSpec:
     # checks that need the source's classes and palette, run before any sample is made (raise
     # ConfigError naming the key): e.g. a fine-tuned Text2Mask trained under another palette
     check_context: Callable[[GenerateConfig, RunContext], None] | None = None
+    # most samples one source row produces: output.samples_per_shard is turned into source rows by it
+    samples_per_row: Callable[[GenerateConfig], int] = lambda cfg: 1
 
 
 _REGISTRY: dict[str, GraphSpec] = {}
