@@ -102,13 +102,15 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
 def actor_restarts(since: float = 0.0) -> dict[str, int]:
     """Restarts Ray made of this job's actors created after ``since`` (epoch seconds), by actor
     class (model pools, writers): how a run counts the processes it lost. Ray's actor table has the count (``ray.util.state`` would
-    need the dashboard, which runs are often started without): a private API, read here only."""
+    need the dashboard, which runs are often started without): a private API (core/compat.py)."""
     import ray
+
+    from core.compat import ray_api
 
     job = ray.get_runtime_context().get_job_id()
     out: dict[str, int] = {}
     try:
-        table = ray._private.state.actors()
+        table = ray_api("actor_table")()
     except Exception:  # noqa: BLE001 - informative only
         log.debug("no actor table", exc_info=True)
         return out

@@ -39,9 +39,9 @@ def _commits(out: Path) -> int:
 
 def _writer_nodes() -> list[str]:
     """Nodes of the live writer actors (the driver of this script is connected to the cluster)."""
-    import ray
+    from core.compat import ray_api
 
-    return sorted(a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+    return sorted(a["Address"]["NodeID"] for a in ray_api("actor_table")().values()
                   if a["ActorClassName"] == "ShardWriterActor" and a["State"] == "ALIVE")
 
 

@@ -18,6 +18,8 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.subprocess
 def test_losing_a_worker_node_mid_run_changes_nothing_in_the_output(toy_source, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     proc = subprocess.run([sys.executable, str(HERE / "nodeloss_run.py"), str(toy_source), str(tmp_path)],
