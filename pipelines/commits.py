@@ -150,6 +150,52 @@ def summarize_output(out: Location | str) -> dict[str, Any]:
     return summarize(read_commits(storage.resolve(out, "output.path")))
 
 
+def adopt_legacy_shards(out: Location, config_hash: str) -> int:
+    """Give records to the shards of an output written before commit records existed (no record
+    and no staged row of this config at all), so upgrading does not redo or delete a dataset.
+    Each file is read back whole (its footer, ids, methods; its rejected file's reasons); one
+    that does not read is left uncommitted, for :func:`remove_uncommitted`. Returns records written."""
+    if committed_shards(out, config_hash) or storage.listdir(out / STAGING / config_hash, recursive=True):
+        return 0
+    prefix = f"part-{config_hash}-"
+    files = [f for f in storage.listdir(out / "shards", ".parquet") if f.name.startswith(prefix)
+             and f.name[len(prefix):-len(".parquet")].isdigit()]
+    if not files:
+        return 0
+
+    def adopt(f: Location) -> bool:
+        try:
+            write_commit(out, _legacy_record(out, f, config_hash, int(f.name[len(prefix):-len(".parquet")])))
+            return True
+        except Exception as e:  # noqa: BLE001 - an unreadable file is simply not adopted
+            log.warning("%s: not adopted (%s); it is made again", f, e)
+            return False
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
+        adopted = sum(pool.map(adopt, files))
+    log.info("%s: %d shard(s) written before commit records were given one", out, adopted)
+    return adopted
+
+
+def _legacy_record(out: Location, f: Location, config_hash: str, shard: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f.path, columns=[S.SAMPLE_ID, S.METHOD], filesystem=f.fs)
+    meta = pq.read_metadata(f.path, filesystem=f.fs)
+    ids = table.column(S.SAMPLE_ID).to_pylist()
+    truncated = int((pq.read_schema(f.path, filesystem=f.fs).metadata or {}).get(b"segfactory.prompts_truncated", 0))
+    rejected = out / "rejected" / f.name
+    reasons = pq.read_table(rejected.path, columns=[S.DROP_REASON], filesystem=rejected.fs).column(
+        S.DROP_REASON).to_pylist() if storage.exists(rejected) else []
+    drops = Counter(r.split(":", 1)[0] for r in reasons)
+    return {"shard": shard, "config_hash": config_hash, "file": f"shards/{f.name}", "rows": len(ids),
+            "sample_ids": ids_digest(ids), "bytes": storage.size(f), "row_groups": meta.num_row_groups,
+            "rows_per_method": dict(sorted(Counter(table.column(S.METHOD).to_pylist()).items())),
+            "drops_per_reason": dict(sorted(drops.items())), "rejected_file": f"rejected/{f.name}" if reasons else None,
+            "rejected_rows": len(reasons), "filtered_rows": sum(drops[c] for c in S.FILTER_REASONS if c in drops),
+            "prompts_truncated": truncated, "adopted": True}
+
+
 def remove_uncommitted(out: Location, config_hash: str) -> int:
     """Delete what a stopped run left that no record commits: staged rows, shard and rejected
     files without a record, temp files. Returns how many files went (run under the lease)."""

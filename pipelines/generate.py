@@ -16,7 +16,12 @@ from core import schema as S
 from core import storage
 from core.runtime import actor_restarts, init_ray
 from core.storage import Location
-from pipelines.commits import committed_shards, complete_shards, summarize_output
+from pipelines.commits import (
+    adopt_legacy_shards,
+    committed_shards,
+    complete_shards,
+    summarize_output,
+)
 from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, stage_plan
 from pipelines.graphs.base import build_dataset, stage_label
@@ -172,6 +177,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
 
 def _run(cfg: GenerateConfig, out: Location, started: float) -> GenerateResult:
     config_hash = cfg.config_hash()
+    adopt_legacy_shards(out, config_hash)  # a dataset begun before commit records: kept, not redone
     done = complete_shards(out, config_hash)  # read only: prepare_output writes, after the checks
     init_ray(cfg.ray)
     summary, problems, todo = index_in_ray(cfg, done)

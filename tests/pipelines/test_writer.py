@@ -105,3 +105,21 @@ def test_a_corrupt_commit_record_is_named(tmp_path):
     record.write_text('{"shard": 0')
     with pytest.raises(CorruptCommit, match="part-abc-00000.json: corrupt commit record"):
         summarize_output(tmp_path)
+
+
+def test_shards_written_before_commit_records_are_adopted_not_redone(tmp_path):
+    from pipelines.commits import adopt_legacy_shards
+
+    ShardWriter(tmp_path, "abc", {0: 1, 1: 1}).add(pa.concat_tables([rows("a", 0, 2, dropped=1), rows("b", 1, 1)]))
+    records = {r["shard"]: r for r in read_commits(ShardWriter(tmp_path, "abc", {}).out)}
+    for f in (tmp_path / "_commits").iterdir():  # as the writer left an output before records existed
+        f.unlink()
+    (tmp_path / "shards" / "part-abc-00001.parquet").write_bytes(b"PAR1 torn")  # unreadable: not adopted
+    out = ShardWriter(tmp_path, "abc", {}).out
+    assert adopt_legacy_shards(out, "abc") == 1
+    adopted = read_commits(out)[0]
+    assert {k: adopted[k] for k in records[0] if k not in ("bytes",)} == {k: records[0][k] for k in records[0]
+                                                                         if k != "bytes"}
+    assert prepare_output(tmp_path, "abc", {}, overwrite=False) == {0}  # the torn file is removed
+    assert not (tmp_path / "shards" / "part-abc-00001.parquet").exists()
+    assert adopt_legacy_shards(out, "abc") == 0  # records exist now: nothing to adopt
