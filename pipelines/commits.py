@@ -126,6 +126,11 @@ def read_commits(out: Location, threads: int = READ_THREADS) -> list[dict[str, A
         return sorted(pool.map(_read_record, files), key=lambda r: (r["file"] or "", r.get("rejected_file") or ""))
 
 
+def committed_shard_files(out: Location) -> list[Location]:
+    """The kept shard files the commit records name (what readers of a dataset should read)."""
+    return [out / r["file"] for r in read_commits(out) if r["file"]]
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The manifest's counts, from commit records alone."""
     per_method, drops = Counter(), Counter()

@@ -14,7 +14,7 @@ from PIL import Image
 from core import schema as S
 from core import storage
 from core.storage import Location
-from pipelines.commits import read_commits
+from pipelines.commits import committed_shard_files
 from pipelines.stages import decode_png
 
 
@@ -58,11 +58,6 @@ def read_manifest(dataset: Location | str | os.PathLike) -> dict:
         raise SourceError(f"{path}: unreadable manifest ({exc}); rerun the generate command to rebuild it") from None
 
 
-def committed_files(dataset: Location) -> list[Location]:
-    """The kept shard files the commit records name (one listing; never an uncommitted file)."""
-    return [dataset / r["file"] for r in read_commits(dataset) if r["file"]]
-
-
 def _shard_class_counts(f: Location, num_classes: int) -> np.ndarray:
     counts = np.zeros(num_classes, dtype=np.int64)
     for mask_png in pq.read_table(f.path, columns=[S.MASK], filesystem=f.fs).column(S.MASK).to_pylist():
@@ -77,7 +72,7 @@ def class_frequencies(dataset: Location | str | os.PathLike, num_classes: int) -
 
     dataset = storage.resolve(dataset, "dataset")
     counts = np.zeros(num_classes, dtype=np.int64)
-    files = committed_files(dataset)
+    files = committed_shard_files(dataset)
     with ThreadPoolExecutor(max(1, min(8, len(files)))) as pool:
         for c in pool.map(lambda f: _shard_class_counts(f, num_classes), files):
             counts += c
@@ -101,7 +96,7 @@ def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n:
 
     dataset = storage.resolve(dataset, "dataset")
     samples = []
-    for f in committed_files(dataset):
+    for f in committed_shard_files(dataset):
         samples += pq.read_table(f.path, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK], filesystem=f.fs).to_pylist()
         if len(samples) >= n:
             break

@@ -123,3 +123,11 @@ def test_shards_written_before_commit_records_are_adopted_not_redone(tmp_path):
     assert prepare_output(tmp_path, "abc", {}, overwrite=False) == {0}  # the torn file is removed
     assert not (tmp_path / "shards" / "part-abc-00001.parquet").exists()
     assert adopt_legacy_shards(out, "abc") == 0  # records exist now: nothing to adopt
+
+
+def test_training_reads_only_committed_shards(tmp_path):
+    from training.data import _shard_files
+
+    ShardWriter(tmp_path, "abc", {0: 1, 1: 1}).add(rows("a", 0, 1))
+    (tmp_path / "shards" / "part-abc-00001.parquet").write_bytes(b"PAR1 a killed run's partial file")
+    assert [f.rsplit("/", 1)[1] for f in _shard_files(str(tmp_path))] == ["part-abc-00000.parquet"]
