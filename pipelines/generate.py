@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,9 @@ from pipelines.graphs.base import build_dataset, stage_label
 from pipelines.sources import SourceError
 from pipelines.stages import SIBLINGS
 from pipelines.writer import REJECTED_SCHEMA, prepare_output, write_manifest
+
+if TYPE_CHECKING:
+    from pipelines.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +173,12 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     storage.check_writable_root(out)
     lease = Lease(out, cfg.output.lease_ttl_s).acquire()
     try:
-        return _run(cfg, out, started)
+        return _run(cfg, out, started, lease)
     finally:
         lease.release()
 
 
-def _run(cfg: GenerateConfig, out: Location, started: float) -> GenerateResult:
+def _run(cfg: GenerateConfig, out: Location, started: float, lease: Lease) -> GenerateResult:
     config_hash = cfg.config_hash()
     adopt_legacy_shards(out, config_hash)  # a dataset begun before commit records: kept, not redone
     done = complete_shards(out, config_hash)  # read only: prepare_output writes, after the checks
@@ -195,7 +198,7 @@ def _run(cfg: GenerateConfig, out: Location, started: float) -> GenerateResult:
     stage_seconds, per_node = {}, {}
     if summary.todo_shards:
         stage_seconds, per_node = _stream(cfg, ctx, out, config_hash, todo, summary.todo_shards, n_rows,
-                                          (total_shards, len(done)))
+                                          (total_shards, len(done)), lease)
     del todo
     summary = summarize_output(out)
     total = summary["rows"] + summary["rejected_rows"]
@@ -225,7 +228,7 @@ def _run(cfg: GenerateConfig, out: Location, started: float) -> GenerateResult:
 
 
 def _stream(cfg: GenerateConfig, ctx: RunContext, out: Location, config_hash: str, todo: list, todo_shards: list[int],
-            n_rows: int, counts: tuple[int, int]) -> tuple[dict[str, float], dict[str, int]]:
+            n_rows: int, counts: tuple[int, int], lease: Lease) -> tuple[dict[str, float], dict[str, int]]:
     """Stream the unfinished shards' rows through the graph into the writers; returns the busy
     time per stage and this run's shards per writer node."""
     from pipelines.prefetch import prefetch_models  # real presets: weights once per node
@@ -244,6 +247,10 @@ def _stream(cfg: GenerateConfig, ctx: RunContext, out: Location, config_hash: st
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rec in batch.to_pylist():
                 progress.record(rec)
+            if lease.lost.is_set():  # another run took the output over (our renewals failed): stop
+                from pipelines.lease import LeaseHeld
+
+                raise LeaseHeld(f"{out}: the lease was taken by another run while this one was writing")
     finally:
         progress.stop()
     # a retried routing task may have lost a record whose shard was committed: the records decide
