@@ -3,8 +3,8 @@ with the output on an S3 server (moto), then a final rerun; checks against a cle
 
     .venv/bin/python benchmarks/soak_generate.py [--kills 30] [--rows 40] [--seed 0]
 
-Runs `segfactory generate` (each run starts its own local Ray) into ``s3://soak/out``. After a
-random delay a victim is picked from the Ray processes of that run — the driver, a model-pool
+Runs `segfactory generate` (each run starts its own local Ray) into ``s3://soak/out``. Once the
+run's actors are up, after a random delay, a victim is picked from the Ray processes of that run — the driver, a model-pool
 actor (``ray::MapWorker(...Pool)``) or a writer actor (``ray::ShardWriterActor``), found by
 Ray's process titles among the run's own descendants only — and SIGKILLed. A killed driver takes
 its process group (its Ray instance) with it and the command is rerun, as a job runner would; a
@@ -70,6 +70,17 @@ def victims(proc: subprocess.Popen) -> dict[str, list[int]]:
     return found
 
 
+def wait_for_actors(proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until the run's pool or writer processes are up (or it ended): a kill before Ray is up
+    can only hit the driver."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        found = victims(proc)
+        if found["pool"] or found["writer"]:
+            return
+        time.sleep(0.5)
+
+
 def kill_one(proc: subprocess.Popen, rng: random.Random) -> str | None:
     """SIGKILL one victim of a random kind that has one; returns the kind."""
     found = victims(proc)
@@ -93,7 +104,8 @@ def soak(source: Path, out: str, rows: int, kills: int, rng: random.Random) -> d
     failed_without_driver_kill = 0
     proc = generate(source, out, rows)
     while sum(counts.values()) < kills:
-        time.sleep(rng.uniform(8, 25))  # Ray starts in ~5-20 s here: some kills land during start-up
+        wait_for_actors(proc)
+        time.sleep(rng.uniform(0, 6))  # then at a random point of the run
         kind = kill_one(proc, rng)
         if kind:
             counts[kind] += 1
