@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def _generate(source: str, out: Path, address: str) -> subprocess.Popen:
     return subprocess.Popen([
         sys.executable, "-m", "segfactory.cli", "generate", "--config", str(ROOT / "pipelines/configs/seggen-toy.yaml"),
-        f"source.path={source}", f"output.path={out}", f"ray.address={address}", "source.limit=12",
+        f"source.path={source}", f"output.path={out}", f"ray.address={address}", "source.limit=16",
         "output.rows_per_shard=1", "output.writers=2", "imgsyn.samples_per_source=1", "masksyn.samples_per_caption=1",
         "ray.show_progress=false", "cpu.num_cpus=0.5", "text2mask.resources.num_cpus=0.5",
-        "mask2img.resources.num_cpus=0.5", "mask2img.resources.batch_size=2", "faults.batch_delay_s=0.5",
+        "mask2img.resources.num_cpus=0.5", "mask2img.resources.batch_size=2", "faults.batch_delay_s=1.0",
         "ray.no_progress_timeout_s=240"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
