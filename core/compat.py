@@ -21,6 +21,8 @@ PRIVATE_APIS: dict[str, tuple[str, str]] = {
     "UserCallback": ("ray.train.v2.api.callback", "UserCallback"),
     # Ray Data executor hook: an idle stream sleeps instead of spinning (training/ingest_idle.py)
     "ExecutionCallback": ("ray.data._internal.execution.execution_callback", "ExecutionCallback"),
+    # GCS actor table with NumRestarts, no dashboard needed (core/runtime.py actor_restarts)
+    "actor_table": ("ray._private.state", "actors"),
 }
 _warned = False
 

@@ -112,3 +112,25 @@ def init_ray(ray_cfg=None, **kwargs) -> None:
         # bars only on a terminal: in a log file or a job's output they are ANSI noise
         ctx.enable_progress_bars = ray_cfg.show_progress and sys.stderr.isatty()
     ctx.execution_options.preserve_order = False
+
+
+def actor_restarts(since: float = 0.0) -> dict[str, int]:
+    """Restarts Ray made of this job's actors created after ``since`` (epoch seconds), by actor
+    class (model pools, writers): how a run counts the processes it lost. Ray's actor table has the count (``ray.util.state`` would
+    need the dashboard, which runs are often started without): a private API (core/compat.py)."""
+    import ray
+
+    from core.compat import ray_api
+
+    job = ray.get_runtime_context().get_job_id()
+    out: dict[str, int] = {}
+    try:
+        table = ray_api("actor_table")()
+    except Exception:  # noqa: BLE001 - informative only
+        log.debug("no actor table", exc_info=True)
+        return out
+    for info in table.values():
+        if info.get("JobID") == job and info.get("NumRestarts") and info.get("StartTime", 0) >= since * 1000:
+            name = info.get("ActorClassName") or "?"
+            out[name] = out.get(name, 0) + int(info["NumRestarts"])
+    return dict(sorted(out.items()))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from core.config import RayConfig, Strict
+from core.config import OMIT_DEFAULT, RayConfig, Strict
 from pipelines.graphs.aligndiff.config import AlignDiffConfig, FssStage
 from pipelines.graphs.attn2mask.config import Attn2MaskConfig
 from pipelines.graphs.factory.config import (
@@ -47,7 +47,18 @@ class OutputConfig(Strict):
     path: str = Field("", description="output dataset: a local directory or a URI (s3://, gs://, abfs://, hdfs://, file://)")
     image_format: Literal["png", "jpeg"] = Field("png", description="encoding of the image column")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format=jpeg")
-    rows_per_shard: int = Field(64, ge=1, description="source rows per output shard (a shard is a fixed range)")
+    rows_per_shard: int = Field(64, ge=1, description="source rows per output shard (a shard is a fixed range); "
+                                "with samples_per_shard, the most source rows a shard takes")
+    samples_per_shard: int | None = Field(None, ge=1, json_schema_extra=OMIT_DEFAULT, description="size a shard by "
+                                          "samples: a shard takes samples_per_shard // (samples per source row) "
+                                          "source rows (at least 1, at most rows_per_shard); None = rows_per_shard")
+    row_group_rows: int = Field(128, ge=1, description="most rows per Parquet row group (what a reader reads at "
+                                "least; a writer holds about one row group per shard it writes)")
+    row_group_bytes: int = Field(128 << 20, ge=1, description="most image + mask bytes per row group (a row "
+                                 "group ends at whichever of row_group_rows and this comes first)")
+    lease_ttl_s: float = Field(120.0, gt=0, description="the output's lease expires this long after the running "
+                               "generate's last renewal (it renews every ttl/4); a second run waits out no lease, "
+                               "it stops with exit 2")
     overwrite: bool = Field(False, description="allow writing over an output made with another config")
     writers: int = Field(2, ge=1, description="writer actors (spread over the nodes) that buffer and write the shards; "
                          "raise it with the number of nodes")
@@ -69,6 +80,10 @@ class FaultConfig(Strict):
     stage: Literal["text2mask", "mask2img"] = Field("mask2img", description="which model stage misbehaves")
     die_after_batches: int | None = Field(None, ge=0, description="the actor process exits mid-batch after N batches (once per run)")
     raise_on_sample: str | None = Field(None, description="the model raises on the batch holding this sample_id")
+    batch_delay_s: float | None = Field(None, ge=0, description="the model stage sleeps this long per batch (a slow "
+                                        "model: lets a test kill a node while shards are in flight)")
+    device_error_after_batches: int | None = Field(None, ge=0, description="the model raises a CUDA error (a broken "
+                                                   "device) on the batch after N batches (once per run)")
     hang_after_shards: int | None = Field(None, ge=1, description="the driver stops consuming for good once N shards are written (a test kills it there)")
 
 
@@ -180,13 +195,27 @@ class GenerateConfig(Strict):
             data.update(graph.hash_extra(self, _hash_view(self)))
         data["output"].pop("path")
         data["output"].pop("overwrite")
-        for knob in ("writers", "writer_num_cpus", "progress_interval_s"):  # runtime only: same bytes
+        # runtime only, or the same samples in another file layout (row groups): same dataset
+        for knob in ("writers", "writer_num_cpus", "progress_interval_s", "row_group_rows", "row_group_bytes",
+                     "lease_ttl_s"):
             data["output"].pop(knob, None)
         data["source"].pop("path")
         data["cpu"] = None  # CPU task sizes never change bytes; the key stays for the old hashes
         _drop_unset_model_keys(data, toy=self.preset == "toy")
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+    def shard_rows(self) -> int:
+        """Source rows per shard: ``output.rows_per_shard``, or what ``output.samples_per_shard``
+        allows at this graph's samples per source row (at least one row, at most rows_per_shard)."""
+        from pipelines.graphs import get_graph
+
+        o = self.output
+        if o.samples_per_shard is None:
+            return o.rows_per_shard
+        per_row = max(1, get_graph(self.pipeline).samples_per_row(self))
+        return max(1, min(o.rows_per_shard, o.samples_per_shard // per_row))
 
 
 # Sections that belong to one graph or another (the rest are common to every graph).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,21 +14,23 @@ import pyarrow.compute as pc
 
 from core import schema as S
 from core import storage
-from core.runtime import init_ray
+from core.runtime import actor_restarts, init_ray
 from core.storage import Location
+from pipelines.commits import (
+    adopt_legacy_shards,
+    committed_shards,
+    complete_shards,
+    summarize_output,
+)
 from pipelines.config import GenerateConfig
 from pipelines.graphs import RunContext, get_graph, stage_plan
 from pipelines.graphs.base import build_dataset, stage_label
 from pipelines.sources import SourceError
 from pipelines.stages import SIBLINGS
-from pipelines.writer import (
-    REJECTED_SCHEMA,
-    OutputConflict,
-    complete_shards,
-    prepare_output,
-    summarize_output,
-    write_manifest,
-)
+from pipelines.writer import REJECTED_SCHEMA, prepare_output, write_manifest
+
+if TYPE_CHECKING:
+    from pipelines.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def index_rows(cfg: GenerateConfig):
             if index.problems else ""
         raise SourceError(f"source.path={cfg.source.path}: no usable rows (format={cfg.source.format}"
                           f"{', split=' + cfg.source.split if cfg.source.split else ''}){why}")
-    shards = np.arange(rows.num_rows, dtype=np.int64) // cfg.output.rows_per_shard
+    shards = np.arange(rows.num_rows, dtype=np.int64) // cfg.shard_rows()
     return index, rows.append_column(S.SHARD, pa.array(shards))
 
 
@@ -80,10 +82,17 @@ def _problems_table(problems: list[tuple[str, str, str]]) -> pa.Table:
 
 
 def _write_problems(problems: pa.Table, out_uri: str, config_hash: str) -> None:
-    path = storage.resolve(out_uri, "output.path") / "rejected" / f"part-{config_hash}-index.parquet"
+    """The index's rejected rows, committed like a shard's (a record named ``...-index``)."""
+    from pipelines.commits import commit_record_of_rejects
+
+    out = storage.resolve(out_uri, "output.path")
+    path = out / "rejected" / f"part-{config_hash}-index.parquet"
+    record = out / "_commits" / f"part-{config_hash}-index.json"
     if problems.num_rows:
         storage.write_parquet(problems, path)
+        storage.write_text(record, commit_record_of_rejects(path, config_hash, problems))
     else:
+        storage.remove(record)
         storage.remove(path)
 
 
@@ -128,18 +137,18 @@ def _index_task(cfg: GenerateConfig, done: set[int]):
 
 def index_in_ray(cfg: GenerateConfig, done: set[int]):
     """:func:`_index_task` in a Ray task; returns the summary, the ref of its problems table and
-    the refs of the unfinished rows. A local source path is only known to exist on the driver's
-    node, so the task runs there; a URI source is indexed wherever Ray places it. No CPU is
+    the refs of the unfinished rows. The task runs on the driver's node (see below). No CPU is
     reserved: a one-off task must not wait behind a head node started with ``num-cpus: 0``. A
     source error is re-raised as itself (one line, exit 2), not as Ray's wrapped traceback."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
+    # On the driver's node always: its rows (the run's input blocks) must outlive any worker
+    # node (a task with max_retries=0 cannot be reconstructed); a local source exists only there.
+    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
     source = storage.resolve(cfg.source.path, "source.path")
     if source.is_local:  # absolute paths: a worker's working directory need not be the driver's
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                        soft=False)
         cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": source.path})})
     refs = ray.remote(_index_task).options(**options).remote(cfg, done)
     try:
@@ -154,15 +163,25 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
 
     The driver handles one small completion record per shard: the source index is built in a
     Ray task (its rows go to the object store) and image and mask bytes go from the graph's
-    workers to writer actors (:mod:`pipelines.sink`).
+    workers to writer actors (:mod:`pipelines.sink`). The run holds the output's lease
+    (:mod:`pipelines.lease`) from before it reads what is done until the manifest is written.
     """
-    from pipelines.progress import Progress
+    from pipelines.lease import Lease
 
     started = time.time()
     out = storage.resolve(cfg.output.path, "output.path")
     _require_source(cfg)  # before Ray starts
-    config_hash = cfg.config_hash()
     storage.check_writable_root(out)
+    lease = Lease(out, cfg.output.lease_ttl_s).acquire()
+    try:
+        return _run(cfg, out, started, lease)
+    finally:
+        lease.release()
+
+
+def _run(cfg: GenerateConfig, out: Location, started: float, lease: Lease) -> GenerateResult:
+    config_hash = cfg.config_hash()
+    adopt_legacy_shards(out, config_hash)  # a dataset begun before commit records: kept, not redone
     done = complete_shards(out, config_hash)  # read only: prepare_output writes, after the checks
     init_ray(cfg.ray)
     summary, problems, todo = index_in_ray(cfg, done)
@@ -172,48 +191,16 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     graph = get_graph(cfg.pipeline)
     if graph.check_context:  # before anything is written (a rerun may change the config)
         graph.check_context(cfg, ctx)
-    if prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite) != done:
-        raise OutputConflict(f"{out}: its shards changed while this run started; is another run writing there?")
+    prepare_output(out, config_hash, cfg.model_dump(mode="json"), cfg.output.overwrite)
     write_index_problems(problems, out, config_hash)
-    total_shards = -(-n_rows // cfg.output.rows_per_shard)
-    log.info("%s in %s; %s already complete; output %s", _n(n_rows, "source row"), _n(total_shards, "shard"),
-             _n(len(done), "shard"), out)
-
-    stage_seconds: dict[str, float] = {}
-    per_node: dict[str, int] = {}
-    made_now, streamed_s = 0, 0.0  # rows this run generated (a rerun that skips every shard: none)
+    total_shards = -(-n_rows // cfg.shard_rows())
+    log.info("%s in %s of %s; %s already complete; output %s", _n(n_rows, "source row"),
+             _n(total_shards, "shard"), _n(cfg.shard_rows(), "row"), _n(len(done), "shard"), out)
+    streamed = Streamed()  # a rerun that skips every shard generates nothing
     if summary.todo_shards:
-        from pipelines.prefetch import prefetch_models  # real presets: weights once per node
-        from pipelines.resources import check_cluster
-        from pipelines.sink import make_writers, route_to_writers, write_stage_kwargs
-
-        names = {s.name for s in stage_plan(cfg, ctx, cfg.source.format)}
-        cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
-        plan = stage_plan(cfg, ctx, cfg.source.format)
-        prefetch_models(cfg, stage_names=names)
-        todo_shards = set(summary.todo_shards)
-        writers = make_writers(out, config_hash, n_rows, cfg.output.rows_per_shard, cfg.output.writers,
-                               cfg.output.writer_num_cpus, cfg.faults.hang_after_shards)
-        ds = build_dataset(todo, plan).map_batches(route_to_writers, **write_stage_kwargs(writers))
-        del todo
-        # the index's rejected rows count in the progress line as they do in the summary
-        progress = Progress(total_shards, len(done), cfg.output.progress_interval_s,
-                            rejected_before=summary.problems).start()
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for rec in batch.to_pylist():
-                    progress.record(rec)
-        finally:
-            progress.stop()
-        # a retried routing task may have lost a record whose shard was written: the files decide
-        missing = sorted(todo_shards - complete_shards(out, config_hash))
-        if missing:
-            raise RuntimeError(f"shards {missing[:20]} never completed: rows were lost in the graph")
-        stage_seconds = _stage_seconds(ds, plan)
-        per_node = dict(sorted(progress.shards_per_node.items()))
-        made_now = progress.kept + progress.rejected - summary.problems
-        streamed_s = progress.elapsed()
-
+        streamed = _stream(cfg, ctx, out, config_hash, todo, summary, (total_shards, len(done)), lease)
+    del todo
+    stage_seconds, per_node, made_now, streamed_s = streamed.stage_seconds, streamed.per_node, streamed.rows, streamed.seconds
     summary = summarize_output(out)
     total = summary["rows"] + summary["rejected_rows"]
     # quality-filter drops are the filters doing their job; errors and bad input are not
@@ -237,6 +224,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
                     # the progress line's rate: rows made over the stream's time (start-up apart)
                     "samples_per_s": round(made_now / streamed_s, 4) if streamed_s else 0.0,
                     "shards_per_writer_node": per_node},  # this run's shards, by the node that wrote them
+        "restarts": actor_restarts(since=started),  # this run's actor processes Ray restarted (lost, or a broken device)
         "columns": {"per_row_extra_in_rejected": [S.SOURCE_PATH], "siblings": SIBLINGS},
     }
     write_manifest(out, manifest)
@@ -245,6 +233,50 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
 
 def _n(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+@dataclass
+class Streamed:
+    """What one run's stream did: busy time per stage, shards per writer node, rows it generated
+    (kept + rejected) and the seconds from the first row streamed to the last shard."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    per_node: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+    seconds: float = 0.0
+
+
+def _stream(cfg: GenerateConfig, ctx: RunContext, out: Location, config_hash: str, todo: list, summary,
+            counts: tuple[int, int], lease: Lease) -> Streamed:
+    """Stream the unfinished shards' rows through the graph into the writers."""
+    from pipelines.prefetch import prefetch_models  # real presets: weights once per node
+    from pipelines.progress import Progress
+    from pipelines.resources import check_cluster
+    from pipelines.sink import make_writers, route_to_writers, write_stage_kwargs
+
+    names = {s.name for s in stage_plan(cfg, ctx, cfg.source.format)}
+    cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
+    plan = stage_plan(cfg, ctx, cfg.source.format)
+    prefetch_models(cfg, stage_names=names)
+    writers = make_writers(out, config_hash, summary.n_rows, cfg.shard_rows(), cfg.output, cfg.faults.hang_after_shards)
+    ds = build_dataset(todo, plan).map_batches(route_to_writers, **write_stage_kwargs(writers))
+    # the index's rejected rows count in the progress line as they do in the summary
+    progress = Progress(*counts, cfg.output.progress_interval_s, rejected_before=summary.problems).start()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rec in batch.to_pylist():
+                progress.record(rec)
+            if lease.lost.is_set():  # another run took the output over (our renewals failed): stop
+                from pipelines.lease import LeaseHeld
+
+                raise LeaseHeld(f"{out}: the lease was taken by another run while this one was writing")
+    finally:
+        progress.stop()
+    # a retried routing task may have lost a record whose shard was committed: the records decide
+    missing = sorted(set(summary.todo_shards) - committed_shards(out, config_hash))
+    if missing:
+        raise RuntimeError(f"shards {missing[:20]} never completed: rows were lost in the graph")
+    return Streamed(_stage_seconds(ds, plan), dict(sorted(progress.shards_per_node.items())),
+                    progress.kept + progress.rejected - summary.problems, progress.elapsed())
 
 
 def _stage_seconds(ds, plan) -> dict[str, float]:

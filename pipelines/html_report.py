@@ -82,7 +82,9 @@ def dataset_report(dataset: Location | str | os.PathLike, cards: int = 120, sour
     m = read_manifest(root)
     names, palette = list(m["classes"]), np.array(m["palette"], np.uint8)
     stats, out_cards = _Stats(len(names)), []
-    for f in storage.listdir(root / "shards", ".parquet"):
+    from pipelines.commits import shard_files_to_read
+
+    for f in shard_files_to_read(root):
         pf = pq.ParquetFile(f.path, filesystem=f.fs)
         for g in range(pf.num_row_groups):
             light = [c for c in pf.schema_arrow.names if c != S.IMAGE]

@@ -14,6 +14,7 @@ from PIL import Image
 from core import schema as S
 from core import storage
 from core.storage import Location
+from pipelines.commits import shard_files_to_read
 from pipelines.stages import decode_png
 
 
@@ -70,14 +71,24 @@ def read_manifest(dataset: Location | str | os.PathLike) -> dict:
         raise SourceError(f"{path}: unreadable manifest ({exc}); rerun the generate command to rebuild it") from None
 
 
+def _shard_class_counts(f: Location, num_classes: int) -> np.ndarray:
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for mask_png in pq.read_table(f.path, columns=[S.MASK], filesystem=f.fs).column(S.MASK).to_pylist():
+        mask = decode_png(mask_png)
+        counts += np.bincount(mask[mask != S.IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+    return counts
+
+
 def class_frequencies(dataset: Location | str | os.PathLike, num_classes: int) -> np.ndarray:
-    """Pixel share of each class over all kept masks (ignore excluded)."""
+    """Pixel share of each class over all kept masks (ignore excluded); shards read in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
     dataset = storage.resolve(dataset, "dataset")
     counts = np.zeros(num_classes, dtype=np.int64)
-    for f in storage.listdir(dataset / "shards", ".parquet"):
-        for mask_png in pq.read_table(f.path, columns=[S.MASK], filesystem=f.fs).column(S.MASK).to_pylist():
-            mask = decode_png(mask_png)
-            counts += np.bincount(mask[mask != S.IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+    files = shard_files_to_read(dataset)
+    with ThreadPoolExecutor(max(1, min(8, len(files)))) as pool:
+        for c in pool.map(lambda f: _shard_class_counts(f, num_classes), files):
+            counts += c
     total = counts.sum()
     return counts / total if total else counts.astype(float)
 
@@ -98,7 +109,7 @@ def contact_sheet(dataset: Location | str | os.PathLike, palette: np.ndarray, n:
 
     dataset = storage.resolve(dataset, "dataset")
     samples = []
-    for f in storage.listdir(dataset / "shards", ".parquet"):
+    for f in shard_files_to_read(dataset):
         samples += pq.read_table(f.path, columns=[S.SAMPLE_ID, S.IMAGE, S.MASK], filesystem=f.fs).to_pylist()
         if len(samples) >= n:
             break

@@ -3,13 +3,17 @@
 Ray Data has no "group by key as it streams" (``groupby`` is an all-to-all barrier that would
 hold the whole run), and a shard's rows leave the graph in many blocks. So the graph ends in a
 routing task (:func:`route_to_writers`) that splits each block by shard and hands each part to
-the writer actor owning that shard (``shard % writers``). The actor buffers its unfinished
-shards, writes a shard once every source row is accounted for (:class:`ShardWriter`) and
-returns a small completion record. The blocks travel worker → actor through the object store;
-the driver's stream carries only completion records (a few dozen bytes per shard).
+the writer actor owning that shard (``shard % writers``). The actor stages the rows on the
+output's storage at once (:mod:`pipelines.staging`), writes and commits a shard once every
+source row is accounted for (:class:`ShardWriter`) and returns a small completion record. The
+blocks travel worker → actor through the object store; the driver's stream carries only
+completion records (a few dozen bytes per shard).
 
-Writer actors are spread over the nodes (round-robin); they hold the rows of their unfinished
-shards only, so memory is bounded by shards in flight, not by the job.
+Fault tolerance is Ray's own: writer actors are restartable (``max_restarts=-1``) and their
+calls retried (``max_task_retries=-1``); a writer whose process or node is lost is restarted by
+Ray wherever there is room, picks up its staged rows, and the routing task's call is retried
+(rows it already has are deduplicated by sample id). Writers start spread over the nodes with
+*soft* affinity, so a lost node's writers move, and nothing is pinned to the nodes alive at start.
 """
 
 from __future__ import annotations
@@ -38,14 +42,15 @@ ROUTE_NUM_CPUS = 0.25  # routing waits on the writer actors; a full CPU would id
 class ShardWriterActor:
     """Owns the shards with ``shard % count == index``: buffers and writes them (Ray actor)."""
 
-    def __init__(self, out: str, config_hash: str, n_rows: int, rows_per_shard: int, index: int,
-                 hang_after_shards: int | None = None):
+    def __init__(self, out: str, config_hash: str, n_rows: int, rows_per_shard: int, index: int, count: int,
+                 row_groups: tuple[int, int], hang_after_shards: int | None = None):
         import ray
 
         self.index = index
         self.node = ray.get_runtime_context().get_node_id()
         self.writer = ShardWriter(out, config_hash, ShardRanges(n_rows, rows_per_shard),
-                                  after_write=_hang_fault(hang_after_shards))
+                                  owns=lambda shard: shard % count == index, row_group_rows=row_groups[0],
+                                  row_group_bytes=row_groups[1], after_write=_hang_fault(hang_after_shards))
 
     def add(self, table: pa.Table) -> list[dict[str, Any]]:
         records = self.writer.add(table)
@@ -55,30 +60,29 @@ class ShardWriterActor:
         return self.writer.buffered_rows()
 
 
-def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, count: int, num_cpus: float,
-                 hang_after_shards: int | None = None) -> list:
-    """Start ``count`` writer actors, round-robin over the cluster's nodes.
+def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, output, hang_after_shards: int | None = None
+                 ) -> list:
+    """Start ``output.writers`` restartable writer actors, spread over the nodes that run work.
 
     With the test-only ``hang_after_shards`` fault there is one writer, so "after N shards" is a
     global count and nothing else writes once it froze.
     """
     import ray
-
-    if hang_after_shards is not None:
-        count = 1
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    count = 1 if hang_after_shards is not None else output.writers
     target = out.path if out.is_local else out.uri  # a worker's cwd is not the driver's
-    # Round-robin over the nodes alive now that run work (CPU > 0; a KubeRay head often has none).
-    # Strict: Ray's "SPREAD" and soft affinity both left zero-CPU actors on one node under load in
-    # tests; a writer whose node dies fails the run either way (max_restarts=0), and a rerun resumes.
+    # Round-robin over the nodes alive now that run work (CPU > 0; a KubeRay head often has none),
+    # soft: Ray's "SPREAD" left zero-CPU actors on one node under load in tests, and a strict
+    # affinity would leave a restarted writer waiting for ever for its lost node.
     alive = [n for n in ray.nodes() if n.get("Alive")]
     nodes = sorted(n["NodeID"] for n in alive if n.get("Resources", {}).get("CPU", 0) > 0) or \
         sorted(n["NodeID"] for n in alive)
     cls = ray.remote(ShardWriterActor)
-    return [cls.options(num_cpus=num_cpus, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        nodes[i % len(nodes)], soft=False)).remote(target, config_hash, n_rows, rows_per_shard, i, hang_after_shards)
-        for i in range(count)]
+    return [cls.options(num_cpus=output.writer_num_cpus, max_restarts=-1, max_task_retries=-1,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)).remote(
+        target, config_hash, n_rows, rows_per_shard, i, count, (output.row_group_rows, output.row_group_bytes),
+        hang_after_shards) for i in range(count)]
 
 
 def route_to_writers(batch: pa.Table, writers: list) -> pa.Table:

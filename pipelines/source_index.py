@@ -242,8 +242,9 @@ def _index_coco(root: Location, split: str | None, classes: Sequence[str] | None
 def _parquet_files(root: Location) -> list[Location]:
     if storage.is_file(root):
         return [root]
-    shards = root / "shards"
-    return storage.listdir(shards if storage.is_dir(shards) else root, ".parquet")
+    from pipelines.commits import shard_files_to_read  # a generated dataset: its committed shards
+
+    return shard_files_to_read(root) if storage.is_dir(root / "shards") else storage.listdir(root, ".parquet")
 
 
 def _find_manifest(root: Location) -> Location | None:

@@ -73,7 +73,11 @@ class Gated:
 
     The others pass through untouched. If the model call on a batch raises, each row is
     retried alone and a row that still raises is dropped with the error as its reason —
-    one poisoned row never fails the job. Rows that ``redo_if`` flags (e.g. a NaN image from
+    one poisoned row never fails the job. An error that means the process or its device is
+    broken (:func:`device_broken`: CUDA/driver/NCCL errors, device-side asserts; an
+    out-of-memory that persists after one retry at half the batch) is no row's fault: the
+    actor process exits, Ray restarts it (the pools are restartable) and Ray Data retries the
+    batch on a healthy actor, so a bad GPU never turns into rejected rows. Rows that ``redo_if`` flags (e.g. a NaN image from
     an fp16 VAE) are generated once more with a derived seed; the checks downstream drop
     them if they are still bad. ``fault`` injects failures for tests (off by default).
     """
@@ -100,12 +104,14 @@ class Gated:
     def _model(self, sub: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.fault.get("raise_on_sample") in set(sub[S.SAMPLE_ID]):
             raise RuntimeError(f"injected fault on {self.fault['raise_on_sample']}")
+        if _fault_once(self.stage, self.batches, self.fault, "device_error_after_batches", "device-error"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
         return self.actor(sub)
 
     def _run(self, batch: dict[str, np.ndarray], todo: np.ndarray) -> None:
         """Model call on rows ``todo``, falling back to one row at a time."""
         try:
-            results = [(todo, self._model(_select(batch, todo)))]
+            results = self._call_or_halve(batch, todo)
         except Exception as exc:  # noqa: BLE001 - isolate the bad row, keep the rest
             log.warning("%s: batch of %d failed (%s); retrying row by row", self.stage, len(todo), exc)
             results = []
@@ -114,10 +120,28 @@ class Gated:
                 try:
                     results.append((row, self._model(_select(batch, row))))
                 except Exception as row_exc:  # noqa: BLE001
+                    _exit_if_broken(self.stage, row_exc, oom_counts=True)
                     reason = f"{self.stage}_error: {type(row_exc).__name__}: {row_exc}"[:500]
                     set_rows(batch, row, {S.DROP_REASON: _objects([reason])})
         for rows, out in results:
             set_rows(batch, rows, {k: v for k, v in out.items() if k not in IDENTITY})
+
+    def _call_or_halve(self, batch: dict[str, np.ndarray], todo: np.ndarray) -> list:
+        """The model on ``todo``; after an out-of-memory, once more as two halves (a second one
+        means the device is broken). A broken device exits the process; other errors propagate."""
+        try:
+            return [(todo, self._model(_select(batch, todo)))]
+        except Exception as exc:  # noqa: BLE001
+            _exit_if_broken(self.stage, exc, oom_counts=len(todo) < 2)
+            if not is_oom(exc):
+                raise
+            log.warning("%s: out of memory on a batch of %d; once more at half the batch", self.stage, len(todo))
+        try:
+            half = len(todo) // 2
+            return [(part, self._model(_select(batch, part))) for part in (todo[:half], todo[half:])]
+        except Exception as exc:  # noqa: BLE001
+            _exit_if_broken(self.stage, exc, oom_counts=True)
+            raise
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = dict(batch)
@@ -126,6 +150,8 @@ class Gated:
             return batch
         self.batches += 1
         _maybe_die(self.stage, self.batches, self.fault)
+        if self.fault.get("batch_delay_s"):
+            time.sleep(self.fault["batch_delay_s"])
         self._run(batch, todo)
         if self.redo_if is not None:
             redo = np.array([i for i in todo if not batch[S.DROP_REASON][i] and self.redo_if(batch, i)], dtype=int)
@@ -137,21 +163,55 @@ class Gated:
         return batch
 
 
-def _maybe_die(stage: str, batches: int, fault: dict[str, Any]) -> None:
-    """Fault injection: the actor process exits mid-batch once per run (a marker file makes
-    the restarted actor carry on), as a preempted or OOM-killed worker would."""
-    after = fault.get("die_after_batches")
+# Messages of errors that leave a process's device unusable (torch raises them as RuntimeError
+# or torch.AcceleratorError); matched in lower case. An out-of-memory is handled apart (is_oom).
+DEVICE_ERRORS = ("cuda error", "device-side assert", "cudnn_status", "cublas_status", "cusolver", "nccl",
+                 "illegal memory access", "unspecified launch failure", "cuda driver", "driver shutting down",
+                 "ecc error", "uncorrectable", "hip error", "no cuda gpus are available", "device lost")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory of the device (torch.OutOfMemoryError, or its message)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def device_broken(exc: BaseException) -> bool:
+    """An error that means the process's device (or its driver, or NCCL) is broken: no row's fault."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return type(exc).__name__ == "AcceleratorError" or any(m in text for m in DEVICE_ERRORS)
+
+
+def _exit_if_broken(stage: str, exc: BaseException, oom_counts: bool) -> None:
+    """Exit the actor process on a broken device (and on an out-of-memory once ``oom_counts``):
+    Ray restarts the actor and retries the batch; rows never pay for a bad device."""
+    if device_broken(exc) or (oom_counts and is_oom(exc)):
+        log.error("%s: the device is broken (%s: %s); this actor process exits for Ray to restart it",
+                  stage, type(exc).__name__, str(exc)[:300])
+        logging.shutdown()
+        os._exit(1)
+
+
+def _fault_once(stage: str, batches: int, fault: dict[str, Any], key: str, name: str) -> bool:
+    """Fault injection: True once per run (a marker file) after ``fault[key]`` batches."""
+    after = fault.get(key)
     if after is None or batches <= after:
-        return
-    marker = Path(fault["marker_dir"]) / f"died-{stage}"
+        return False
+    marker = Path(fault["marker_dir"]) / f"{name}-{stage}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return
+        return False
     os.close(fd)
-    log.error("%s: injected fault: actor process exits now (batch %d)", stage, batches)
-    os._exit(1)
+    return True
+
+
+def _maybe_die(stage: str, batches: int, fault: dict[str, Any]) -> None:
+    """Fault injection: the actor process exits mid-batch once per run (a marker file makes
+    the restarted actor carry on), as a preempted or OOM-killed worker would."""
+    if _fault_once(stage, batches, fault, "die_after_batches", "died"):
+        log.error("%s: injected fault: actor process exits now (batch %d)", stage, batches)
+        os._exit(1)
 
 
 def image_needs_redo(batch: dict[str, np.ndarray], i: int, min_image_std: float) -> bool:

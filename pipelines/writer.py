@@ -1,39 +1,56 @@
-"""Writes the dataset contract: deterministic shards, rejected rows, the manifest.
+"""Writes the dataset contract: deterministic shards in bounded row groups, commit records.
 
-A shard is a fixed range of source rows. Its rows are gathered as the stream delivers them
-and written once every source row of the shard is accounted for (each source row says how
-many rows it produces, kept or rejected). A shard file is always complete (temp + rename on
-file systems, one whole upload on object stores: :mod:`core.storage`); a rerun skips
-shards that exist. :class:`ShardWriter` runs inside writer actors (:mod:`pipelines.sink`), so
-the driver never sees image bytes; it gets one small completion record per shard.
+A shard is a fixed range of source rows. Its rows are staged as the stream delivers them
+(:mod:`pipelines.staging`) and the shard is written once every source row is accounted for
+(each source row says how many rows it produces, kept or rejected).
+
+Row order rule (what keeps reruns byte-identical): a shard's rows are sorted by ``sample_id``
+and cut into row groups of at most ``row_group_rows`` rows and ``row_group_bytes`` payload
+bytes, counted from the rows alone, so arrival order, retries and restarts never change the
+bytes. The file is written straight to its final name (temp + rename on file systems, one
+multipart upload on object stores), its footer and sample ids read back and checked, and then
+its commit record written (:mod:`pipelines.commits`): only the record makes it complete.
+:class:`ShardWriter` runs inside writer actors (:mod:`pipelines.sink`), so the driver never
+sees image bytes; it gets one small completion record per shard.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import schema as S
 from core import storage
 from core.storage import Location
-from pipelines.stages import SIBLINGS
+from pipelines import staging
+from pipelines.commits import (
+    committed_shards,
+    ids_digest,
+    remove_uncommitted,
+    shard_name,
+    verify_parquet,
+    write_commit,
+)
+
+log = logging.getLogger(__name__)
 
 REJECTED_SCHEMA = S.DATASET_SCHEMA.append(pa.field(S.SOURCE_PATH, pa.string()))
 STAT_PROMPTS_TRUNCATED = "segfactory.prompts_truncated"
+ROW_GROUP_ROWS = 128
+ROW_GROUP_BYTES = 128 << 20
 
 
 class OutputConflict(RuntimeError):
     """The output directory holds a dataset made with another config."""
-
-
-def shard_name(config_hash: str, shard: int) -> str:
-    return f"part-{config_hash}-{shard:05d}.parquet"
 
 
 def drop_code(reason: str) -> str:
@@ -62,93 +79,155 @@ class ShardRanges(Mapping):
 
 
 class ShardWriter:
-    """Collects streamed rows per shard and writes each shard when it is complete.
+    """Stages streamed rows per shard and writes and commits each shard when it is complete.
 
     Adding a row twice (a retried task re-sending its rows) is harmless: rows are keyed by
-    ``sample_id`` and rows of a shard already written are ignored, so each shard is written once.
+    ``sample_id`` and rows of a committed shard are ignored, so each shard is written once.
+    ``owns`` picks the shards this writer is responsible for: on start it picks up their staged
+    rows (a writer restarted after its process or node was lost carries on where it was).
     """
 
     def __init__(self, out: Location | str | os.PathLike, config_hash: str, sources_per_shard: Mapping[int, int],
-                 after_write: Callable[[int], None] | None = None):
+                 owns: Callable[[int], bool] = lambda shard: True, row_group_rows: int = ROW_GROUP_ROWS,
+                 row_group_bytes: int = ROW_GROUP_BYTES, after_write: Callable[[int], None] | None = None):
         self.out = storage.resolve(out, "output.path")
         self.after_write = after_write  # called with the count of shards written so far
         self.hash = config_hash
         self.expected_sources = sources_per_shard
-        self.rows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)  # shard -> sample_id -> row
-        self.seen: dict[int, Counter] = defaultdict(Counter)  # shard -> source_id -> rows seen
-        self.siblings: dict[int, dict[str, int]] = defaultdict(dict)
-        self.done_sources: dict[int, int] = defaultdict(int)
+        self.row_group_rows, self.row_group_bytes = row_group_rows, row_group_bytes
+        self.open: dict[int, staging.OpenShard] = {}
         self.written: list[int] = []
         for sub in ("shards", "rejected"):
             storage.makedirs(self.out / sub)
+        self._done = {s for s in committed_shards(self.out, config_hash) if owns(s)}
+        self.recovered = self._recover(owns)
+
+    def _recover(self, owns: Callable[[int], bool]) -> int:
+        """Rebuild the index of staged rows of owned, uncommitted shards; returns rows found."""
+        rows = 0
+        for shard, pieces in staging.staged_pieces(self.out, self.hash).items():
+            if not owns(shard) or shard in self._done:
+                continue
+            state = self.open.setdefault(shard, staging.OpenShard())
+            for loc in pieces:
+                state.pieces.append(loc)
+                state.index(len(state.pieces) - 1, staging.read_index_columns(loc))
+            rows += len(state.entries)
+        if rows:
+            log.info("writer: picked up %d staged rows of %d unfinished shard(s)", rows, len(self.open))
+        return rows
 
     def add(self, table: pa.Table) -> list[dict[str, Any]]:
-        """Take rows; write every shard they complete; return those shards' completion records."""
+        """Take rows; commit every shard they complete; return those shards' completion records."""
         records = []
-        for row in table.to_pylist():
-            shard, sid = int(row[S.SHARD]), row[S.SOURCE_ID]
-            if shard in self.written or row[S.SAMPLE_ID] in self.rows[shard]:
+        shards = table.column(S.SHARD).to_numpy()
+        for shard in (int(s) for s in np.unique(shards)):
+            if shard in self._done:
                 continue
-            self.rows[shard][row[S.SAMPLE_ID]] = row
-            self.seen[shard][sid] += 1
-            self.siblings[shard][sid] = int(row[SIBLINGS])
-            if self.seen[shard][sid] == self.siblings[shard][sid]:
-                self.done_sources[shard] += 1
-                if self.done_sources[shard] == self.expected_sources[shard]:
-                    records.append(self._write(shard))
+            state = self.open.setdefault(shard, staging.OpenShard())
+            part = table.filter(pa.array(shards == shard))
+            ids = part.column(S.SAMPLE_ID).to_pylist()
+            first = {sid: i for i, sid in reversed(list(enumerate(ids)))}
+            new = sorted(i for sid, i in first.items() if sid not in state.entries)
+            if new:
+                part = part.take(new)
+                state.pieces.append(staging.stage(self.out, self.hash, shard, part))
+                state.index(len(state.pieces) - 1, part)
+            if state.done_sources == self.expected_sources[shard]:
+                records.append(self._commit(shard))
         return records
 
     def buffered_rows(self) -> int:
-        return sum(len(r) for r in self.rows.values())
+        """Rows staged for unfinished shards (on storage; the writer holds only their index)."""
+        return sum(len(s.entries) for s in self.open.values())
 
     def pending(self) -> list[int]:
         """Shards that never completed (a bug or a lost row: reported, never silently dropped)."""
-        return sorted(s for s in self.expected_sources if s not in self.written)
+        return sorted(s for s in self.expected_sources if s not in self._done)
 
-    def _write(self, shard: int) -> dict[str, Any]:
-        rows = sorted(self.rows.pop(shard).values(), key=lambda r: r[S.SAMPLE_ID])
-        for d in (self.seen, self.siblings, self.done_sources):
-            d.pop(shard, None)
-        kept = [r for r in rows if not r[S.DROP_REASON]]
-        rejected = [r for r in rows if r[S.DROP_REASON]]
+    def _commit(self, shard: int) -> dict[str, Any]:
+        """Write the shard (and its rejected rows) in row order, verify, then record the commit."""
+        state = self.open[shard]  # dropped once committed: a failed commit is retried by a resent row
+        entries = sorted(state.entries.values(), key=lambda e: e.sample_id)
+        kept = [e for e in entries if not e.drop_reason]
+        rejected = [e for e in entries if e.drop_reason]
         name = shard_name(self.hash, shard)
-        scores = score_fields(rows)  # score_* columns of the filters that ran (factory graph)
-        # Rejected first: the kept shard's presence is the completion marker.
-        if rejected:
-            storage.write_parquet(pa.Table.from_pylist(rejected, schema=pa.schema([*REJECTED_SCHEMA, *scores])),
-                                  self.out / "rejected" / name)
-        # Run statistics that are not per-row columns travel in the shard file's metadata, so
-        # the manifest can be rebuilt from the files on disk alone.
-        truncated = sum(int(r.get(S.PROMPT_TRUNCATED) or 0) for r in rows)
-        stats = {STAT_PROMPTS_TRUNCATED: str(truncated)}
-        table = pa.Table.from_pylist(kept, schema=pa.schema([*S.DATASET_SCHEMA, *scores]).with_metadata(stats))
-        storage.write_parquet(table, self.out / "shards" / name)
+        extra = score_fields(state.columns)
+        truncated = sum(e.truncated for e in entries)
+        reader = staging.PieceReader(state.pieces)
+        try:
+            rejected_file = None
+            if rejected:
+                rejected_file = f"rejected/{name}"
+                self._write(reader, rejected, self.out / rejected_file, pa.schema([*REJECTED_SCHEMA, *extra]))
+            else:
+                storage.remove(self.out / "rejected" / name)  # a stale file of an earlier, uncommitted try
+            # run statistics that are not per-row columns travel in the file's metadata too
+            schema = pa.schema([*S.DATASET_SCHEMA, *extra]).with_metadata({STAT_PROMPTS_TRUNCATED: str(truncated)})
+            written = self._write(reader, kept, self.out / "shards" / name, schema)
+        finally:
+            reader.close()
+        filtered = sum(drop_code(e.drop_reason) in S.FILTER_REASONS for e in rejected)
+        write_commit(self.out, {
+            "shard": shard, "config_hash": self.hash, "file": f"shards/{name}", "rows": len(kept),
+            "sample_ids": ids_digest(e.sample_id for e in kept), **written,
+            "rows_per_method": dict(sorted(Counter(e.method for e in kept).items())),
+            "drops_per_reason": dict(sorted(Counter(drop_code(e.drop_reason) for e in rejected).items())),
+            "rejected_file": rejected_file, "rejected_rows": len(rejected), "filtered_rows": filtered,
+            "prompts_truncated": truncated})
+        storage.remove_tree(staging.shard_dir(self.out, self.hash, shard))
+        del self.open[shard]
+        self._done.add(shard)
         self.written.append(shard)
-        record = {"shard": shard, "kept": len(kept), "rejected": len(rejected),
-                  "filtered": sum(drop_code(r[S.DROP_REASON]) in S.FILTER_REASONS for r in rejected),
-                  "truncated": truncated}
         if self.after_write:
             self.after_write(len(self.written))
-        return record
+        return {"shard": shard, "kept": len(kept), "rejected": len(rejected), "filtered": filtered,
+                "truncated": truncated}
+
+    def _write(self, reader: staging.PieceReader, entries: list[staging.Entry], loc: Location,
+               schema: pa.Schema) -> dict[str, int]:
+        """Row groups of ``entries`` into ``loc``, then the footer check; returns size and groups."""
+        names = [f.name for f in schema if f.name.startswith(S.SCORE_PREFIX)]
+        with open_parquet(loc, schema) as w:
+            for group in staging.row_groups(entries, self.row_group_rows, self.row_group_bytes):
+                rows = staging.gather(reader, group)
+                for r in rows:  # NaN (a row not scored) is stored as null
+                    for k in names:
+                        if isinstance(r.get(k), float) and r[k] != r[k]:
+                            r[k] = None
+                w.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=len(rows))
+        return verify_parquet(loc, len(entries), ids_digest(e.sample_id for e in entries))
 
 
-def score_fields(rows: list[dict[str, Any]]) -> list[pa.Field]:
-    """A float64 field per ``score_*`` key of ``rows`` (NaN, a row not scored, becomes null),
-    then a field per graph-specific column (``schema.EXTRA_COLUMNS``) the rows carry."""
-    names = sorted({k for r in rows for k in r if k.startswith(S.SCORE_PREFIX)})
-    for r in rows:
-        for k in names:
-            v = r.get(k)
-            if isinstance(v, float) and v != v:
-                r[k] = None
-    extra = sorted({k for r in rows for k in r if k in S.EXTRA_COLUMNS})
+@contextmanager
+def open_parquet(loc: Location, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer on ``loc`` that appends row groups as they come: temp + rename on file
+    systems; on an object store the object appears when the upload completes at close (a failed
+    one may still appear, apache/arrow#40502: the commit record, not the object, says done)."""
+    target = loc if loc.is_object_store else loc.parent / f".{loc.name}.tmp"
+    storage.makedirs(loc.parent)
+    with target.fs.open_output_stream(target.path) as stream, \
+            pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+        yield writer
+    if target is not loc:
+        loc.fs.move(target.path, loc.path)
+
+
+def score_fields(columns: set[str]) -> list[pa.Field]:
+    """A float64 field per ``score_*`` column, then a field per graph-specific column
+    (``schema.EXTRA_COLUMNS``) the rows carry."""
+    names = sorted(c for c in columns if c.startswith(S.SCORE_PREFIX))
+    extra = sorted(c for c in columns if c in S.EXTRA_COLUMNS)
     return [pa.field(k, pa.float64()) for k in names] + [pa.field(k, S.EXTRA_COLUMNS[k]) for k in extra]
 
 
 def prepare_output(out: Location | str | os.PathLike, config_hash: str, resolved: dict[str, Any],
                    overwrite: bool) -> set[int]:
-    """Check the output belongs to this config (or holds no shard yet); clear partial files;
-    return complete shards."""
+    """Check the output belongs to this config (or holds no committed shard yet); remove what no
+    commit record covers (a stopped run's staged rows and partial files); return committed shards.
+    Runs under the output's lease (:mod:`pipelines.lease`)."""
+    from pipelines.commits import COMMITS
+
     out = storage.resolve(out, "output.path")
     storage.check_writable_root(out)
     for sub in ("shards", "rejected"):
@@ -157,65 +236,18 @@ def prepare_output(out: Location | str | os.PathLike, config_hash: str, resolved
     if storage.exists(stamp):
         previous = json.loads(storage.read_text(stamp)).get("config_hash")
         if previous != config_hash:
-            # a run that stopped before its first shard (e.g. a config error) has nothing to protect
-            made = any(f.name.startswith("part-") for f in storage.listdir(out / "shards", ".parquet"))
-            if made and not overwrite:
+            # a run that stopped before its first commit (e.g. a config error) has nothing to protect
+            if storage.listdir(out / COMMITS, ".json") and not overwrite:
                 raise OutputConflict(
                     f"{out} holds a dataset made with another config (hash {previous}, this one "
                     f"{config_hash}); choose another output.path or pass output.overwrite=true")
-            for sub in ("shards", "rejected"):
-                for f in storage.listdir(out / sub, ".parquet"):
+            for sub in ("shards", "rejected", COMMITS):
+                for f in storage.listdir(out / sub):
                     storage.remove(f)
             storage.remove(out / "manifest.json")
     storage.write_text(stamp, json.dumps({"config_hash": config_hash, "config": resolved}, indent=2, sort_keys=True))
-    for sub in ("shards", "rejected"):  # partial files of a killed run (file systems only)
-        for info in storage.iter_file_infos(out / sub, recursive=False):
-            if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
-                out.fs.delete_file(info.path)
-    return complete_shards(out, config_hash)
-
-
-def complete_shards(out: Location, config_hash: str) -> set[int]:
-    """Shards of this config whose file exists (the kept shard file is the completion marker)."""
-    prefix = f"part-{config_hash}-"
-    return {int(f.name[len(prefix):-len(".parquet")])
-            for f in storage.listdir(out / "shards", ".parquet") if f.name.startswith(prefix)}
-
-
-def summarize_output(out: Location | str | os.PathLike) -> dict[str, Any]:
-    """Counts read back from the files (the manifest is rebuilt from these)."""
-    out = storage.resolve(out, "output.path")
-    shards, per_method = [], Counter()
-    truncated = 0
-    for f in storage.listdir(out / "shards", ".parquet"):
-        if not f.name.startswith("part-"):
-            continue
-        truncated += int((pq.read_schema(f.path, filesystem=f.fs).metadata or {})
-                         .get(STAT_PROMPTS_TRUNCATED.encode(), 0))
-        methods = pq.read_table(f.path, columns=[S.METHOD], filesystem=f.fs).column(S.METHOD).to_pylist()
-        per_method.update(methods)
-        shards.append({"file": f"shards/{f.name}", "rows": len(methods)})
-    drops = Counter()
-    rejected_files = []
-    for f in storage.listdir(out / "rejected", ".parquet"):
-        if not f.name.startswith("part-"):
-            continue
-        reasons = pq.read_table(f.path, columns=[S.DROP_REASON], filesystem=f.fs).column(S.DROP_REASON).to_pylist()
-        drops.update(drop_code(r) for r in reasons)
-        rejected_files.append({"file": f"rejected/{f.name}", "rows": len(reasons)})
-    kept = sum(per_method.values())
-    rejected = sum(drops.values())
-    filtered = sum(n for code, n in drops.items() if code in S.FILTER_REASONS)
-    return {
-        "rows": kept,
-        "rejected_rows": rejected,
-        "filtered_rows": filtered,
-        "rows_per_method": dict(sorted(per_method.items())),
-        "prompts_truncated": truncated,
-        "drops_per_reason": dict(sorted(drops.items())),
-        "shards": shards,
-        "rejected_shards": rejected_files,
-    }
+    remove_uncommitted(out, config_hash)
+    return committed_shards(out, config_hash)
 
 
 def write_manifest(out: Location | str | os.PathLike, manifest: dict[str, Any]) -> Location:

@@ -341,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line): config, source, output, checkpoint."""
-    from core.storage import StorageError
+    from core.storage import StorageError  # includes a corrupt commit record (pipelines.commits)
     from pipelines.export import ExportError
+    from pipelines.lease import LeaseHeld
     from pipelines.sources import SourceError
     from pipelines.writer import OutputConflict
 
-    return (ConfigError, SourceError, OutputConflict, StorageError, ExportError)
+    return (ConfigError, SourceError, OutputConflict, StorageError, ExportError, LeaseHeld)
 
 
 if __name__ == "__main__":

@@ -58,12 +58,15 @@ def _manifest_classes(path) -> list[str] | None:
 
 def _shard_files(path: str, what: str = "synthetic.paths") -> list[str]:
     """The Parquet shards of a synthetic dataset (a local path or a URI): files as the strings
-    the readers resolve again (``core.storage.resolve_file``)."""
+    the readers resolve again (``core.storage.resolve_file``). A generated dataset's are the ones
+    its commit records name (a stopped run's uncommitted files are never read)."""
     from core import storage
+    from pipelines.commits import shard_files_to_read
 
     try:
         loc = storage.resolve(path, what)
-        files = storage.listdir(loc / "shards" if storage.is_dir(loc / "shards") else loc, ".parquet")
+        # a folder of bare Parquet files (no shards/) is read as it is
+        files = shard_files_to_read(loc) if storage.is_dir(loc / "shards") else storage.listdir(loc, ".parquet")
     except storage.StorageError as e:
         raise ConfigError(str(e)) from None
     return sorted(f.uri for f in files)

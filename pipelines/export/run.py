@@ -67,7 +67,9 @@ def export_dataset(dataset: str, fmt: str, out: str, overwrite: bool = False, va
     src, dst = storage.resolve(dataset, "DATASET"), storage.resolve(out, "OUT")
     if storage.exists(dst) and overwrite:
         storage.remove_tree(dst)
-    shards = storage.listdir(src / "shards", ".parquet")
+    from pipelines.commits import shard_files_to_read
+
+    shards = shard_files_to_read(src)
     target = Target(fmt, dst.uri if not dst.is_local else dst.path, manifest["palette"], val_fraction,
                     list(manifest["classes"]))
     init_ray(ray_cfg)

@@ -74,6 +74,8 @@ class GraphSpec:
     # model pools that `colocate: true` runs in one actor process (with the CPU stages between
     # them), under the resources of the last; () = the graph's pools always stay apart
     colocate: tuple[str, ...] = ()
+    # most samples one source row produces: output.samples_per_shard is turned into source rows by it
+    samples_per_row: Callable[[GenerateConfig], int] = lambda cfg: 1
 
 
 _REGISTRY: dict[str, GraphSpec] = {}

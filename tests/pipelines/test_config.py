@@ -64,3 +64,36 @@ def test_config_hash_ignores_paths_and_resources_but_not_content():
     b = GenerateConfig(output={"path": "y"}, source={"path": "t"}, mask2img={"resources": {"max_actors": 4}})
     c = GenerateConfig(seed=1)
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+@pytest.mark.parametrize("key", ["output.samples_per_shard", "output.row_group_rows", "output.row_group_bytes"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_shard_and_row_group_sizes_below_one_exit_2_naming_the_key(key, value, capsys):
+    code = main(["generate", "--config", str(CONFIGS / "seggen-toy.yaml"), "source.path=/nowhere", f"{key}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {key}: Input should be greater than or equal to 1")
+    assert len(err.splitlines()) == 1
+
+
+def test_samples_per_shard_sets_the_source_rows_per_shard():
+    toy = load_config(GenerateConfig, CONFIGS / "seggen-toy.yaml", ["imgsyn.samples_per_source=3",
+                                                                    "masksyn.samples_per_caption=2"])
+    assert toy.shard_rows() == toy.output.rows_per_shard  # unset: rows_per_shard, and the same hash
+    sized = toy.model_copy(update={"output": toy.output.model_copy(update={"samples_per_shard": 23})})
+    assert sized.shard_rows() == 4  # 23 // (3 + 2)
+    assert sized.config_hash() != toy.config_hash()  # other shards: another dataset
+    tiny = sized.model_copy(update={"output": sized.output.model_copy(update={"samples_per_shard": 2})})
+    assert tiny.shard_rows() == 1  # at least one source row
+    layout = toy.model_copy(update={"output": toy.output.model_copy(update={"row_group_rows": 7})})
+    assert layout.config_hash() == toy.config_hash()  # the same samples in other row groups
+
+
+@pytest.mark.parametrize("name,resolution", [("seggen-sdxl", "mask2img"), ("factory-sdxl", "mask2img"),
+                                             ("attn2mask-sdxl", "attn2mask")])
+def test_shipped_sdxl_shards_hold_at_most_a_gib_of_pixels(name, resolution):
+    from pipelines.graphs import get_graph
+
+    cfg = load_config(GenerateConfig, CONFIGS / f"{name}.yaml")
+    side = getattr(cfg, resolution).resolution
+    samples = cfg.shard_rows() * get_graph(cfg.pipeline).samples_per_row(cfg)
+    assert 256 <= samples and samples * side * side * 3 <= 1 << 30  # raw RGB: a PNG of it is smaller

@@ -29,6 +29,10 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.parquet"))}
 
 
+def committed(out: Path) -> list[Path]:
+    return sorted((out / "_commits").glob("*.json"))
+
+
 @pytest.mark.subprocess
 def test_kill_then_rerun_gives_every_sample_once_with_identical_bytes(toy_source, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -44,13 +48,13 @@ def test_kill_then_rerun_gives_every_sample_once_with_identical_bytes(toy_source
     proc = subprocess.Popen([*generate_cmd(toy_source, out), "faults.hang_after_shards=3"], env=env, cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list((out / "shards").glob("*.parquet"))) < 3:
+    while time.time() < deadline and proc.poll() is None and len(committed(out)) < 3:
         time.sleep(0.05)
     time.sleep(1.0)  # a writer that did not stop would add shards now
     assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait(timeout=60)
-    done_before = len(list((out / "shards").glob("*.parquet")))
+    done_before = len(committed(out))
     assert done_before == 3, "the kill must land after exactly 3 shards, the others in flight"
 
     subprocess.run(generate_cmd(toy_source, out), check=True, env=env, cwd=ROOT,
@@ -59,6 +63,6 @@ def test_kill_then_rerun_gives_every_sample_once_with_identical_bytes(toy_source
     df = pd.read_parquet(out / "shards")
     assert df[S.SAMPLE_ID].is_unique and len(df) == 80
     assert set(df[S.SAMPLE_ID]) == set(pd.read_parquet(reference / "shards")[S.SAMPLE_ID])
-    assert not [p for p in out.rglob("*.tmp")]
+    assert not [p for p in out.rglob("*.tmp")] and not list(out.rglob("*.arrow"))  # no staged rows left
     regenerated = (20 - done_before) / 20
     print(f"kill/rerun: {done_before}/20 shards survived; rerun regenerated {regenerated:.0%} of samples")

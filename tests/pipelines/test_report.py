@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from core import schema as S
+from core import storage
+from pipelines.commits import ids_digest, write_commit
 from pipelines.graphs import Stage
 from pipelines.graphs.base import stage_label
 from pipelines.report import contact_sheet, generate_summary, inspect_dataset
@@ -34,6 +36,12 @@ def _dataset(root, n=3, size=32):
             mask[-4:] = S.IGNORE_INDEX
         rows.append({S.SAMPLE_ID: f"src{i}/imgsyn/0", S.IMAGE: encode_png(image), S.MASK: encode_png(mask)})
     pq.write_table(pa.Table.from_pylist(rows), root / "shards" / "part-0.parquet")
+    # only committed shards are read (an uncommitted file beside it is never shown)
+    pq.write_table(pa.Table.from_pylist(rows[:1]), root / "shards" / "part-00.parquet")
+    write_commit(storage.resolve(root), {
+        "shard": 0, "config_hash": "x", "file": "shards/part-0.parquet", "rows": n,
+        "sample_ids": ids_digest(r[S.SAMPLE_ID] for r in rows), "rows_per_method": {"imgsyn": n},
+        "drops_per_reason": {}, "rejected_rows": 0, "filtered_rows": 0, "prompts_truncated": 0})
     (root / "manifest.json").write_text(json.dumps({
         "classes": CLASSES, "palette": PALETTE.tolist(), "rows": n, "rejected_rows": 0, "shards": [0],
         "rows_per_method": {"imgsyn": n}, "drops_per_reason": {}}))

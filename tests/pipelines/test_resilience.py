@@ -122,6 +122,18 @@ def test_actor_that_dies_mid_batch_is_restarted_and_nothing_is_lost(ray_local, t
     assert result.manifest["rejected_rows"] == 0
 
 
+def test_a_broken_device_restarts_the_actor_and_rejects_nothing(ray_local, toy_source, tmp_path):
+    out = tmp_path / "out"
+    result = run_generate(toy_cfg(toy_source, out, "source.limit=8", "faults.device_error_after_batches=1",
+                                  "mask2img.resources.batch_size=4"))
+    assert (out / ".faults" / "device-error-mask2img").exists()  # a CUDA error really was raised
+    df = pd.read_parquet(out / "shards")
+    assert set(df[S.SAMPLE_ID]) == expected_ids(toy_source, 8) and df[S.SAMPLE_ID].is_unique
+    assert result.manifest["rejected_rows"] == 0
+    restarts = result.manifest["restarts"]
+    assert sum(n for name, n in restarts.items() if "Mask2ImgPool" in name) == 1, restarts
+
+
 def test_a_row_that_raises_goes_to_rejected_and_the_run_goes_on(ray_local, toy_source, tmp_path):
     ids = sorted(expected_ids(toy_source, 8))
     victim = ids[3]

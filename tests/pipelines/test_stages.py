@@ -49,6 +49,55 @@ def test_gate_isolates_a_poisoned_row():
     assert out[S.DROP_REASON][0] == out[S.DROP_REASON][2] == ""
 
 
+class Oom:
+    """An actor that runs out of memory on batches larger than ``fits`` rows."""
+
+    def __init__(self, fits: int, message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+        self.fits, self.message, self.calls = fits, message, []
+
+    def __call__(self, batch):
+        self.calls.append(len(batch[S.SAMPLE_ID]))
+        if len(batch[S.SAMPLE_ID]) > self.fits:
+            raise RuntimeError(self.message)
+        return {S.SAMPLE_ID: batch[S.SAMPLE_ID], "y": batch["x"] + 1}
+
+
+def test_out_of_memory_is_retried_at_half_the_batch_not_rejected():
+    gate = Gated(Oom, {"fits": 2}, stage="m")
+    out = gate(batch_of(4, x=np.array([1, 2, 3, 4])))
+    assert gate.actor.calls == [4, 2, 2]
+    assert out["y"].tolist() == [2, 3, 4, 5] and list(out[S.DROP_REASON]) == [""] * 4
+
+
+@pytest.mark.parametrize("fits,message", [
+    (1, "CUDA out of memory. Tried to allocate 2.00 GiB"),  # still out of memory at half the batch
+    (0, "CUDA error: device-side assert triggered"),
+    (0, "NCCL error in: ProcessGroupNCCL.cpp:1, unhandled system error"),
+])
+def test_a_broken_device_exits_the_actor_process_instead_of_rejecting_rows(monkeypatch, fits, message):
+    import pipelines.stages as stages
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(stages.os, "_exit", fake_exit)
+    gate = Gated(Oom, {"fits": fits, "message": message}, stage="m")
+    with pytest.raises(SystemExit):
+        gate(batch_of(4, x=np.array([1, 2, 3, 4])))
+    assert exits == [1] and gate.actor.calls == ([4, 2] if fits else [4])  # no row-by-row rejects
+
+
+def test_errors_are_classified_by_what_they_say():
+    from pipelines.stages import device_broken, is_oom
+
+    assert device_broken(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not device_broken(ValueError("caption too long")) and not device_broken(KeyError("mask"))
+    assert is_oom(RuntimeError("CUDA out of memory.")) and not device_broken(RuntimeError("CUDA out of memory."))
+
+
 def test_set_rows_never_truncates_strings():
     batch = {"c": np.array(["ab", "cd"])}  # fixed-width <U2
     set_rows(batch, np.array([1]), {"c": np.array(["a much longer value"])})

@@ -167,4 +167,5 @@ register(GraphSpec(
     name="aligndiff", description="AlignDiff: bank embeddings + coarse attention masks refined by a few-shot "
     "segmenter in two consensus rounds (seed 000)",
     needs_masks=True, hash_sections=HASH_SECTIONS, sections=("aligndiff", "fss"), model_stages=lambda cfg: [GENERATOR, FSS], plan=plan,
-    presets=PRESETS))
+    presets=PRESETS,
+    samples_per_row=lambda cfg: cfg.aligndiff.samples_per_source))

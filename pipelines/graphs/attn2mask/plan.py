@@ -82,4 +82,5 @@ register(GraphSpec(
     name="attn2mask", description="attn2mask: prompts (synonyms) -> text-to-image with cross-attention capture "
     "-> pseudo-masks (threshold, dense CRF, reliability 255)",
     needs_masks=False,  # the model's own attention draws the masks; source images are never read
-    hash_sections=HASH_SECTIONS, sections=("attn2mask",), model_stages=lambda cfg: [ATTN_TEXT2IMG], plan=plan, presets=PRESETS))
+    hash_sections=HASH_SECTIONS, sections=("attn2mask",), model_stages=lambda cfg: [ATTN_TEXT2IMG], plan=plan, presets=PRESETS,
+    samples_per_row=lambda cfg: cfg.attn2mask.samples_per_source))

@@ -260,4 +260,5 @@ register(GraphSpec(
     name="factory", description="Diffusion Synthesis: captions, Grounding DINO + SAM masks, K ControlNet "
     "variants per image, selection by CLIP similarity and re-segmentation",
     needs_masks=False,  # SAM draws the masks
-    hash_sections=HASH_SECTIONS, sections=tuple(s for s in HASH_SECTIONS if s != "toy"), model_stages=factory_model_stages, plan=factory_plan, presets=FACTORY_PRESETS))
+    hash_sections=HASH_SECTIONS, sections=tuple(s for s in HASH_SECTIONS if s != "toy"), model_stages=factory_model_stages, plan=factory_plan, presets=FACTORY_PRESETS,
+    samples_per_row=lambda cfg: cfg.factory.samples_per_image))

@@ -167,6 +167,11 @@ def _check_text2mask_palette(methods: tuple[str, ...]):
     return check
 
 
+def _samples_per_row(methods: tuple[str, ...]):
+    """K ImgSyn + M MaskSyn copies of each source row (ImgSyn only for rows with a mask)."""
+    return lambda cfg: sum(getattr(getattr(cfg, BRANCHES[m][0]), BRANCHES[m][1]) for m in methods)
+
+
 for _name, _methods, _text in (
         ("seggen", ("imgsyn", "masksyn"), "SegGen: ImgSyn and MaskSyn in one stream"),
         ("imgsyn", ("imgsyn",), "SegGen ImgSyn: real mask -> K new images (Mask2Img)"),
@@ -180,4 +185,5 @@ for _name, _methods, _text in (
         model_stages=_model_stages(_methods), plan=_plan(_methods),
         hash_extra=_hash_extra, default_captions=captioner_under_real_presets,
         extendable=tuple(BRANCHES[m] for m in _methods), check_context=_check_text2mask_palette(_methods),
-        colocate=("text2mask", "mask2img")))
+        colocate=("text2mask", "mask2img"),
+        samples_per_row=_samples_per_row(_methods)))
