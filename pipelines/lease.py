@@ -78,6 +78,8 @@ class Lease:
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": uuid.uuid4().hex[:12],
                    "started": time.time()}
         self.lost = threading.Event()
+        # a run refused by a check before it wrote anything leaves no directory behind
+        self._made_dir = out.is_local and not os.path.exists(out.path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="segfactory-lease", daemon=True)
 
@@ -121,3 +123,5 @@ class Lease:
         holder = _read(self.loc)
         if holder and holder.get("run_id") == self.me["run_id"]:
             storage.remove(self.loc)
+            if self._made_dir and not os.listdir(self.loc.parent.path):
+                os.rmdir(self.loc.parent.path)

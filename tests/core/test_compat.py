@@ -9,7 +9,9 @@ from core import compat
 
 def test_every_private_api_resolves_on_this_ray():
     for name in compat.PRIVATE_APIS:
-        assert isinstance(compat.ray_api(name), type)
+        api = compat.ray_api(name)
+        # classes we subclass, functions we call
+        assert isinstance(api, type) or callable(api), name
 
 
 def test_a_moved_api_names_itself_and_the_tested_release(monkeypatch):
