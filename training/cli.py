@@ -171,8 +171,8 @@ def add_training_commands(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("evaluate", help="mIoU / per-class IoU / pixel accuracy of a checkpoint on a real split")
-    p.add_argument("--checkpoint", default=None, help="run directory (its final checkpoint) or a checkpoint directory "
-                   "(the semantic protocol)")
+    p.add_argument("--checkpoint", default=None, help="run directory (its final checkpoint: the last step, the model "
+                   "predict uses for the same RUN), a checkpoint directory or RUN/best (the semantic protocol)")
     p.add_argument("--data", required=True, help="real dataset directory")
     p.add_argument("--protocol", choices=["semantic", "fss"], default="semantic",
                    help="semantic = mIoU of a checkpoint; fss = few-shot episodes (PASCAL-5i / COCO-20i folds)")
@@ -193,7 +193,8 @@ def add_training_commands(subparsers) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
     p = subparsers.add_parser("predict", help="one mask PNG per image (same ids) from a trained model")
-    p.add_argument("--checkpoint", required=True, help="run directory (its best/ model), checkpoint or best/ directory")
+    p.add_argument("--checkpoint", required=True, help="run directory (its final checkpoint, the model evaluate scores for the same RUN), a "
+                   "checkpoint directory, or RUN/best (the best by val mIoU)")
     p.add_argument("--data", required=True, help="folder of images, or a dataset directory (with --format)")
     p.add_argument("--out", required=True, help="output folder: OUT/<id>.png")
     p.add_argument("--format", default="images", choices=["images", "voc", "ade20k", "coco", "folder", "parquet"],

@@ -5,7 +5,8 @@ poly schedule (optional linear warm-up); an iteration budget with gradient accum
 periodic evaluation on the real val split (confusion matrix all-reduced); ``ray.train.report``
 every ``log_interval`` steps, with a checkpoint at each eval/checkpoint step. On start it
 restores the latest checkpoint (after a worker failure, or ``resume=true``): model,
-optimizer, scheduler, step and consumed-row counts (data position at epoch granularity).
+optimizer, scheduler, step and each rank's stream positions, so the data continues exactly
+where the checkpoint was taken (training.epochs).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from training.accel import (
     to_model_input,
 )
 from training.config import TrainConfig
-from training.data import Mixer
+from training.data import Mixer, rank_stream
 from training.inference import evaluate_shard
 from training.metrics import all_reduce_, summarize
 from training.models import build_model, load_model, loss, preload, save_image_processor, save_model
 from training.steps import due, fail_if_asked, report, restore_dir
-from training.transforms import LABELS, PIXELS, SYNTHETIC
+from training.transforms import AUG_KEY, LABELS, PIXELS, SYNTHETIC
 
 log = logging.getLogger("segfactory.train")
 
@@ -128,23 +129,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     classes, arch = meta["classes"], cfg.model.arch
     torch.manual_seed(cfg.seed)
-    # streams first: their start-up overlaps model building and checkpoint loading
-    batches = {"batch_size": cfg.batch_size, "prefetch_batches": cfg.data.prefetch_batches,
-               "local_shuffle_buffer_size": cfg.data.shuffle_buffer or None, "device": device}
+    resume = _restore(cfg, meta)
+    step, consumed, extra, state = 0, {"real": 0, "synthetic": 0}, {"best_miou": 0.0, "elapsed_s": 0.0}, None
+    if resume:
+        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)
+        step, consumed = state["step"], dict(state["consumed"])
+        extra = {k: state.get(k, v) for k, v in extra.items()}
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume, step)
+    after = _resume_positions(state, rank, world)
+    # streams next: their start-up overlaps model building and checkpoint loading
+    batches = {"batch_size": cfg.batch_size, "prefetch_batches": cfg.data.prefetch_batches, "device": device}
     streams: dict[str, Any] = {}
 
     def start_streams(p: float) -> None:
         """Start the streams a phase reads (a stream's execution begins with its first read):
         one started earlier and left idle through a long phase trips Ray Data's no-progress
-        guard (pretrain_finetune's real stream during pre-training)."""
+        guard (pretrain_finetune's real stream during pre-training). A file-backed stream is
+        this rank's own (training.data.rank_stream), executed by a coordinator actor (not in
+        this process) from just after the row the checkpoint recorded."""
         for name in meta["streams"]:
             if name not in streams and {"real": p < 1, "synthetic": p > 0}[name]:
-                seed = {"local_shuffle_seed": (cfg.seed * 1000 + rank) * 2 + (name == "synthetic")} if cfg.data.deterministic and cfg.data.shuffle_buffer else {}
-                streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches, **seed)))
+                spec = meta["specs"].get(name)
+                if spec is None:  # the live generation stream: Ray Train's split
+                    it = ray.train.get_dataset_shard(name)
+                else:
+                    it = rank_stream(spec, cfg, rank, world, after.get(name, -1)).streaming_split(1)[0]
+                streams[name] = primed(iter(it.iter_torch_batches(**batches)))
 
     start_streams(_phase_p(meta, meta["phases"][0]))
 
-    resume = _restore(cfg, meta)
     importing.join()
     if resume:
         model = load_model(arch, Path(resume) / MODEL_DIR)
@@ -160,15 +174,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = maybe_compile(model, cfg.workers.compile)
     scaler = grad_scaler(device, cfg.workers.precision)
     mean, std = cfg.aug.mean, cfg.aug.std
-    step, consumed, extra, state = 0, {"real": 0, "synthetic": 0}, {"best_miou": 0.0, "elapsed_s": 0.0}, None
-    if resume:
-        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)
-        step, consumed = state["step"], dict(state["consumed"])
-        extra = {k: state.get(k, v) for k, v in extra.items()}
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume, step)
 
-    mixer = Mixer(streams, 0.0, cfg.batch_size, seed=(cfg.seed, rank, step))
+    mixer = Mixer(streams, 0.0, cfg.batch_size, seed=(cfg.seed, rank), start=step * cfg.grad_accum)
+    record = RowLog(meta["run_dir"], rank) if cfg.debug.record_rows else None
     val = ray.train.get_dataset_shard("val")
     ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
     total = sum(ph["iterations"] for ph in meta["phases"])
@@ -194,6 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tw = time.perf_counter()
                 batch = next(mixer)
                 wait += time.perf_counter() - tw
+                if record:
+                    record.add(step + 1, batch[AUG_KEY])
                 # uint8 on the wire, normalised on the device
                 x = to_model_input(batch[PIXELS].to(device, non_blocking=True), mean, std)
                 y = batch[LABELS].to(device, non_blocking=True).long()
@@ -239,11 +249,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if do_ckpt:
                 got = _sum([mixer.taken.get("real", 0), mixer.taken.get("synthetic", 0)], device)
                 now = {"real": consumed["real"] + int(got[0]), "synthetic": consumed["synthetic"] + int(got[1])}
-                state = {**extra, "phase": ph["name"]}
+                state = {**extra, "phase": ph["name"], "positions": _positions(mixer, after, rank, world, device)}
                 report(metrics, step, rank, lambda tmp: _save(tmp, model, opt, sched, step, now, state, meta))  # noqa: B023
             else:
                 report(metrics, step, rank)
             window = _window(mixer)
+
+
+def _positions(mixer: Mixer, after: dict[str, int], rank: int, world: int, device) -> dict[str, Any]:
+    """Every rank's last consumed row per stream ({"world": n, name: [position per rank]}),
+    gathered so that rank 0's checkpoint holds them all (a sum of one-hot rows)."""
+    names = ("real", "synthetic")
+    mine = [int(mixer.last[n]) if n in mixer.last else after.get(n, -1) for n in names]
+    table = [0.0] * (world * len(names))
+    table[rank * len(names):(rank + 1) * len(names)] = [float(v) for v in mine]
+    got = _sum(table, device)
+    return {"world": world, **{n: [int(got[r * len(names) + i]) for r in range(world)] for i, n in enumerate(names)}}
+
+
+def _resume_positions(state: dict[str, Any] | None, rank: int, world: int) -> dict[str, int]:
+    """This rank's last consumed row per stream from a checkpoint (-1: none). A checkpoint from
+    a run with another number of workers (or from before positions were kept) restarts the
+    streams from their start, with a warning."""
+    positions = (state or {}).get("positions")
+    if not positions:
+        if state is not None and rank == 0:
+            log.warning("checkpoint without stream positions: the streams restart from their start")
+        return {}
+    if positions["world"] != world:
+        if rank == 0:
+            log.warning("checkpoint from %d workers, now %d: the streams restart from their start", positions["world"], world)
+        return {}
+    return {n: int(positions[n][rank]) for n in ("real", "synthetic")}
+
+
+class RowLog:
+    """debug.record_rows: every row each step consumed (its augmentation key: the sample in
+    its epoch), appended to ``rows-rank<r>.jsonl`` in the run directory (local runs only)."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.path = Path(run_dir) / f"rows-rank{rank}.jsonl"
+
+    def add(self, step: int, keys) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "rows": [int(k) for k in keys.tolist()]}) + "\n")
 
 
 def _phase_p(meta: dict[str, Any], ph: dict[str, Any]) -> float:

@@ -90,10 +90,10 @@ def append_metrics(path: str | os.PathLike | Location, metrics: dict[str, Any]) 
 # --- trainer ----------------------------------------------------------------------------------
 
 
-def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
-    """Split ``split`` datasets with ``equal=False`` (eval sees each val row exactly once; a
-    worker that draws more real rows than another is not held back); the others are given
-    whole to every worker. ``ordered``: datasets that keep their order (data.deterministic)."""
+def _data_config(split: list[str]):
+    """Split ``split`` datasets with ``equal=False`` (eval sees each val row exactly once); the
+    others are given whole to every worker. The training streams read from files are not
+    here: each rank builds its own (training.data.rank_stream)."""
     from ray.train import DataConfig
 
     class UnequalSplit(DataConfig):
@@ -102,8 +102,6 @@ def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                if name in ordered:  # a rerun gets the same rows in the same order
-                    ds.context.execution_options.preserve_order = True
                 if name not in split:
                     for i in range(world_size):
                         out[i][name] = ds.iterator()
@@ -118,7 +116,7 @@ def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
 
 def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: str | os.PathLike | Location, *, num_workers: int,
                  use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=(),
-                 ordered: tuple[str, ...] = ()):
+                 placement_strategy: str = "PACK"):
     """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it; on a URI Ray Train
     uploads them through the run directory's pyarrow file system)."""
     from ray.train import LoggingConfig, ScalingConfig
@@ -133,10 +131,11 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
         run_config=rundir.run_config(run_dir, max_failures=max_failures, keep=keep, callbacks=callbacks,
                                      logging_config=train_logging),
-        datasets=datasets, dataset_config=_data_config(split_names(datasets), ordered))
+        datasets=datasets, dataset_config=_data_config(split_names(datasets)))
 
 
 def _summary(run_dir: Location, phase: str | None = None) -> dict[str, Any]:
@@ -198,7 +197,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     check_weights(cfg.model, src.classes)  # a backbone checkpoint that does not fit: one line naming the key
     init_ray(cfg.ray)
     rundir.write_config(run_dir, cfg.model_dump(mode="json"))
-    step, consumed, resume_from = 0, {}, None
+    step, resume_from = 0, None
     if cfg.resume and existing:
         import torch
 
@@ -209,13 +208,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
             raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-        step, consumed = state["step"], state["consumed"]
+        step = state["step"]
         log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
         append_event(run_dir, "resumed", step=step, checkpoint=resume_from.name)
     truncate_metrics(run_dir / "metrics.csv", step)
-    datasets = build_datasets(cfg, src, _rows_needed(cfg, plan, step), consumed)
-    meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan,
-            "streams": [k for k in ("real", "synthetic") if k in datasets],
+    # the streams cover the whole budget; each rank resumes inside its own (training.epochs)
+    datasets, specs = build_datasets(cfg, src, _rows_needed(cfg, plan, 0), cfg.workers.num_workers)
+    meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan, "specs": specs,
+            "streams": [k for k in ("real", "synthetic") if k in datasets or k in specs],
             "resume_from": str(resume_from) if resume_from else None,
             "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
                                 "eval": cfg.eval.model_dump(), "mean": cfg.aug.mean, "std": cfg.aug.std}}
@@ -223,13 +223,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
                            num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
                            max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[make_callback(run_dir, append_metrics)],
-                           ordered=("real", "synthetic") if cfg.data.deterministic else ())
+                           placement_strategy=w.placement_strategy)
     log.info("training %s: %s, %d steps x %d samples x %d workers -> %s", cfg.strategy,
              " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
              cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)
     result = record_fit(trainer, run_dir)
     m = result.metrics or {}
-    ckpt = resolve_checkpoint(run_dir)
+    ckpt = checkpoints(run_dir)[-1]  # this run's last step (not an earlier run's final.json: a resume to a larger budget)
     final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],
              "iterations": total, "miou": m.get("eval_miou"), "pixel_acc": m.get("eval_pixel_acc"),
              "per_class_iou": m.get("eval_per_class_iou"), "confusion": m.get("eval_confusion"),
