@@ -172,12 +172,52 @@ def _rows_needed(cfg: TrainConfig, plan: list[dict[str, Any]], step: int) -> dic
     return need
 
 
+def _resume_step(run_dir: Location, resume_from: Location) -> int:
+    """The step of the checkpoint ``resume=true`` continues from (its train state, named when
+    it cannot be read); recorded in events.jsonl."""
+    import torch
+
+    from training.runlog import append_event
+
+    try:
+        data = io.BytesIO(storage.read_bytes(resume_from / "train_state.pt"))
+        state = torch.load(data, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
+        raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    step = state["step"]
+    log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
+    append_event(run_dir, "resumed", step=step, checkpoint=resume_from.name)
+    return step
+
+
+def _final_record(cfg: TrainConfig, run_dir: Location, plan: list[dict[str, Any]], classes: list[str],
+                  m: dict[str, Any], started: float) -> dict[str, Any]:
+    """final.json: the last step's checkpoint and evaluation (``m``: the last report's metrics),
+    the run's failures/restarts and the metrics.csv summary (per phase too)."""
+    from training.loop import META_FILE
+    from training.runlog import run_record
+
+    ckpt = checkpoints(run_dir)[-1]  # this run's last step (not an earlier run's final.json: a resume to a larger budget)
+    final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],
+             "iterations": sum(ph["iterations"] for ph in plan), "miou": m.get("eval_miou"),
+             "pixel_acc": m.get("eval_pixel_acc"), "per_class_iou": m.get("eval_per_class_iou"),
+             "confusion": m.get("eval_confusion"), "best_miou": m.get("best_miou"), "classes": classes,
+             "checkpoint": str(ckpt), "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
+             "best_checkpoint": str(run_dir / "best") if storage.is_dir(run_dir / "best") else None,
+             **run_record(run_dir), **_summary(run_dir)}
+    if len(plan) > 1:
+        for ph in plan:
+            final[ph["name"]] = _summary(run_dir, ph["name"])
+    return final
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content."""
     from core.runtime import init_ray
     from training.data import build_datasets, index_inputs
-    from training.loop import META_FILE, train_loop_per_worker
-    from training.runlog import append_event, make_callback, record_fit, run_record
+    from training.loop import train_loop_per_worker
+    from training.runlog import make_callback, record_fit
 
     check_inputs(cfg)
     run_dir = locate(cfg.output.path, "output.path")
@@ -197,20 +237,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     check_weights(cfg.model, src.classes)  # a backbone checkpoint that does not fit: one line naming the key
     init_ray(cfg.ray)
     rundir.write_config(run_dir, cfg.model_dump(mode="json"))
-    step, resume_from = 0, None
-    if cfg.resume and existing:
-        import torch
-
-        resume_from = existing[-1]
-        try:
-            data = io.BytesIO(storage.read_bytes(resume_from / "train_state.pt"))
-            state = torch.load(data, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
-            raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-        step = state["step"]
-        log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
-        append_event(run_dir, "resumed", step=step, checkpoint=resume_from.name)
+    resume_from = existing[-1] if cfg.resume and existing else None
+    step = _resume_step(run_dir, resume_from) if resume_from else 0
     truncate_metrics(run_dir / "metrics.csv", step)
     # the streams cover the whole budget; each rank resumes inside its own (training.epochs)
     datasets, specs = build_datasets(cfg, src, _rows_needed(cfg, plan, 0), cfg.workers.num_workers)
@@ -228,18 +256,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
              " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
              cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)
     result = record_fit(trainer, run_dir)
-    m = result.metrics or {}
-    ckpt = checkpoints(run_dir)[-1]  # this run's last step (not an earlier run's final.json: a resume to a larger budget)
-    final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],
-             "iterations": total, "miou": m.get("eval_miou"), "pixel_acc": m.get("eval_pixel_acc"),
-             "per_class_iou": m.get("eval_per_class_iou"), "confusion": m.get("eval_confusion"),
-             "best_miou": m.get("best_miou"), "classes": src.classes, "checkpoint": str(ckpt),
-             "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
-             "best_checkpoint": str(run_dir / "best") if storage.is_dir(run_dir / "best") else None,
-             **run_record(run_dir), **_summary(run_dir)}
-    if len(plan) > 1:
-        for ph in plan:
-            final[ph["name"]] = _summary(run_dir, ph["name"])
+    final = _final_record(cfg, run_dir, plan, src.classes, result.metrics or {}, started)
     write_json(run_dir / "final.json", final)  # atomic: a sweep treats final.json as "this trial is done"
     log.info("%s done: step %s, val mIoU %.4f (%s)", cfg.strategy, final["final_step"], final["miou"] or math.nan, run_dir)
     return final
