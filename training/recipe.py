@@ -248,6 +248,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
                                 "eval": cfg.eval.model_dump(), "mean": cfg.aug.mean, "std": cfg.aug.std}}
     w = cfg.workers
+    if cfg.strategy == "co_training":  # two networks per worker (training.cotrain)
+        from training.cotrain import co_train_loop_per_worker as train_loop_per_worker
     trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
                            num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
                            max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[make_callback(run_dir, append_metrics)],
