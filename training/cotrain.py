@@ -6,7 +6,9 @@ BECO's official implementation (Rong et al., CVPR 2023; github.com/ShenghaiRong/
 
 - **Two networks**, A (``self.model``) and B, of the same architecture with different
   initialisations (torch seeds ``seed`` and ``seed + 1``; with a pretrained backbone only the
-  fresh heads differ, as in BECO where both load the same ImageNet weights), both DDP-wrapped,
+  fresh heads differ, as in BECO where both load the same ImageNet weights; ``model.init_from``
+  loads A from ``model/`` and B from ``model_b/`` when the source has one, else the same weights
+  as A), both DDP-wrapped,
   stepped by one optimizer (BECO: one SGD over network1 + network2).
 - **Reliable / unreliable**: a pixel's pseudo-label is reliable where it is not 255 (BECO reads
   a separate confidence mask, ``irn_mask``; attn2mask writes 255 where it is not confident).

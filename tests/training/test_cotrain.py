@@ -152,8 +152,10 @@ def test_co_training_checkpoints_both_networks_and_restarts(train_ray, small_rea
 
 @pytest.mark.slow
 @pytest.mark.timeout(900, method="thread")
-@pytest.mark.xfail(strict=True, reason="measured: co_training below synthetic_only on the toy's noisy pseudo-masks "
-                   "at this budget (see the report of issue 24 item 7); strict, so a change that makes it win is noticed")
+@pytest.mark.xfail(strict=True, reason="measured (2-core CPU): val mIoU synthetic_only vs co_training 0.228 vs 0.123 "
+                   "(seed 0, co-training collapses to background) and 0.209 vs 0.220 (seed 1); from-scratch toy networks "
+                   "are not confident enough by the warm-up's end for BECO's online labels to beat the pseudo-masks. "
+                   "Strict: a change that makes it win is noticed")
 def test_co_training_beats_plain_training_on_noisy_pseudo_masks(train_ray, small_real, noisy, tmp_path):
     """Two seeds, the same noisy pseudo-masks and budget: val mIoU of network A vs one network."""
     from training.recipe import run_train
