@@ -1,6 +1,6 @@
 """A small synthetic subset read for many epochs: one Ray Data read of every file per epoch
 (what training once did) against one stream whose units are the subset's Parquet row groups,
-read in the map tasks epoch after epoch (training.data.synthetic_stream now). Prints rows/s of each and their ratio, measured
+read in the map tasks epoch after epoch (training.data.rank_stream now). Prints rows/s of each and their ratio, measured
 in one run.
 
     python benchmarks/bench_subset_stream.py [--rows 3000] [--volume 250] [--epochs 5]
@@ -29,7 +29,7 @@ def main() -> None:
     from core.runtime import init_ray
     from tests.training.conftest import write_synthetic
     from training.config import TrainConfig
-    from training.data import _map, index_inputs, synthetic_stream
+    from training.data import _map, index_inputs, rank_stream, synthetic_spec
     from training.subsets import keep_rows, read_sample_ids, volume_threshold
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +58,7 @@ def main() -> None:
             return n
 
         def one_stream() -> int:
-            return rows_of(synthetic_stream(cfg, src, need))
+            return rows_of(rank_stream(synthetic_spec(cfg, src, need, 1), cfg, 0, 1))
 
         timings = {}
         for name, fn in (("per-epoch Ray Data reads", per_epoch_reads), ("one stream of chunks", one_stream)):

@@ -1,10 +1,14 @@
 """The toy mixed recipe trained by two versions of this repo in one benchmark run: a base
-commit (default: the one before the budget-independent streams) and the working tree. Prints
-median steps/s, data-wait, wall time and val mIoU of each, and their ratios. With --reruns N
-the working tree's run is repeated N times with the same seed: the spread of val mIoU is
-what two runs of one sweep trial disagree by.
+commit (default: the one before per-rank row-group streams) on the synthetic dataset as it was
+written then (one row group per shard), and the working tree on the same samples written as
+now (bounded row groups, ``output.row_group_rows``), ≥ 8 shards. Prints each one's read
+amplification (compressed image + mask bytes one epoch reads ÷ bytes of the rows it uses, from
+the Parquet footers; the base read a whole row group per 64-row slice — its 512 MB cache aside,
+which misses once a dataset outgrows it), median steps/s, data-wait, wall time and val mIoU, and
+their ratios. With --reruns N the working tree's run is repeated N times with the same seed: the
+spread of val mIoU is what two runs of one sweep trial disagree by.
 
-    python benchmarks/bench_train_streams.py [--base 087ac9f] [--iterations 300] [--reruns 2]
+    python benchmarks/bench_train_streams.py [--base f742911] [--iterations 300] [--reruns 2]
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def train(tree: Path, run: Path, real: Path, syn: Path, iterations: int, seed: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="087ac9f", help="git revision to compare against")
+    ap.add_argument("--base", default="f742911", help="git revision to compare against")
     ap.add_argument("--iterations", type=int, default=300, help="training steps per run")
     ap.add_argument("--reruns", type=int, default=1, help="runs of the working tree with the same seed")
     ap.add_argument("--skip-base", action="store_true", help="only the working tree (rerun spread)")
@@ -62,21 +66,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         real = make_toy_dataset(tmp / "real", n_train=40, n_val=50, size=128, seed=0)
-        syn = tmp / "syn"
-        run_generate(load_config(GenerateConfig, ROOT / "pipelines" / "configs" / "seggen-toy.yaml", [
-            f"source.path={real}", f"output.path={syn}", "imgsyn.samples_per_source=10",
-            "masksyn.samples_per_caption=10", "ray.show_progress=false"]))
+        layouts = {"base": 1 << 20, "now": 32}  # rows per row group: one per shard (before), bounded (now)
+        for name, group_rows in layouts.items():
+            run_generate(load_config(GenerateConfig, ROOT / "pipelines" / "configs" / "seggen-toy.yaml", [
+                f"source.path={real}", f"output.path={tmp / ('syn-' + name)}", "imgsyn.samples_per_source=10",
+                "masksyn.samples_per_caption=10", "output.rows_per_shard=5", f"output.row_group_rows={group_rows}",
+                "ray.show_progress=false"]))
+        from training.data import _shard_files
+        from training.epochs import plan_chunks, read_amplification
+
+        amplification = {name: read_amplification(plan_chunks(_shard_files(str(tmp / f"syn-{name}")),
+                                                              cap=64 if name == "base" else 1024, warn=False)[0])
+                         for name in layouts}
+        shards = len(_shard_files(str(tmp / "syn-now")))
         import ray
 
         ray.shutdown()  # each training run starts its own Ray
         results = {}
         if not args.skip_base:
-            results["base"] = [train(export(args.base, tmp / "base"), tmp / "run-base", real, syn, args.iterations, 0)]
-        results["now"] = [train(ROOT, tmp / f"run-now-{i}", real, syn, args.iterations, 0) for i in range(args.reruns)]
+            results["base"] = [train(export(args.base, tmp / "base"), tmp / "run-base", real, tmp / "syn-base",
+                                     args.iterations, 0)]
+        results["now"] = [train(ROOT, tmp / f"run-now-{i}", real, tmp / "syn-now", args.iterations, 0)
+                          for i in range(args.reruns)]
+        print(f"synthetic: {shards} shards")
         for name, finals in results.items():
             for f in finals:
-                print(f"{name:5s} {f['steps_per_s']:6.2f} steps/s (median of logged)  data-wait {f['data_wait_fraction']:6.1%}  "
-                      f"wall {f['wall_s']:6.1f} s  val mIoU {f['miou']:.4f}")
+                print(f"{name:5s} read amplification {amplification[name]:5.2f}  {f['steps_per_s']:6.2f} steps/s (median of "
+                      f"logged)  data-wait {f['data_wait_fraction']:6.1%}  wall {f['wall_s']:6.1f} s  val mIoU {f['miou']:.4f}")
         now = results["now"][0]
         if "base" in results:
             base = results["base"][0]

@@ -160,19 +160,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_training_commands(subparsers) -> None:
-    """Register ``train``, ``evaluate``, ``predict`` and ``scaling`` on the main parser's subparsers."""
-    p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
-    p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/toy.yaml")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit (starts no Ray)")
-    p.add_argument("overrides", nargs="*",
-                   help="key.sub=value overrides, e.g. real.path=DIR synthetic.paths=[OUT] strategy=mix p_aug=0.6 output.path=RUN")
-    p.set_defaults(func=_cmd_train)
-
+def _add_evaluate(subparsers) -> None:
+    """``evaluate``: the semantic protocol (mIoU of a checkpoint) or few-shot episodes."""
     p = subparsers.add_parser("evaluate", help="mIoU / per-class IoU / pixel accuracy of a checkpoint on a real split")
-    p.add_argument("--checkpoint", default=None, help="run directory (its final checkpoint) or a checkpoint directory "
-                   "(the semantic protocol)")
+    p.add_argument("--checkpoint", default=None, help="run directory (its final checkpoint: the last step, the model "
+                   "predict uses for the same RUN), a checkpoint directory or RUN/best (the semantic protocol)")
     p.add_argument("--data", required=True, help="real dataset directory")
     p.add_argument("--protocol", choices=["semantic", "fss"], default="semantic",
                    help="semantic = mIoU of a checkpoint; fss = few-shot episodes (PASCAL-5i / COCO-20i folds)")
@@ -192,8 +184,22 @@ def add_training_commands(subparsers) -> None:
     _add_protocol_flags(p)
     p.set_defaults(func=_cmd_evaluate)
 
+
+def add_training_commands(subparsers) -> None:
+    """Register ``train``, ``evaluate``, ``predict`` and ``scaling`` on the main parser's subparsers."""
+    p = subparsers.add_parser("train", help="train a segmentation model on real and/or synthetic data (Ray Train)")
+    p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/toy.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit (starts no Ray)")
+    p.add_argument("overrides", nargs="*",
+                   help="key.sub=value overrides, e.g. real.path=DIR synthetic.paths=[OUT] strategy=mix p_aug=0.6 output.path=RUN")
+    p.set_defaults(func=_cmd_train)
+
+    _add_evaluate(subparsers)
+
     p = subparsers.add_parser("predict", help="one mask PNG per image (same ids) from a trained model")
-    p.add_argument("--checkpoint", required=True, help="run directory (its best/ model), checkpoint or best/ directory")
+    p.add_argument("--checkpoint", required=True, help="run directory (its final checkpoint, the model evaluate scores for the same RUN), a "
+                   "checkpoint directory, or RUN/best (the best by val mIoU)")
     p.add_argument("--data", required=True, help="folder of images, or a dataset directory (with --format)")
     p.add_argument("--out", required=True, help="output folder: OUT/<id>.png")
     p.add_argument("--format", default="images", choices=["images", "voc", "ade20k", "coco", "folder", "parquet"],

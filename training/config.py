@@ -192,11 +192,11 @@ class DataConfig(Strict):
     transform_batch_size: int = Field(16, ge=1, description="rows per decode/augment map_batches task")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per decode/augment task")
     prefetch_batches: int = Field(2, ge=0, description="batches iter_torch_batches prefetches per stream")
-    shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer (rows) of the training streams; 0 = off")
     margin: float = Field(1.3, ge=1.0, description="streams are sized to needed rows * margin (a worker may take more than its share)")
-    deterministic: bool = Field(True, description="training streams keep their order (Ray Data preserve_order) and the local "
-                                "shuffle buffer is seeded, so a rerun with the same seed sees the same batches (with one worker; "
-                                "several workers still race for blocks). Augmentation is always keyed by (seed, sample id, epoch)")
+    window_units: int = Field(16, ge=1, description="synthetic row groups read together and interleaved per map task, so a "
+                              "batch's rows come from different row groups (source rows); a task holds this many row groups")
+    row_group_cap: int = Field(1024, ge=1, description="most rows of a synthetic row group read as one unit; a larger group is "
+                               "read once per piece of this many rows (warned: read amplification)")
     idle_sleep_s: float = Field(0.025, ge=0, le=1, description="a stream's Ray Data loop sleeps this long after a step with no task running, "
                                 "instead of spinning a CPU while the trainer computes (training.ingest_idle); 0 = off")
 
@@ -205,6 +205,9 @@ class WorkersConfig(Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL); false = CPU (gloo)")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; leave room for Ray Data on small machines")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Ray places the workers (Ray Train's ScalingConfig): PACK fills a node first; "
+        "STRICT_SPREAD = one worker per node")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; None = Ray's default")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; "
                                                                 "bf16 (CPU too); fp16 with a GradScaler; fp32")
@@ -225,6 +228,8 @@ class OutputConfig(Strict):
 
 class DebugConfig(Strict):
     fail_at_steps: list[int] = Field(default_factory=list, description="rank 0 raises once at each of these steps (tests restart/resume)")
+    record_rows: bool = Field(False, description="each rank appends the rows every step consumed to rows-rank<r>.jsonl in "
+                              "the (local) run directory (tests exact restarts)")
 
 
 class TrainConfig(Strict):

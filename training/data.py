@@ -24,7 +24,7 @@ import numpy as np
 from core import schema as S
 from core.config import ConfigError
 from training.config import TrainConfig
-from training.epochs import real_span, span_positions, spans, synthetic_span
+from training.epochs import POSITION, real_span, resume_from, span_positions, spans, synthetic_span
 from training.transforms import SYNTHETIC, transform_batch
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Sources:
     synthetic_files: list[str] = field(default_factory=list)
     synthetic_rows: int = 0  # rows per synthetic epoch (all files, or synthetic.volume)
     synthetic_files_rows: int = 0  # rows in all synthetic files
-    # (file, row group, row positions) per unit (a slice of a row group) of one synthetic epoch
+    # (file, row group, row positions) per unit (a row group, or a piece of an oversized one) of one synthetic epoch
     synthetic_chunks: list[tuple[str, int, Any]] = field(default_factory=list)
 
 
@@ -103,14 +103,15 @@ def index_inputs(cfg: TrainConfig) -> Sources:
     if out.synthetic_files:
         from training.epochs import plan_chunks
 
-        out.synthetic_files_rows = plan_chunks(out.synthetic_files)[1]
+        every, out.synthetic_files_rows = plan_chunks(out.synthetic_files, cap=cfg.data.row_group_cap)
         if out.synthetic_files_rows == 0:
             raise ConfigError("synthetic.paths: the synthetic datasets have no rows")
         volume = cfg.synthetic.volume
         if volume is not None and volume > out.synthetic_files_rows:
             raise ConfigError(f"synthetic.volume: {volume} exceeds the {out.synthetic_files_rows} samples in "
                               f"synthetic.paths ({volume - out.synthetic_files_rows} missing)")
-        out.synthetic_chunks, out.synthetic_rows = plan_chunks(out.synthetic_files, volume, 4 * cfg.data.transform_batch_size)
+        out.synthetic_chunks, out.synthetic_rows = ((every, out.synthetic_files_rows) if volume is None else
+                                                    plan_chunks(out.synthetic_files, volume, cfg.data.row_group_cap, warn=False))
     return out
 
 
@@ -133,11 +134,11 @@ def _blocks(n: int, cfg: TrainConfig) -> int:
 SPANS = 2000  # most map tasks a training stream is cut into (each costs a ray.put when it is built)
 
 
-def _budget(n_rows: int, per_task: float):
-    """The input of a training stream: ``n_rows`` budget positions as spans (``from_items``,
-    one span per block, so one map task each): the plan is the same few operators for one
-    epoch or a thousand (no union of per-epoch reads), and each span ~``per_task`` rows, at
-    most :data:`SPANS` of them.
+def _budget(n_rows: int, per_task: float, start: int = 0):
+    """The input of a training stream: budget positions ``start .. n_rows`` as spans
+    (``from_items``, one span per block, so one map task each): the plan is the same few
+    operators for one epoch or a thousand (no union of per-epoch reads), and each span
+    ~``per_task`` rows, at most :data:`SPANS` of them.
 
     Not ``ray.data.range``: its read operator runs before the maps that make batches, and in
     Ray 2.60 an operator gets no CPU budget while the one before it still runs. Measured in a
@@ -146,8 +147,8 @@ def _budget(n_rows: int, per_task: float):
     decode/augment tasks run at once."""
     import ray
 
-    items = spans(n_rows, min(SPANS, max(1, math.ceil(n_rows / max(per_task, 1.0)))))
-    return ray.data.from_items(items, override_num_blocks=len(items))
+    items = spans(n_rows, min(SPANS, max(1, math.ceil((n_rows - start) / max(per_task, 1.0)))), start)
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
 
 def _table_ref(obj):
@@ -164,10 +165,25 @@ def _span_map(ds, cfg: TrainConfig, fn, **fn_kwargs):
         fn, batch_size=1, batch_format="numpy", num_cpus=cfg.data.num_cpus, fn_kwargs=fn_kwargs)
 
 
-def real_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
-    """Real training rows for ``n_rows`` samples: epochs from ``start_epoch``, each permuted
-    with its own seed (:mod:`training.epochs`), decoded and augmented in map_batches. The
-    driver holds the index once (in the object store), never a list as long as the budget."""
+@dataclass
+class StreamSpec:
+    """What a rank needs to build its own training stream (:func:`rank_stream`): object refs
+    and numbers, built once on the driver and handed to every worker."""
+
+    name: str  # "real" | "synthetic"
+    per_rank: int  # local positions each rank's stream covers: rows (real) or windows (synthetic)
+    per_task: float  # local positions per map task
+    fn_kwargs: dict[str, Any]  # of real_span / synthetic_span, less rank, world and skip
+
+    @property
+    def synthetic(self) -> bool:
+        return self.name == "synthetic"
+
+
+def real_spec(cfg: TrainConfig, src: Sources, n_rows: int, world: int) -> StreamSpec:
+    """Real training rows for ``n_rows`` samples over all ranks: epochs each permuted with its
+    own seed (:mod:`training.epochs`), decoded and augmented in map_batches. The driver holds
+    the index once (in the object store), never a list as long as the budget."""
     n = len(src.real_rows)
     columns = {k: np.array([r[k] for r in src.real_rows], dtype=object) for k in _INDEX_KEYS}
     alpha = cfg.p_aug if cfg.strategy == "mix" and cfg.mix.mode == "variant" else 0.0
@@ -176,32 +192,40 @@ def real_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 
 
         columns = attach_variants(columns, src.synthetic_files)
     tbs = cfg.data.transform_batch_size
-    return _span_map(_budget(n_rows, tbs), cfg, real_span,
-                     pick={"n": n, "offset": start_epoch * n, "seed": cfg.seed, "salt": 1},
-                     rows_ref=_table_ref(columns), seed=cfg.seed, rows_per_batch=tbs,
-                     transform=_transform_kwargs(cfg, src.classes, source="index", train=True, fmt=cfg.real.format,
-                                                 variant_alpha=alpha))
+    return StreamSpec("real", math.ceil(n_rows / world), tbs, dict(
+        pick={"n": n, "seed": cfg.seed, "salt": 1}, rows_ref=_table_ref(columns), seed=cfg.seed, rows_per_batch=tbs,
+        transform=_transform_kwargs(cfg, src.classes, source="index", train=True, fmt=cfg.real.format,
+                                    variant_alpha=alpha)))
 
 
-def synthetic_stream(cfg: TrainConfig, src: Sources, n_rows: int, start_epoch: int = 0):
-    """Synthetic rows for ``n_rows`` samples, split across the workers like the real stream.
-
-    The units are the Parquet chunks of one epoch (row groups, only the ``synthetic.volume``
-    subset's rows), in a new seeded order each epoch, rows further mixed by the local shuffle
-    buffer; bytes are read in the map tasks, never on the driver. A budget smaller than one
-    epoch keeps a uniform seeded sample of every chunk (no decoding of rows it never reaches,
-    and no bias to the first files). One execution for the whole budget."""
+def synthetic_spec(cfg: TrainConfig, src: Sources, n_rows: int, world: int) -> StreamSpec:
+    """Synthetic rows for ``n_rows`` samples over all ranks, read a window of row groups at a
+    time and interleaved (:mod:`training.epochs`); bytes are read in the map tasks, never on the
+    driver. The units are one epoch's row groups (only the ``synthetic.volume`` subset's rows)
+    in a new seeded order each epoch. A budget smaller than one epoch keeps a uniform seeded
+    sample of every unit (no decoding of rows it never reaches, and no bias to the first files)."""
     chunks = src.synthetic_chunks
     per_epoch = max(1, src.synthetic_rows)
     draw = min(1.0, n_rows / per_epoch)
-    epochs = max(1, math.ceil(n_rows / per_epoch))
-    n_units = len(chunks)
-    rows_per_unit = per_epoch / n_units
-    return _span_map(_budget(epochs * n_units, max(1, math.floor(cfg.data.transform_batch_size / rows_per_unit))),
-                     cfg, synthetic_span, pick={"n": n_units, "offset": start_epoch * n_units, "seed": cfg.seed, "salt": 2},
-                     chunks_ref=_table_ref(chunks), seed=cfg.seed, draw_fraction=draw, draw_seed=cfg.seed,
-                     rows_per_batch=cfg.data.transform_batch_size,
-                     transform=_transform_kwargs(cfg, src.classes, source="bytes", train=True, synthetic=True))
+    window = cfg.data.window_units
+    rows_per_window = max(1e-9, window * per_epoch / len(chunks) * draw)
+    # +1: a rank's last window may be cut by a resume, and windows differ in size
+    windows = math.ceil(math.ceil(n_rows / world) / rows_per_window) + 1
+    return StreamSpec("synthetic", windows, 1, dict(
+        pick={"n": len(chunks), "seed": cfg.seed, "salt": 2}, window_units=window, chunks_ref=_table_ref(chunks),
+        seed=cfg.seed, draw_fraction=draw, draw_seed=cfg.seed, rows_per_batch=cfg.data.transform_batch_size,
+        transform=_transform_kwargs(cfg, src.classes, source="bytes", train=True, synthetic=True)))
+
+
+def rank_stream(spec: StreamSpec, cfg: TrainConfig, rank: int, world: int, after: int = -1):
+    """Rank ``rank``'s stream (a lazy Dataset, order preserved): its local positions from just
+    after ``after`` (a row's :data:`training.epochs.POSITION`; -1 = the start) to the end."""
+    start, skip = resume_from(after, spec.synthetic)
+    ds = _budget(spec.per_rank, spec.per_task, start)
+    ds.context.execution_options.preserve_order = True  # the sequence is the rank's, in order
+    fn = synthetic_span if spec.synthetic else real_span
+    extra = {"skip": (start, skip)} if spec.synthetic else {}
+    return _span_map(ds, cfg, fn, rank=rank, world=world, **extra, **spec.fn_kwargs)
 
 
 def live_stream(cfg: TrainConfig, src: Sources, n_rows: int):
@@ -272,22 +296,25 @@ def val_dataset(cfg: TrainConfig, src: Sources):
     return _map(ds, cfg, src.classes, source="index", train=False, fmt=cfg.real.format)
 
 
-def build_datasets(cfg: TrainConfig, src: Sources, need: dict[str, int], consumed: dict[str, int]) -> dict[str, Any]:
-    """The Datasets handed to the TorchTrainer; ``need`` = rows each stream ("real",
-    "synthetic") must still supply (0: the stream is left out).
+def build_datasets(cfg: TrainConfig, src: Sources, need: dict[str, int], world: int = 1
+                   ) -> tuple[dict[str, Any], dict[str, StreamSpec]]:
+    """(the Datasets handed to the TorchTrainer, the specs of the streams each rank builds
+    itself); ``need`` = rows each stream ("real", "synthetic") supplies over the whole budget
+    and all ranks (0: the stream is left out).
 
-    Every stream is a single pass sized for the budget and split across workers (a resumed
-    run starts ``real`` at the epoch its consumed-row count reached)."""
+    Real and synthetic files are read by per-rank streams (:func:`rank_stream`: equal,
+    deterministic, resumable at a row); the val split and a live generation stream go to the
+    trainer, split across the workers."""
     out: dict[str, Any] = {"val": val_dataset(cfg, src)}
+    specs: dict[str, StreamSpec] = {}
     if need.get("real"):
-        out["real"] = real_stream(cfg, src, need["real"], consumed.get("real", 0) // max(1, len(src.real_rows)))
+        specs["real"] = real_spec(cfg, src, need["real"], world)
     if need.get("synthetic"):
         if cfg.synthetic.live is not None:
             out["synthetic"] = live_stream(cfg, src, need["synthetic"])
         else:
-            out["synthetic"] = synthetic_stream(cfg, src, need["synthetic"],
-                                                consumed.get("synthetic", 0) // max(1, src.synthetic_rows))
-    return out
+            specs["synthetic"] = synthetic_spec(cfg, src, need["synthetic"], world)
+    return out, specs
 
 
 def split_names(datasets: dict[str, Any]) -> list[str]:
@@ -306,13 +333,18 @@ class Mixer:
     synthetic one with probability p, drawn independently per slot. ``streams`` maps
     "real"/"synthetic" to iterators of column batches (torch tensors or numpy arrays);
     rows are taken from each as needed, so neither stream is consumed faster than its share.
+    Batch ``i``'s draws come from ``(*seed, i)``: a run restored at batch ``start`` draws what
+    an uninterrupted one would. ``last[name]`` is the last row taken from a stream (its
+    :data:`training.epochs.POSITION`, left on the device until a checkpoint asks).
     """
 
-    def __init__(self, streams: dict[str, Iterator[dict[str, Any]]], p: float, batch_size: int, seed: Any = 0):
+    def __init__(self, streams: dict[str, Iterator[dict[str, Any]]], p: float, batch_size: int,
+                 seed: int | tuple[int, ...] = 0, start: int = 0):
         self.streams, self.p, self.batch_size = streams, p, batch_size
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.drawn = (tuple(seed) if isinstance(seed, tuple | list) else (seed,)), start
         self.pending: dict[str, tuple[dict[str, Any], int] | None] = {}
         self.taken = {k: 0 for k in ("real", "synthetic")}  # streams may be added later (a later phase's)
+        self.last: dict[str, Any] = {}
 
     def _take(self, name: str, k: int) -> list[dict[str, Any]]:
         chunks, need = [], k
@@ -329,19 +361,24 @@ class Mixer:
             self.pending[name] = (batch, off + n)
             need -= n
         self.taken[name] += k
+        if POSITION in chunks[-1]:
+            self.last[name] = chunks[-1][POSITION][-1]
         return chunks
 
     def __iter__(self) -> Mixer:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        n_syn = int((self.rng.random(self.batch_size) < self.p).sum()) if 0 < self.p < 1 else round(self.p) * self.batch_size
+        rng = np.random.default_rng((*self.seed, self.drawn))
+        self.drawn += 1
+        n_syn = int((rng.random(self.batch_size) < self.p).sum()) if 0 < self.p < 1 else round(self.p) * self.batch_size
         chunks = []
         if self.batch_size - n_syn:
             chunks += self._take("real", self.batch_size - n_syn)
         if n_syn:
             chunks += self._take("synthetic", n_syn)
-        return {c: _cat([ch[c] for ch in chunks]) for c in chunks[0]}
+        # columns every chunk has (a live stream's rows carry no position)
+        return {c: _cat([ch[c] for ch in chunks]) for c in chunks[0] if all(c in ch for ch in chunks)}
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -5,7 +5,8 @@ poly schedule (optional linear warm-up); an iteration budget with gradient accum
 periodic evaluation on the real val split (confusion matrix all-reduced); ``ray.train.report``
 every ``log_interval`` steps, with a checkpoint at each eval/checkpoint step. On start it
 restores the latest checkpoint (after a worker failure, or ``resume=true``): model,
-optimizer, scheduler, step and consumed-row counts (data position at epoch granularity).
+optimizer, scheduler, step and each rank's stream positions, so the data continues exactly
+where the checkpoint was taken (training.epochs).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from training.accel import (
     to_model_input,
 )
 from training.config import TrainConfig
-from training.data import Mixer
+from training.data import Mixer, rank_stream
 from training.inference import evaluate_shard
 from training.metrics import all_reduce_, summarize
 from training.models import build_model, load_model, loss, preload, save_image_processor, save_model
 from training.steps import due, fail_if_asked, report, restore_dir
-from training.transforms import LABELS, PIXELS, SYNTHETIC
+from training.transforms import AUG_KEY, LABELS, PIXELS, SYNTHETIC
 
 log = logging.getLogger("segfactory.train")
 
@@ -110,140 +111,244 @@ def _save(tmp: Path, model, opt, sched, step: int, consumed: dict[str, int], ext
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train per ``config["cfg"]`` (a TrainConfig dump). ``config["meta"]`` from the driver
-    has the class list, run directory, stream names, resume checkpoint and the phases: one
-    ``train`` phase, or ``pretrain`` (synthetic only) then ``finetune`` (real only), each
-    ``{"name", "start", "iterations", "p", "lr"}`` with ``p`` the synthetic share."""
-    import ray.train
-    import ray.train.torch
-    import torch
+    """Ray Train's ``train_loop_per_worker``: :class:`SegmentationRecipe` on this worker."""
+    SegmentationRecipe(config).fit()
 
-    cfg = TrainConfig.model_validate(config["cfg"])
-    importing = preload(cfg.model.arch)
-    meta = config["meta"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.workers.torch_threads:
-        torch.set_num_threads(cfg.workers.torch_threads)
-    device = ray.train.torch.get_device()
-    classes, arch = meta["classes"], cfg.model.arch
-    torch.manual_seed(cfg.seed)
-    # streams first: their start-up overlaps model building and checkpoint loading
-    batches = {"batch_size": cfg.batch_size, "prefetch_batches": cfg.data.prefetch_batches,
-               "local_shuffle_buffer_size": cfg.data.shuffle_buffer or None, "device": device}
-    streams: dict[str, Any] = {}
 
-    def start_streams(p: float) -> None:
+class SegmentationRecipe:
+    """``train`` on one Ray Train worker (torchtune style: set up, then steps).
+
+    ``config["cfg"]`` is a TrainConfig dump; ``config["meta"]`` from the driver has the class
+    list, run directory, stream names and specs, resume checkpoint and the phases: one ``train``
+    phase, or ``pretrain`` (synthetic only) then ``finetune`` (real only), each ``{"name",
+    "start", "iterations", "p", "lr"}`` with ``p`` the synthetic share. Set-up restores the
+    checkpoint (:meth:`restore`), starts the streams, builds the model; :meth:`fit` runs each
+    phase's optimizer steps (:meth:`train_step`) and reports, evaluates and checkpoints on the
+    cadence of :func:`training.steps.due` (:meth:`end_of_step`)."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        self.cfg = cfg = TrainConfig.model_validate(config["cfg"])
+        importing = preload(cfg.model.arch)
+        self.meta = config["meta"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if cfg.workers.torch_threads:
+            torch.set_num_threads(cfg.workers.torch_threads)
+        self.device = ray.train.torch.get_device()
+        self.classes, self.arch = self.meta["classes"], cfg.model.arch
+        torch.manual_seed(cfg.seed)
+        self.restore()
+        # streams next: their start-up overlaps model building
+        self.streams: dict[str, Any] = {}
+        self.start_streams(_phase_p(self.meta, self.meta["phases"][0]))
+        importing.join()
+        self.model = self.build_model()
+        self.scaler = grad_scaler(self.device, cfg.workers.precision)
+        self.mixer = Mixer(self.streams, 0.0, cfg.batch_size, seed=(cfg.seed, self.rank), start=self.step * cfg.grad_accum)
+        self.record = RowLog(self.meta["run_dir"], self.rank) if cfg.debug.record_rows else None
+        self.val = ray.train.get_dataset_shard("val")
+        self.total = sum(ph["iterations"] for ph in self.meta["phases"])
+        self.started = time.perf_counter() - self.extra["elapsed_s"]
+
+    def restore(self) -> None:
+        """Step, row counts, best mIoU, elapsed time and stream positions from the checkpoint
+        to resume from (Ray Train's after a failure, or the driver's for ``resume=true``)."""
+        import torch
+
+        self.resume = _restore(self.cfg, self.meta)
+        self.step, self.consumed, self.state = 0, {"real": 0, "synthetic": 0}, None
+        self.extra = {"best_miou": 0.0, "elapsed_s": 0.0}
+        if self.resume:
+            self.state = torch.load(Path(self.resume) / STATE_FILE, map_location="cpu", weights_only=True)
+            self.step, self.consumed = self.state["step"], dict(self.state["consumed"])
+            self.extra = {k: self.state.get(k, v) for k, v in self.extra.items()}
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", self.resume, self.step)
+        self.after = _resume_positions(self.state, self.rank, self.world)
+
+    def start_streams(self, p: float) -> None:
         """Start the streams a phase reads (a stream's execution begins with its first read):
         one started earlier and left idle through a long phase trips Ray Data's no-progress
-        guard (pretrain_finetune's real stream during pre-training)."""
-        for name in meta["streams"]:
-            if name not in streams and {"real": p < 1, "synthetic": p > 0}[name]:
-                seed = {"local_shuffle_seed": (cfg.seed * 1000 + rank) * 2 + (name == "synthetic")} if cfg.data.deterministic and cfg.data.shuffle_buffer else {}
-                streams[name] = primed(iter(ray.train.get_dataset_shard(name).iter_torch_batches(**batches, **seed)))
+        guard (pretrain_finetune's real stream during pre-training). A file-backed stream is
+        this rank's own (training.data.rank_stream), executed by a coordinator actor (not in
+        this process) from just after the row the checkpoint recorded."""
+        import ray.train
 
-    start_streams(_phase_p(meta, meta["phases"][0]))
+        batches = {"batch_size": self.cfg.batch_size, "prefetch_batches": self.cfg.data.prefetch_batches,
+                   "device": self.device}
+        for name in self.meta["streams"]:
+            if name not in self.streams and {"real": p < 1, "synthetic": p > 0}[name]:
+                spec = self.meta["specs"].get(name)
+                if spec is None:  # the live generation stream: Ray Train's split
+                    it = ray.train.get_dataset_shard(name)
+                else:
+                    it = rank_stream(spec, self.cfg, self.rank, self.world, self.after.get(name, -1)).streaming_split(1)[0]
+                self.streams[name] = primed(iter(it.iter_torch_batches(**batches)))
 
-    resume = _restore(cfg, meta)
-    importing.join()
-    if resume:
-        model = load_model(arch, Path(resume) / MODEL_DIR)
-    elif cfg.model.init_from:
-        from training.rundir import fetch_dir
+    def build_model(self):
+        """The model (restored, ``model.init_from``, or new), BatchNorm synced, wrapped for DDP."""
+        import ray.train.torch
 
-        model = load_model(arch, fetch_dir(cfg.model.init_from) / MODEL_DIR)
-    else:
-        model = build_model(cfg.model, classes)
-    model = maybe_sync_batchnorm(model, world, device)
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": arch == "mask2former"})
-    model = maybe_compile(model, cfg.workers.compile)
-    scaler = grad_scaler(device, cfg.workers.precision)
-    mean, std = cfg.aug.mean, cfg.aug.std
-    step, consumed, extra, state = 0, {"real": 0, "synthetic": 0}, {"best_miou": 0.0, "elapsed_s": 0.0}, None
-    if resume:
-        state = torch.load(Path(resume) / STATE_FILE, map_location="cpu", weights_only=True)
-        step, consumed = state["step"], dict(state["consumed"])
-        extra = {k: state.get(k, v) for k, v in extra.items()}
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume, step)
+        cfg = self.cfg
+        if self.resume:
+            model = load_model(self.arch, Path(self.resume) / MODEL_DIR)
+        elif cfg.model.init_from:
+            from training.rundir import fetch_dir
 
-    mixer = Mixer(streams, 0.0, cfg.batch_size, seed=(cfg.seed, rank, step))
-    val = ray.train.get_dataset_shard("val")
-    ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
-    total = sum(ph["iterations"] for ph in meta["phases"])
-    started = time.perf_counter() - extra["elapsed_s"]
-    model.train()
-    for ph in meta["phases"]:
-        first, end = ph["start"], ph["start"] + ph["iterations"]
-        if step >= end:
-            continue
-        # each phase has its own optimizer and poly schedule (pretrain_finetune: a fresh one to fine-tune)
-        opt = make_optimizer(cfg, model, ph["lr"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg, ph["iterations"]))
-        if state is not None and first < step:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        mixer.p = _phase_p(meta, ph)
-        start_streams(mixer.p)
-        window = _window(mixer)
-        while step < end:
+            model = load_model(self.arch, fetch_dir(cfg.model.init_from) / MODEL_DIR)
+        else:
+            model = build_model(cfg.model, self.classes)
+        model = maybe_sync_batchnorm(model, self.world, self.device)
+        model = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": self.arch == "mask2former"})
+        return maybe_compile(model, cfg.workers.compile)
+
+    def fit(self) -> None:
+        self.model.train()
+        for ph in self.meta["phases"]:
+            if self.step < ph["start"] + ph["iterations"]:
+                self.run_phase(ph)
+
+    def run_phase(self, ph: dict[str, Any]) -> None:
+        """One phase: its own optimizer and poly schedule (pretrain_finetune: a fresh one to
+        fine-tune; restored when the checkpoint is inside it), its synthetic share, its steps."""
+        import torch
+
+        self.opt = make_optimizer(self.cfg, self.model, ph["lr"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, poly_lambda(self.cfg, ph["iterations"]))
+        if self.state is not None and ph["start"] < self.step:
+            self.opt.load_state_dict(self.state["optimizer"])
+            self.sched.load_state_dict(self.state["scheduler"])
+        self.mixer.p = _phase_p(self.meta, ph)
+        self.start_streams(self.mixer.p)
+        self.window = _window(self.mixer)
+        end = ph["start"] + ph["iterations"]
+        while self.step < end:
             t0 = time.perf_counter()
-            wait, value_sum = 0.0, torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                tw = time.perf_counter()
-                batch = next(mixer)
-                wait += time.perf_counter() - tw
-                # uint8 on the wire, normalised on the device
-                x = to_model_input(batch[PIXELS].to(device, non_blocking=True), mean, std)
-                y = batch[LABELS].to(device, non_blocking=True).long()
-                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, cfg.workers.precision):
-                    value = loss(model, arch, x, y, len(classes)) / cfg.grad_accum
-                scaler.scale(value).backward()
-                value_sum += value.detach()  # stays on the device: no sync per step
-                window["flagged"] += batch[SYNTHETIC].sum()  # synthetic rows, variants included (on the device)
-            if cfg.optim.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
-            step += 1
+            value_sum, wait = self.train_step()
+            self.step += 1
             for k, v in (("loss", value_sum), ("n", 1), ("wait", wait), ("busy", time.perf_counter() - t0)):
-                window[k] += v
-            fail_if_asked(meta["run_dir"], step, cfg.debug.fail_at_steps, rank)
+                self.window[k] += v
+            fail_if_asked(self.meta["run_dir"], self.step, self.cfg.debug.fail_at_steps, self.rank)
+            self.end_of_step(ph, end)
 
-            do_eval, do_ckpt, do_report = due(step, end=end, eval_every=cfg.eval_interval, ckpt_every=ckpt_every,
-                                              log_every=cfg.log_interval)
-            if not do_report:
-                continue
-            taken = {k: mixer.taken[k] - window["taken0"][k] for k in mixer.taken}
-            sums = _sum([float(window["loss"]), window["n"], window["wait"], window["busy"], float(window["flagged"]),
-                         sum(taken.values()), time.perf_counter() - window["t0"]], device)
-            metrics: dict[str, Any] = {
-                "step": step, "phase": ph["name"], "iterations": total, "loss": sums[0] / max(1, sums[1]), "lr": lr,
-                "data_wait_fraction": sums[2] / max(1e-9, sums[3]), "step_time_s": sums[3] / max(1, sums[1]),
-                "steps_per_s": window["n"] / max(1e-9, sums[6] / world), "synthetic_fraction": sums[4] / max(1, sums[5])}
-            if do_eval:
-                summary = summarize(evaluate_shard(model, arch, val, len(classes), device, cfg.eval_batch_size,
-                                                   cfg.workers.precision, cfg.eval.model_dump(), mean, std), classes)
-                extra["best_miou"] = max(extra["best_miou"], summary["miou"])
-                metrics.update({"eval_miou": summary["miou"], "eval_pixel_acc": summary["pixel_acc"],
-                                "eval_per_class_iou": summary["per_class_iou"], "best_miou": extra["best_miou"]})
-                if step == total:
-                    metrics["eval_confusion"] = summary["confusion"]
-            extra["elapsed_s"] = metrics["elapsed_s"] = time.perf_counter() - started
-            if do_ckpt:
-                got = _sum([mixer.taken.get("real", 0), mixer.taken.get("synthetic", 0)], device)
-                now = {"real": consumed["real"] + int(got[0]), "synthetic": consumed["synthetic"] + int(got[1])}
-                state = {**extra, "phase": ph["name"]}
-                report(metrics, step, rank, lambda tmp: _save(tmp, model, opt, sched, step, now, state, meta))  # noqa: B023
-            else:
-                report(metrics, step, rank)
-            window = _window(mixer)
+    def train_step(self):
+        """One optimizer step over ``grad_accum`` micro-batches: (summed loss on the device,
+        seconds spent waiting for data). Sets ``self.lr`` to the step's lr."""
+        import torch
+
+        cfg, model = self.cfg, self.model
+        wait, value_sum = 0.0, torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            tw = time.perf_counter()
+            batch = next(self.mixer)
+            wait += time.perf_counter() - tw
+            if self.record:
+                self.record.add(self.step + 1, batch[AUG_KEY])
+            # uint8 on the wire, normalised on the device
+            x = to_model_input(batch[PIXELS].to(self.device, non_blocking=True), cfg.aug.mean, cfg.aug.std)
+            y = batch[LABELS].to(self.device, non_blocking=True).long()
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.device, cfg.workers.precision):
+                value = loss(model, self.arch, x, y, len(self.classes)) / cfg.grad_accum
+            self.scaler.scale(value).backward()
+            value_sum += value.detach()  # stays on the device: no sync per step
+            self.window["flagged"] += batch[SYNTHETIC].sum()  # synthetic rows, variants included (on the device)
+        if cfg.optim.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        return value_sum, wait
+
+    def end_of_step(self, ph: dict[str, Any], end: int) -> None:
+        """Report the window's metrics (all-reduced) when due, with an evaluation and a
+        checkpoint when those are due too."""
+        cfg, step, window = self.cfg, self.step, self.window
+        do_eval, do_ckpt, do_report = due(step, end=end, eval_every=cfg.eval_interval,
+                                          ckpt_every=cfg.checkpoint_interval or cfg.eval_interval, log_every=cfg.log_interval)
+        if not do_report:
+            return
+        taken = {k: self.mixer.taken[k] - window["taken0"][k] for k in self.mixer.taken}
+        sums = _sum([float(window["loss"]), window["n"], window["wait"], window["busy"], float(window["flagged"]),
+                     sum(taken.values()), time.perf_counter() - window["t0"]], self.device)
+        metrics: dict[str, Any] = {
+            "step": step, "phase": ph["name"], "iterations": self.total, "loss": sums[0] / max(1, sums[1]), "lr": self.lr,
+            "data_wait_fraction": sums[2] / max(1e-9, sums[3]), "step_time_s": sums[3] / max(1, sums[1]),
+            "steps_per_s": window["n"] / max(1e-9, sums[6] / self.world), "synthetic_fraction": sums[4] / max(1, sums[5])}
+        if do_eval:
+            metrics.update(self.evaluate())
+        self.extra["elapsed_s"] = metrics["elapsed_s"] = time.perf_counter() - self.started
+        report(metrics, step, self.rank, self.checkpoint_writer(ph) if do_ckpt else None)
+        self.window = _window(self.mixer)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Val mIoU (confusion matrices all-reduced) as report metrics; the best so far kept."""
+        cfg = self.cfg
+        summary = summarize(evaluate_shard(self.model, self.arch, self.val, len(self.classes), self.device,
+                                           cfg.eval_batch_size, cfg.workers.precision, cfg.eval.model_dump(),
+                                           cfg.aug.mean, cfg.aug.std), self.classes)
+        self.extra["best_miou"] = max(self.extra["best_miou"], summary["miou"])
+        out = {"eval_miou": summary["miou"], "eval_pixel_acc": summary["pixel_acc"],
+               "eval_per_class_iou": summary["per_class_iou"], "best_miou": self.extra["best_miou"]}
+        if self.step == self.total:
+            out["eval_confusion"] = summary["confusion"]
+        return out
+
+    def checkpoint_writer(self, ph: dict[str, Any]):
+        """What rank 0 runs to write this step's checkpoint (every rank joins the all-reduces)."""
+        got = _sum([self.mixer.taken.get("real", 0), self.mixer.taken.get("synthetic", 0)], self.device)
+        now = {"real": self.consumed["real"] + int(got[0]), "synthetic": self.consumed["synthetic"] + int(got[1])}
+        state = {**self.extra, "phase": ph["name"],
+                 "positions": _positions(self.mixer, self.after, self.rank, self.world, self.device)}
+        step, model, opt, sched = self.step, self.model, self.opt, self.sched
+        return lambda tmp: _save(tmp, model, opt, sched, step, now, state, self.meta)
+
+
+def _positions(mixer: Mixer, after: dict[str, int], rank: int, world: int, device) -> dict[str, Any]:
+    """Every rank's last consumed row per stream ({"world": n, name: [position per rank]}),
+    gathered so that rank 0's checkpoint holds them all (a sum of one-hot rows)."""
+    names = ("real", "synthetic")
+    mine = [int(mixer.last[n]) if n in mixer.last else after.get(n, -1) for n in names]
+    table = [0.0] * (world * len(names))
+    table[rank * len(names):(rank + 1) * len(names)] = [float(v) for v in mine]
+    got = _sum(table, device)
+    return {"world": world, **{n: [int(got[r * len(names) + i]) for r in range(world)] for i, n in enumerate(names)}}
+
+
+def _resume_positions(state: dict[str, Any] | None, rank: int, world: int) -> dict[str, int]:
+    """This rank's last consumed row per stream from a checkpoint (-1: none). A checkpoint from
+    a run with another number of workers (or from before positions were kept) restarts the
+    streams from their start, with a warning."""
+    positions = (state or {}).get("positions")
+    if not positions:
+        if state is not None and rank == 0:
+            log.warning("checkpoint without stream positions: the streams restart from their start")
+        return {}
+    if positions["world"] != world:
+        if rank == 0:
+            log.warning("checkpoint from %d workers, now %d: the streams restart from their start", positions["world"], world)
+        return {}
+    return {n: int(positions[n][rank]) for n in ("real", "synthetic")}
+
+
+class RowLog:
+    """debug.record_rows: every row each step consumed (its augmentation key: the sample in
+    its epoch), appended to ``rows-rank<r>.jsonl`` in the run directory (local runs only)."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.path = Path(run_dir) / f"rows-rank{rank}.jsonl"
+
+    def add(self, step: int, keys) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "rows": [int(k) for k in keys.tolist()]}) + "\n")
 
 
 def _phase_p(meta: dict[str, Any], ph: dict[str, Any]) -> float:

@@ -27,16 +27,14 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def resolve_model(path: str | Path):
-    """(model dir :class:`~core.storage.Location`, segfactory.json) of a run (its best
-    checkpoint, else final/latest), a checkpoint directory or a ``best/`` directory."""
+    """(model dir :class:`~core.storage.Location`, segfactory.json) of a run (its final
+    checkpoint: the model ``evaluate --checkpoint RUN`` scores), a checkpoint directory or a
+    ``best/`` directory (the best by val mIoU, when asked for by name)."""
     from core import storage
     from training.recipe import model_dir, resolve_checkpoint
     from training.rundir import locate
 
-    loc = locate(path, "--checkpoint")
-    if storage.is_file(loc / "best" / "segfactory.json"):
-        loc = loc / "best"
-    ckpt = resolve_checkpoint(loc)
+    ckpt = resolve_checkpoint(locate(path, "--checkpoint"))
     return model_dir(ckpt), json.loads(storage.read_text(ckpt / "segfactory.json"))
 
 

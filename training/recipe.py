@@ -90,10 +90,10 @@ def append_metrics(path: str | os.PathLike | Location, metrics: dict[str, Any]) 
 # --- trainer ----------------------------------------------------------------------------------
 
 
-def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
-    """Split ``split`` datasets with ``equal=False`` (eval sees each val row exactly once; a
-    worker that draws more real rows than another is not held back); the others are given
-    whole to every worker. ``ordered``: datasets that keep their order (data.deterministic)."""
+def _data_config(split: list[str]):
+    """Split ``split`` datasets with ``equal=False`` (eval sees each val row exactly once); the
+    others are given whole to every worker. The training streams read from files are not
+    here: each rank builds its own (training.data.rank_stream)."""
     from ray.train import DataConfig
 
     class UnequalSplit(DataConfig):
@@ -102,8 +102,6 @@ def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                if name in ordered:  # a rerun gets the same rows in the same order
-                    ds.context.execution_options.preserve_order = True
                 if name not in split:
                     for i in range(world_size):
                         out[i][name] = ds.iterator()
@@ -118,7 +116,7 @@ def _data_config(split: list[str], ordered: tuple[str, ...] = ()):
 
 def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], run_dir: str | os.PathLike | Location, *, num_workers: int,
                  use_gpu: bool, cpus_per_worker: float, max_failures: int = 0, keep: int = 2, callbacks=(),
-                 ordered: tuple[str, ...] = ()):
+                 placement_strategy: str = "PACK"):
     """A TorchTrainer whose storage is ``run_dir`` (checkpoints land in it; on a URI Ray Train
     uploads them through the run directory's pyarrow file system)."""
     from ray.train import LoggingConfig, ScalingConfig
@@ -133,10 +131,11 @@ def make_trainer(loop, loop_config: dict[str, Any], datasets: dict[str, Any], ru
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
         run_config=rundir.run_config(run_dir, max_failures=max_failures, keep=keep, callbacks=callbacks,
                                      logging_config=train_logging),
-        datasets=datasets, dataset_config=_data_config(split_names(datasets), ordered))
+        datasets=datasets, dataset_config=_data_config(split_names(datasets)))
 
 
 def _summary(run_dir: Location, phase: str | None = None) -> dict[str, Any]:
@@ -173,12 +172,52 @@ def _rows_needed(cfg: TrainConfig, plan: list[dict[str, Any]], step: int) -> dic
     return need
 
 
+def _resume_step(run_dir: Location, resume_from: Location) -> int:
+    """The step of the checkpoint ``resume=true`` continues from (its train state, named when
+    it cannot be read); recorded in events.jsonl."""
+    import torch
+
+    from training.runlog import append_event
+
+    try:
+        data = io.BytesIO(storage.read_bytes(resume_from / "train_state.pt"))
+        state = torch.load(data, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
+        raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    step = state["step"]
+    log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
+    append_event(run_dir, "resumed", step=step, checkpoint=resume_from.name)
+    return step
+
+
+def _final_record(cfg: TrainConfig, run_dir: Location, plan: list[dict[str, Any]], classes: list[str],
+                  m: dict[str, Any], started: float) -> dict[str, Any]:
+    """final.json: the last step's checkpoint and evaluation (``m``: the last report's metrics),
+    the run's failures/restarts and the metrics.csv summary (per phase too)."""
+    from training.loop import META_FILE
+    from training.runlog import run_record
+
+    ckpt = checkpoints(run_dir)[-1]  # this run's last step (not an earlier run's final.json: a resume to a larger budget)
+    final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],
+             "iterations": sum(ph["iterations"] for ph in plan), "miou": m.get("eval_miou"),
+             "pixel_acc": m.get("eval_pixel_acc"), "per_class_iou": m.get("eval_per_class_iou"),
+             "confusion": m.get("eval_confusion"), "best_miou": m.get("best_miou"), "classes": classes,
+             "checkpoint": str(ckpt), "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
+             "best_checkpoint": str(run_dir / "best") if storage.is_dir(run_dir / "best") else None,
+             **run_record(run_dir), **_summary(run_dir)}
+    if len(plan) > 1:
+        for ph in plan:
+            final[ph["name"]] = _summary(run_dir, ph["name"])
+    return final
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content."""
     from core.runtime import init_ray
     from training.data import build_datasets, index_inputs
-    from training.loop import META_FILE, train_loop_per_worker
-    from training.runlog import append_event, make_callback, record_fit, run_record
+    from training.loop import train_loop_per_worker
+    from training.runlog import make_callback, record_fit
 
     check_inputs(cfg)
     run_dir = locate(cfg.output.path, "output.path")
@@ -198,24 +237,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     check_weights(cfg.model, src.classes)  # a backbone checkpoint that does not fit: one line naming the key
     init_ray(cfg.ray)
     rundir.write_config(run_dir, cfg.model_dump(mode="json"))
-    step, consumed, resume_from = 0, {}, None
-    if cfg.resume and existing:
-        import torch
-
-        resume_from = existing[-1]
-        try:
-            data = io.BytesIO(storage.read_bytes(resume_from / "train_state.pt"))
-            state = torch.load(data, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - name the file; the caller decides what to do
-            raise RuntimeError(f"{resume_from / 'train_state.pt'}: cannot load the checkpoint to resume from "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-        step, consumed = state["step"], state["consumed"]
-        log.info("resuming %s from %s (step %d)", run_dir, resume_from.name, step)
-        append_event(run_dir, "resumed", step=step, checkpoint=resume_from.name)
+    resume_from = existing[-1] if cfg.resume and existing else None
+    step = _resume_step(run_dir, resume_from) if resume_from else 0
     truncate_metrics(run_dir / "metrics.csv", step)
-    datasets = build_datasets(cfg, src, _rows_needed(cfg, plan, step), consumed)
-    meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan,
-            "streams": [k for k in ("real", "synthetic") if k in datasets],
+    # the streams cover the whole budget; each rank resumes inside its own (training.epochs)
+    datasets, specs = build_datasets(cfg, src, _rows_needed(cfg, plan, 0), cfg.workers.num_workers)
+    meta = {"classes": src.classes, "run_dir": str(run_dir), "phases": plan, "specs": specs,
+            "streams": [k for k in ("real", "synthetic") if k in datasets or k in specs],
             "resume_from": str(resume_from) if resume_from else None,
             "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
                                 "eval": cfg.eval.model_dump(), "mean": cfg.aug.mean, "std": cfg.aug.std}}
@@ -223,23 +251,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
                            num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
                            max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[make_callback(run_dir, append_metrics)],
-                           ordered=("real", "synthetic") if cfg.data.deterministic else ())
+                           placement_strategy=w.placement_strategy)
     log.info("training %s: %s, %d steps x %d samples x %d workers -> %s", cfg.strategy,
              " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
              cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)
     result = record_fit(trainer, run_dir)
-    m = result.metrics or {}
-    ckpt = resolve_checkpoint(run_dir)
-    final = {"strategy": cfg.strategy, "final_step": json.loads(storage.read_text(ckpt / META_FILE))["step"],
-             "iterations": total, "miou": m.get("eval_miou"), "pixel_acc": m.get("eval_pixel_acc"),
-             "per_class_iou": m.get("eval_per_class_iou"), "confusion": m.get("eval_confusion"),
-             "best_miou": m.get("best_miou"), "classes": src.classes, "checkpoint": str(ckpt),
-             "train_elapsed_s": m.get("elapsed_s"), "wall_s": round(time.time() - started, 3),
-             "best_checkpoint": str(run_dir / "best") if storage.is_dir(run_dir / "best") else None,
-             **run_record(run_dir), **_summary(run_dir)}
-    if len(plan) > 1:
-        for ph in plan:
-            final[ph["name"]] = _summary(run_dir, ph["name"])
+    final = _final_record(cfg, run_dir, plan, src.classes, result.metrics or {}, started)
     write_json(run_dir / "final.json", final)  # atomic: a sweep treats final.json as "this trial is done"
     log.info("%s done: step %s, val mIoU %.4f (%s)", cfg.strategy, final["final_step"], final["miou"] or math.nan, run_dir)
     return final

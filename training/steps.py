@@ -69,8 +69,8 @@ def restore_dir(resume_from: str | None) -> str | None:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        return ckpt.to_directory()
+    if ckpt is not None:  # a directory of this process's own: ranks on one node share Ray's default one
+        return ckpt.to_directory(tempfile.mkdtemp(prefix="segfactory-restore-"))
     if not resume_from:
         return None
     from training.rundir import fetch_dir

@@ -54,7 +54,7 @@ def test_cli_generate_attn2mask_tiny_then_train_on_it(ray_local, toy_source, tmp
     train = ["train", "--config", str(TRAIN_CONFIG), f"real.path={toy_source}", "real.format=voc",
              f"synthetic.paths=[{out}]", "strategy=synthetic_only", f"output.path={run}", "iterations=6",
              "batch_size=2", "eval_interval=6", "log_interval=3", "eval_batch_size=10", "aug.crop_size=48",
-             "eval.short_side=64", "data.transform_batch_size=4", "data.shuffle_buffer=4",
+             "eval.short_side=64", "data.transform_batch_size=4",
              "ray.no_progress_timeout_s=240"]
     assert main(train) == 0
     final = json.loads((run / "final.json").read_text())

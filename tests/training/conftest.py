@@ -76,7 +76,7 @@ def _quick(real: Path, run: Path, *extra: str) -> list[str]:
     """Overrides of the toy config for a run of a few seconds on 64x64 images."""
     return [f"real.path={real}", "real.format=voc", f"output.path={run}", "iterations=12", "batch_size=4",
             "eval_interval=6", "log_interval=3", "eval_batch_size=12", "aug.crop_size=48", "eval.short_side=64",
-            "data.transform_batch_size=8", "data.shuffle_buffer=8", "ray.no_progress_timeout_s=240", *extra]
+            "data.transform_batch_size=8", "ray.no_progress_timeout_s=240", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from core.config import load_config
 from tests.training.conftest import TOY_CONFIG
 from training.config import TrainConfig
-from training.data import build_datasets, index_inputs
+from training.data import build_datasets, index_inputs, rank_stream
 from training.ingest_idle import SleepWhenIdle
 
 
@@ -45,7 +45,8 @@ def test_every_training_stream_carries_the_callback_unless_off(train_ray, small_
                                                                tmp_path, sleep_s):
     cfg = load_config(TrainConfig, TOY_CONFIG, quick(small_real, tmp_path / "run", f"synthetic.paths=[{small_synthetic}]",
                                                      f"data.idle_sleep_s={sleep_s}"))
-    datasets = build_datasets(cfg, index_inputs(cfg), {"real": 20, "synthetic": 20}, {})
+    datasets, specs = build_datasets(cfg, index_inputs(cfg), {"real": 20, "synthetic": 20})
+    datasets.update({name: rank_stream(spec, cfg, 0, 1) for name, spec in specs.items()})
     assert set(datasets) == {"val", "real", "synthetic"}
     for name, ds in datasets.items():
         callbacks = [c for c in ds.context.custom_execution_callback_classes

@@ -66,3 +66,26 @@ def test_works_on_torch_batches():
 
     b = next(Mixer({"real": tstream(0), "synthetic": tstream(1)}, 0.5, batch_size=8, seed=3))
     assert isinstance(b[LABELS], torch.Tensor) and b[LABELS].shape == (8, 2, 2)
+
+
+def test_a_mixer_restored_at_a_batch_draws_what_an_uninterrupted_one_does():
+    """Batch i's draws depend on (seed, i) only: a run restored at step k mixes like one that never stopped."""
+    whole = Mixer({"real": stream(0), "synthetic": stream(1)}, 0.5, batch_size=8, seed=(3, 1))
+    flags = [next(whole)[SYNTHETIC].tolist() for _ in range(10)]
+    later = Mixer({"real": stream(0), "synthetic": stream(1)}, 0.5, batch_size=8, seed=(3, 1), start=6)
+    assert [next(later)[SYNTHETIC].tolist() for _ in range(4)] == flags[6:]
+    other_rank = Mixer({"real": stream(0), "synthetic": stream(1)}, 0.5, batch_size=8, seed=(3, 2))
+    assert [next(other_rank)[SYNTHETIC].tolist() for _ in range(10)] != flags
+
+
+def test_the_last_row_taken_from_each_stream_is_kept():
+    def positioned(flag):
+        i = 0
+        while True:
+            yield {SYNTHETIC: np.full(5, flag, np.int8), "position": np.arange(i, i + 5)}
+            i += 5
+
+    mixer = Mixer({"real": positioned(0), "synthetic": positioned(1)}, 0.5, batch_size=8, seed=0)
+    for _ in range(3):
+        next(mixer)
+    assert {k: int(v) for k, v in mixer.last.items()} == {k: n - 1 for k, n in mixer.taken.items()}

@@ -20,7 +20,7 @@ def _tiny(real, run, backbone, *extra: str) -> list[str]:
             "workers.use_gpu=false", "workers.cpus_per_worker=0.5", "workers.torch_threads=1", "eval_interval=6",
             "log_interval=3", "eval_batch_size=8", "aug.crop_size=48", "aug.base_size=64", "aug.max_long_side=256",
             "model.backbone.resnet=resnet-tiny", f"model.backbone.local_path={backbone}", "model.deeplab.aspp_channels=16",
-            "data.transform_batch_size=8", "data.shuffle_buffer=8", "ray.no_progress_timeout_s=240", *extra]
+            "data.transform_batch_size=8", "ray.no_progress_timeout_s=240", *extra]
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def test_predict_pngs_score_what_evaluate_reports_and_best_loads_in_a_pipeline(m
     from training.predict import run_predict
 
     run, final = mix_run
-    summary = run_predict(run, small_real, tmp_path / "masks", format="voc", split="val")
+    summary = run_predict(run / "best", small_real, tmp_path / "masks", format="voc", split="val")
     assert summary["checkpoint"] == str(run / "best") and summary["images"] == 24
     idx = index_source(small_real, "voc", split="val")
     conf = np.zeros((6, 6), np.int64)
@@ -138,14 +138,35 @@ def test_predict_pngs_score_what_evaluate_reports_and_best_loads_in_a_pipeline(m
     assert (theirs == ours).mean() > 0.98  # same model, same normalisation; float rounding aside
 
 
-@pytest.mark.timeout(300, method="thread")
-def test_restart_after_worker_failure_then_resume(train_ray, small_real, quick, tmp_path):
-    """Rank 0 dies at step 5: FailureConfig (max_failures=1) restarts the workers from the
-    step-3 checkpoint. It dies again at step 8: out of retries, the run fails. ``resume=true``
-    continues from the step-6 checkpoint to the same final step, metrics continuing."""
+def consumed_rows(run: Path) -> list[int]:
+    """Every row the run's steps consumed, all ranks (debug.record_rows; a step redone after a
+    restart counts once, as last done)."""
+    by_step: dict[tuple[str, int], list[int]] = {}
+    for f in sorted(run.glob("rows-rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step[(f.name, rec["step"])] = rec["rows"]  # a redone step: its last try
+    return sorted(k for rows_ in by_step.values() for k in rows_)
+
+
+@pytest.mark.timeout(600, method="thread")
+def test_restarts_and_resumes_consume_exactly_the_rows_of_an_uninterrupted_run(train_ray, small_real, small_synthetic,
+                                                                                quick, tmp_path):
+    """Two workers, 47 real rows (no even split), a mix of real and synthetic. Rank 0 dies at
+    step 5: FailureConfig (max_failures=1) restarts the workers from the step-3 checkpoint. It
+    dies again at step 8: out of retries, the run fails. ``resume=true`` continues from the
+    step-6 checkpoint to the same final step, metrics continuing. The rows consumed over the
+    whole run are those of a run that never stopped. A resume to a larger budget then trains to
+    it, and final.json, its checkpoint, evaluate and predict all mean the last step."""
+    common = ["strategy=mix", "p_aug=0.5", f"synthetic.paths=[{small_synthetic}]", "real.limit=47",
+              "workers.num_workers=2", "debug.record_rows=true", "checkpoint_interval=3"]
+    whole = run_train(cfg_of(quick(small_real, tmp_path / "whole", *common)))
+    assert whole["final_step"] == 12
+    want = consumed_rows(tmp_path / "whole")
+    assert len(want) == 12 * 4 * 2  # 12 steps x batch 4 x 2 ranks
+
     run = tmp_path / "run"
-    args = quick(small_real, run, "strategy=real_only", "checkpoint_interval=3", "debug.fail_at_steps=[5, 8]",
-                 "max_failures=1")
+    args = quick(small_real, run, *common, "debug.fail_at_steps=[5, 8]", "max_failures=1")
     with pytest.raises(Exception, match="simulated worker failure at step 8"):
         run_train(cfg_of(args))
     first = rows(run)
@@ -163,11 +184,22 @@ def test_restart_after_worker_failure_then_resume(train_ray, small_real, quick, 
     r = rows(run)
     assert [int(x["step"]) for x in r] == [3, 6, 9, 12]
     assert r[:2] == first  # the rows before the checkpoint are kept, not rewritten
+    assert consumed_rows(run) == want  # the same samples (in their epochs), none twice, none skipped
     # the schedule continued from step 6: lr at step 9 is the poly value there (not a restart)
     cfg = cfg_of(args)
     from training.loop import poly_lambda
 
     assert float(r[2]["lr"]) == pytest.approx(cfg.optim.lr * poly_lambda(cfg, 12)(8), rel=1e-4)
+
+    # a larger budget: trained to, and named, everywhere (evaluate scores resolve_checkpoint's model)
+    from training.predict import resolve_model
+    from training.recipe import resolve_checkpoint
+
+    more = run_train(cfg_of([*args, "resume=true", "iterations=15"]))
+    assert more["final_step"] == 15 and more["checkpoint"].endswith("checkpoint_0000015")
+    assert json.loads((run / "final.json").read_text())["final_step"] == 15
+    assert resolve_checkpoint(run).name == "checkpoint_0000015"
+    assert resolve_model(run)[1]["step"] == 15
 
 
 @pytest.mark.timeout(300, method="thread")
