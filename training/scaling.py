@@ -4,17 +4,17 @@ The same training recipe (a training YAML) runs at a fixed iteration budget for 
 (volume, p_aug, seed) of a grid. Volume V trains on a nested subset of ONE synthetic dataset
 (:mod:`training.subsets`); volume 0 is the real-only baseline, shared by every p_aug line.
 
-Each trial is one Ray Train run (:func:`training.recipe.run_train`) inside a zero-CPU Ray task,
-as many at once as the cluster's CPUs/GPUs allow. The trial directories are the sweep's state:
-a trial whose ``final.json`` holds the full budget is skipped on a rerun, a trial killed midway
-resumes from its last checkpoint, and a trial that fails leaves ``error.txt`` and is retried by
-the next run; the other trials go on. (Ray Tune would add search algorithms and schedulers a
-fixed grid at a fixed budget does not need, and a second resume state next to ours.)
+The trials are a Ray Tune experiment (:mod:`training.scaling_tune`): a ``Tuner`` with a
+``grid_search`` over :func:`plan_trials`, each trial a Ray Train run (:func:`training.recipe.run_train`),
+``max_concurrent_trials`` from the cluster's CPUs/GPUs (:func:`concurrency`), retries through
+``FailureConfig(max_failures)``, a rerun resumed with ``Tuner.restore``. The report is built from
+the ``ResultGrid``. A sweep directory holding another sweep (see :func:`fingerprint`) is refused.
 
 Sweep directory (``output.path``: a local path or a URI such as ``s3://bucket/sweeps/x``; the
 trial run directories and every file below go there through :mod:`training.rundir`)::
 
     sweep.json         resolved sweep and training config, trial list, fingerprint
+    tune/              Ray Tune's experiment state; tune/<name>/: the trial's Tune logs (TensorBoard ...)
     synthetic/         the dataset generated on demand (unless ``synthetic`` names one)
     trials/<name>/     one training run directory per trial; error.txt when it failed
     results.csv, fit.json, scaling.png    see training.scaling_report
