@@ -163,15 +163,15 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: str | os.Pa
         pts = [r for r in ok if r["p_aug"] is None or r["line"] == key]
         dodge = 1 + 0.04 * (i - (len(analysis["lines"]) - 1) / 2)  # side by side, not on top of each other
         ax.scatter([r["volume"] * dodge for r in pts], [r["miou"] for r in pts], s=10, color=color, alpha=0.35)
-        ax.errorbar(vols * dodge, mean, yerr=std, fmt="o", color=color, capsize=4, label=f"p_aug={key}: mean ± std")
         fit = line.get("fit")
+        # no curve where the fit did not resolve: one the data do not support would read as a finding
+        note = "" if key in curves else " (no fit resolved)" if fit else " (too few volumes to fit)"
+        ax.errorbar(vols * dodge, mean, yerr=std, fmt="o", color=color, capsize=4, label=f"p_aug={key}: mean ± std{note}")
         if key in curves:
             ax.plot(*curves[key], color=color, lw=1.5,
                     label=f"fit: a={fit['a']:.3f}, c={fit['c']:.2f}, N95(gain)={fit['n95_gain']:.0f}")
             if 0 < fit["n95_gain"] < top * 2:
                 ax.axvline(fit["n95_gain"], color=color, ls=":", lw=1)
-        else:  # the points alone: a curve the data do not support would read as a finding
-            ax.plot([], [], " ", label="  no fit resolved (points only)" if fit else "  no fit (too few volumes)")
     if nonzero:
         ax.set_xscale("symlog", linthresh=nonzero[0])
     ax.set_xlim(left=-0.1 * (nonzero[0] if nonzero else 1))  # the real-only points off the axis line

@@ -55,15 +55,13 @@ def sweep_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> N
     from ray import tune
 
     from training.config import TrainConfig
-    from training.scaling import is_finished
 
     cfg = TrainConfig.model_validate(configs[config["trial"]])
     run = locate(cfg.output.path, "output.path")
     storage.makedirs(run)
     storage.remove(run / "error.txt")
-    if is_finished(run, cfg.iterations):  # trained by an earlier sweep (or one before Tune)
-        final = read_json(run / "final.json")
-    else:
+    final = read_json(run / "final.json")
+    if not final or final.get("final_step") != cfg.iterations:  # else trained by an earlier sweep (or one before Tune)
         from training.recipe import run_train
 
         try:
@@ -74,7 +72,7 @@ def sweep_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> N
     tune.report({k: final.get(k) for k in RESULT_KEYS} | {"trial": config["trial"]})
 
 
-def trial_resources(out: Location):
+def driver_resources(out: Location):
     """The Tune trial's own reservation (the driver; its Train workers reserve theirs)."""
     import ray
     from ray import tune
@@ -109,7 +107,7 @@ def run_tuner(out: Location, names: list[str], configs: dict[str, dict[str, Any]
 
     exp = out / TUNE
     fs = {} if exp.is_local else {"storage_filesystem": exp.fs}
-    trainable = tune.with_resources(tune.with_parameters(sweep_trial, configs=configs), trial_resources(out))
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, configs=configs), driver_resources(out))
     restore = previous == names and tune.Tuner.can_restore(exp.path, **fs)
     if restore:
         log.info("resuming the Tune experiment in %s", exp)

@@ -192,6 +192,7 @@ def test_report_command_rerenders_and_rejects_a_non_sweep_dir(tmp_path, capsys):
     assert main(["scaling", "--report", str(out)]) == 1  # a failed trial: exit 1, everything still written
     printed = capsys.readouterr()
     assert "p_aug=0.6" in printed.out and "95% of the gain at N=" in printed.out and "v8000-p0.3-s2" in printed.out
+    assert "1 trial(s) failed: v8000-p0.3-s2" in printed.err  # the exit names the failed trial
     assert (out / "scaling.png").is_file()
     assert main(["scaling", "--report", str(tmp_path)]) == 2
     assert "no sweep.json" in capsys.readouterr().err

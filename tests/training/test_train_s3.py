@@ -147,9 +147,12 @@ def test_a_scaling_sweep_with_its_directory_on_s3(train_ray, s3_bucket, quick, m
     assert [(r["name"], r["status"], float(r["miou"])) for r in results] == [("v0-real-s0", "ok", pytest.approx(final["miou"], rel=1e-5))]
     assert storage.read_bytes(storage.resolve(f"{out}/scaling.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = final_loc.fs.get_file_info(final_loc.path).mtime_ns
+    trial_logs = {k: v for k, v in files.items() if k.startswith("tune/v0-real-s0/")}
     again = run_sweep(load_config(ScalingConfig, ROOT / "training" / "configs" / "scaling-toy.yaml", overrides))
     assert again["finished"] == 1  # the trial was not trained again: final.json is the same object
     assert final_loc.fs.get_file_info(final_loc.path).mtime_ns == stamp and json.loads(storage.read_text(final_loc)) == final
+    # restored from the bucket (Tuner.restore), not started over: the finished trial's Tune logs are as they were
+    assert {k: v for k, v in _files(out).items() if k.startswith("tune/v0-real-s0/")} == trial_logs
     results_loc = storage.resolve(f"{out}/results.csv")
     storage.remove(results_loc)
     from segfactory.cli import main
