@@ -28,8 +28,8 @@ SEGGEN_TOY = ROOT / "pipelines" / "configs" / "seggen-toy.yaml"
 def sweep_overrides(real: Path, syn: Path, out: Path, quick) -> list[str]:
     train = [f"train.{o}" for o in quick(real, out / "unused")
              if not o.startswith(("real.format", "output.path", "ray."))]
-    # 40 steps, a checkpoint every 4: a window to kill a trial between its checkpoints
-    return [*train, "train.iterations=40", "train.eval_interval=40", "train.checkpoint_interval=4",
+    # 20 steps, a checkpoint every 4: a window to kill a trial between its checkpoints
+    return [*train, "train.iterations=20", "train.eval_interval=20", "train.checkpoint_interval=4",
             "volumes=[0,40,80]", "p_aug=[0.5]", "gaps=null", "seeds=[0]", f"synthetic={syn}", "generate=null",
             "toy_source=null", f"output={out}", "max_concurrent=1", "max_failures=1", "ray.no_progress_timeout_s=240"]
 
@@ -69,7 +69,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials_and_isolates_a_f
     assert (first.stat().st_mtime_ns, first.read_text(), (first.parent / "metrics.csv").read_text()) == before
     resumed = [json.loads(line) for line in (second / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in resumed if e["event"] == "resumed"] in ([8], [12])  # the killed trial went on from its checkpoint
-    assert json.loads((second / "final.json").read_text())["final_step"] == 40
+    assert json.loads((second / "final.json").read_text())["final_step"] == 20
     assert report["failed"] == ["v80-p0.5-s0"] and report["finished"] == 2
     assert "train_state.pt" in (out / "trials" / "v80-p0.5-s0" / "error.txt").read_text()
     trials = {t.config["trial"]: t for t in ExperimentAnalysis(str(out / "tune")).trials}
@@ -80,7 +80,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials_and_isolates_a_f
     assert list(logs.glob("events.out.tfevents*")) and "train/loss" in (logs / "progress.csv").read_text()
     results = pd.read_csv(out / "results.csv")
     ok = results[results.status == "ok"]
-    assert sorted(ok.volume) == [0, 40] and (ok.iterations == 40).all() and ok.miou.between(0, 1).all()
+    assert sorted(ok.volume) == [0, 40] and (ok.iterations == 20).all() and ok.miou.between(0, 1).all()
     assert (out / "scaling.png").stat().st_size > 10_000
     assert json.loads((out / "fit.json").read_text())["lines"]["0.5"]["fit"] is None  # 2 volumes cannot fit 4 parameters
 
