@@ -138,8 +138,8 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"written: {report['out']}/results.csv, fit.json, scaling.png")
     if report["failed"]:
-        print(f"error: {len(report['failed'])} trial(s) failed (see trials/*/error.txt); rerun to retry only them",
-              file=sys.stderr)
+        print(f"error: {len(report['failed'])} trial(s) failed: {', '.join(report['failed'])} (see trials/<name>/error.txt); "
+              "rerun to retry only them", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 

@@ -377,7 +377,8 @@ class Mixer:
             chunks += self._take("real", self.batch_size - n_syn)
         if n_syn:
             chunks += self._take("synthetic", n_syn)
-        return {c: _cat([ch[c] for ch in chunks]) for c in chunks[0]}
+        # columns every chunk has (a live stream's rows carry no position)
+        return {c: _cat([ch[c] for ch in chunks]) for c in chunks[0] if all(c in ch for ch in chunks)}
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -237,7 +237,8 @@ def plan_chunks(files: list[str], volume: int | None = None, cap: int = 1024, wa
 
     groups, keys, oversized = [], [], {}
     for f in files:
-        meta = _parquet(f).metadata
+        pf = _parquet(f)  # one open (footer read) per file, not per row group
+        meta = pf.metadata
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             if not n:
@@ -246,7 +247,7 @@ def plan_chunks(files: list[str], volume: int | None = None, cap: int = 1024, wa
             if n > cap:
                 oversized.setdefault(f, max(n, oversized.get(f, 0)))
             if volume is not None:
-                ids = _parquet(f).read_row_group(g, columns=[S.SAMPLE_ID]).column(S.SAMPLE_ID).to_pylist()
+                ids = pf.read_row_group(g, columns=[S.SAMPLE_ID]).column(S.SAMPLE_ID).to_pylist()
                 keys.append(np.fromiter((subset_key(s) for s in ids), dtype=np.uint64, count=len(ids)))
     for f, n in list(oversized.items())[:5] if warn else []:
         log.warning("%s: row groups of up to %d rows, above data.row_group_cap=%d: each piece of %d rows reads "

@@ -101,14 +101,14 @@ def _restore(cfg: TrainConfig, meta: dict[str, Any]):
     return restore_dir(meta.get("resume_from"))
 
 
-def _save(tmp: Path, model, opt, sched, step: int, consumed: dict[str, int], extra: dict[str, Any], meta: dict[str, Any]) -> None:
+def _save(tmp: Path, model, opt, sched, step: int, extra: dict[str, Any], meta: dict[str, Any]) -> None:
     import torch
 
     save_model(model, tmp / MODEL_DIR)
     cm = meta["checkpoint_meta"]
     save_image_processor(cm["arch"], tmp / MODEL_DIR, cm["eval"], cm["mean"], cm["std"])
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "consumed": consumed, **extra}, tmp / STATE_FILE)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, **extra},
+               tmp / STATE_FILE)
     (tmp / META_FILE).write_text(json.dumps({**meta["checkpoint_meta"], "step": step}, indent=1))
 
 
@@ -157,16 +157,16 @@ class SegmentationRecipe:
         self.started = time.perf_counter() - self.extra["elapsed_s"]
 
     def restore(self) -> None:
-        """Step, row counts, best mIoU, elapsed time and stream positions from the checkpoint
+        """Step, best mIoU, elapsed time and stream positions from the checkpoint
         to resume from (Ray Train's after a failure, or the driver's for ``resume=true``)."""
         import torch
 
         self.resume = _restore(self.cfg, self.meta)
-        self.step, self.consumed, self.state = 0, {"real": 0, "synthetic": 0}, None
+        self.step, self.state = 0, None
         self.extra = {"best_miou": 0.0, "elapsed_s": 0.0}
         if self.resume:
             self.state = torch.load(Path(self.resume) / STATE_FILE, map_location="cpu", weights_only=True)
-            self.step, self.consumed = self.state["step"], dict(self.state["consumed"])
+            self.step = self.state["step"]
             self.extra = {k: self.state.get(k, v) for k, v in self.extra.items()}
             if self.rank == 0:
                 log.info("resumed from %s at step %d", self.resume, self.step)
@@ -325,12 +325,10 @@ class SegmentationRecipe:
 
     def checkpoint_writer(self, ph: dict[str, Any]):
         """What rank 0 runs to write this step's checkpoint (every rank joins the all-reduces)."""
-        got = _sum([self.mixer.taken.get("real", 0), self.mixer.taken.get("synthetic", 0)], self.device)
-        now = {"real": self.consumed["real"] + int(got[0]), "synthetic": self.consumed["synthetic"] + int(got[1])}
         state = {**self.extra, "phase": ph["name"],
                  "positions": _positions(self.mixer, self.after, self.rank, self.world, self.device)}
         step, model, opt, sched = self.step, self.model, self.opt, self.sched
-        return lambda tmp: _save(tmp, model, opt, sched, step, now, state, self.meta)
+        return lambda tmp: _save(tmp, model, opt, sched, step, state, self.meta)
 
 
 def _positions(mixer: Mixer, after: dict[str, int], rank: int, world: int, device) -> dict[str, Any]:

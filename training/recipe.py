@@ -212,8 +212,9 @@ def _final_record(cfg: TrainConfig, run_dir: Location, plan: list[dict[str, Any]
     return final
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content."""
+def run_train(cfg: TrainConfig, callbacks=()) -> dict[str, Any]:
+    """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content.
+    ``callbacks``: more Ray Train callbacks (a scaling sweep's Tune reporting)."""
     from core.runtime import init_ray
     from training.data import build_datasets, index_inputs
     from training.loop import train_loop_per_worker
@@ -252,8 +253,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         from training.cotrain import co_train_loop_per_worker as train_loop_per_worker
     trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
                            num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
-                           max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints, callbacks=[make_callback(run_dir, append_metrics)],
-                           placement_strategy=w.placement_strategy)
+                           max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints,
+                           callbacks=[make_callback(run_dir, append_metrics), *callbacks], placement_strategy=w.placement_strategy)
     log.info("training %s: %s, %d steps x %d samples x %d workers -> %s", cfg.strategy,
              " then ".join(f"{ph['name']} {ph['iterations']}" for ph in plan), total,
              cfg.batch_size * cfg.grad_accum, w.num_workers, run_dir)

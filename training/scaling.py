@@ -4,17 +4,17 @@ The same training recipe (a training YAML) runs at a fixed iteration budget for 
 (volume, p_aug, seed) of a grid. Volume V trains on a nested subset of ONE synthetic dataset
 (:mod:`training.subsets`); volume 0 is the real-only baseline, shared by every p_aug line.
 
-Each trial is one Ray Train run (:func:`training.recipe.run_train`) inside a zero-CPU Ray task,
-as many at once as the cluster's CPUs/GPUs allow. The trial directories are the sweep's state:
-a trial whose ``final.json`` holds the full budget is skipped on a rerun, a trial killed midway
-resumes from its last checkpoint, and a trial that fails leaves ``error.txt`` and is retried by
-the next run; the other trials go on. (Ray Tune would add search algorithms and schedulers a
-fixed grid at a fixed budget does not need, and a second resume state next to ours.)
+The trials are a Ray Tune experiment (:mod:`training.scaling_tune`): a ``Tuner`` with a
+``grid_search`` over :func:`plan_trials`, each trial a Ray Train run (:func:`training.recipe.run_train`),
+``max_concurrent_trials`` from the cluster's CPUs/GPUs (:func:`concurrency`), retries through
+``FailureConfig(max_failures)``, a rerun resumed with ``Tuner.restore``. The report is built from
+the ``ResultGrid``. A sweep directory holding another sweep (see :func:`fingerprint`) is refused.
 
 Sweep directory (``output.path``: a local path or a URI such as ``s3://bucket/sweeps/x``; the
 trial run directories and every file below go there through :mod:`training.rundir`)::
 
     sweep.json         resolved sweep and training config, trial list, fingerprint
+    tune/              Ray Tune's experiment state; tune/<name>/: the trial's Tune logs (TensorBoard ...)
     synthetic/         the dataset generated on demand (unless ``synthetic`` names one)
     trials/<name>/     one training run directory per trial; error.txt when it failed
     results.csv, fit.json, scaling.png    see training.scaling_report
@@ -85,6 +85,8 @@ class ScalingConfig(Strict):
     output: SweepOutput = Field(default_factory=SweepOutput, description="output.path: the sweep directory "
                                 "(`output=DIR`, the older spelling, still works)")
     max_concurrent: int | None = Field(None, ge=1, description="most trials at once; None = as many as the cluster's CPUs/GPUs allow")
+    max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial (each resumes from the trial's last "
+                              "checkpoint); a trial still failing is reported, the others go on")
     ray: RayConfig = Field(default_factory=lambda: RayConfig(show_progress=False), description="Ray runtime settings")
 
     @field_validator("output", mode="before")
@@ -317,26 +319,23 @@ def _toy_source(t: ToySource, dest: Location) -> str:
     return str(dest)
 
 
-def _run_trial(cfg_json: dict[str, Any]) -> dict[str, Any]:
-    from training.recipe import run_train
-
-    return run_train(TrainConfig.model_validate(cfg_json))
-
-
-def _check_sweep_dir(out: Location, fp: str) -> None:
+def _check_sweep_dir(out: Location, fp: str) -> dict[str, Any] | None:
+    """The sweep.json already in ``out`` (None: a new sweep); another sweep's is a user error."""
     old = read_json(out / "sweep.json")
     if old is not None and old.get("fingerprint") != fp:
         raise ConfigError(f"output: {out} holds a sweep with another training recipe or synthetic dataset; "
                           "its trials would not be comparable (use a new output directory)")
+    return old
 
 
 def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
-    """Run every unfinished trial, then write results.csv, fit.json and scaling.png."""
+    """Run every unfinished trial as a Ray Tune experiment (:mod:`training.scaling_tune`), then
+    write results.csv, fit.json and scaling.png from its ResultGrid."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from core.runtime import init_ray
+    from core.runtime import init_ray, ray_log_level
     from training.scaling_report import render_report
+    from training.scaling_tune import run_tuner
 
     started = time.time()
     out = writable(cfg.output.path, "output.path")
@@ -349,40 +348,20 @@ def run_sweep(cfg: ScalingConfig) -> dict[str, Any]:
     synthetic = {g: prepare_synthetic(cfg, out, max(cfg.volumes), source or base.real.path, g) for g in gaps}
     fp = fingerprint(base, synthetic[gaps[0]]) if cfg.gaps is None else hashlib.sha256(
         "".join(fingerprint(base, synthetic[g]) for g in gaps).encode()).hexdigest()[:16]
-    _check_sweep_dir(out, fp)
+    old = _check_sweep_dir(out, fp)
     configs = trial_configs(base, trials, synthetic, out)
     write_json(out / "sweep.json", {
         "fingerprint": fp, "sweep": cfg.model_dump(mode="json"), "train": base.model_dump(mode="json"),
         "synthetic_paths": synthetic[gaps[0]] if cfg.gaps is None else {f"{g:g}": synthetic[g] for g in gaps}, "trials": [asdict(t) | {"name": t.name} for t in trials]})
 
-    todo = [t for t in trials if not is_finished(out / TRIALS / t.name, base.iterations)]
+    done = sum(is_finished(out / TRIALS / t.name, base.iterations) for t in trials)
     cpus, gpus = trial_resources(base)
     limit = concurrency(ray.cluster_resources(), cpus, gpus, cfg.max_concurrent)
-    log.info("%d trials, %d already finished; running %d at once (%.2g CPU, %g GPU each)",
-             len(trials), len(trials) - len(todo), limit, cpus, gpus)
-    # A local sweep directory: pinned to this node, where this driver reads the run directories.
-    # On a URI every node sees the same directory, so a trial's driver may run on any node.
-    pin = {} if not out.is_local else {"scheduling_strategy": NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)}
-    task = ray.remote(_run_trial).options(num_cpus=0, max_retries=0, **pin)
-    running: dict[Any, Trial] = {}
-    failed: list[str] = []
-    while todo or running:
-        while todo and len(running) < limit:
-            t = todo.pop(0)
-            storage.makedirs(out / TRIALS / t.name)
-            storage.remove(out / TRIALS / t.name / "error.txt")
-            running[task.remote(configs[t.name].model_dump(mode="json"))] = t
-            log.info("trial %s started", t.name)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        t = running.pop(ready[0])
-        try:
-            final = ray.get(ready[0])
-            log.info("trial %s finished: val mIoU %.4f (%.0f s)", t.name, final["miou"], final["wall_s"])
-        except Exception as exc:  # noqa: BLE001 - one trial's failure must not stop the others
-            failed.append(t.name)
-            storage.write_text(out / TRIALS / t.name / "error.txt", f"{type(exc).__name__}: {exc}\n")
-            log.error("trial %s failed (%s); the others go on, a rerun retries it", t.name, str(exc).splitlines()[0])
-    report = render_report(out)
+    log.info("%d trials, %d already finished; running %d at once (%.2g CPU, %g GPU each), %d retries each",
+             len(trials), done, limit, cpus, gpus, cfg.max_failures)
+    results = run_tuner(out, [t.name for t in trials], {n: c.model_dump(mode="json") for n, c in configs.items()},
+                        limit=limit, max_failures=cfg.max_failures,
+                        previous=[t["name"] for t in old["trials"]] if old else None, verbose=0 if ray_log_level() else 1)
+    report = render_report(out, results)
     report |= {"wall_s": round(time.time() - started, 1), "concurrency": limit}
     return report

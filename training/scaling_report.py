@@ -1,7 +1,8 @@
 """What a scaling sweep found: ``results.csv``, ``fit.json`` and ``scaling.png``.
 
-Everything is rebuilt from the trial directories (``trials/<name>/final.json``), so
-``segfactory scaling --report DIR`` re-renders a finished sweep, or a running one so far.
+A sweep renders them from its Tune ResultGrid (each trial's last report: its ``final.json``, or
+its error); ``segfactory scaling --report DIR`` rebuilds them from the trial directories
+(``trials/<name>/final.json``, ``error.txt``): a finished sweep, or a running one so far.
 
 - ``results.csv``: one row per trial: volume, p_aug (empty for the real-only baseline), seed,
   status, miou, pixel_acc, iou_<class>..., iterations, wall_s, synthetic_fraction, error.
@@ -9,7 +10,8 @@ Everything is rebuilt from the trial directories (``trials/<name>/final.json``),
   points (:mod:`training.scaling_fit`), N95, the samples a trial can draw; the best p_aug per
   volume; per-volume mean/std/n.
 - ``scaling.png``: mIoU against volume (symlog x so the baseline at 0 is shown), mean ± std
-  over seeds, every trial as a faint dot, the fitted curve and its N95 per p_aug.
+  over seeds as error bars, every trial as a faint dot; the fitted curve (over the points'
+  volumes) and its N95 only for a line whose fit resolved a rise.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ log = logging.getLogger("segfactory.scaling")
 TRIALS = "trials"  # the sweep directory's folder of trial run directories
 
 
-def collect(out: str | os.PathLike | Location) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per planned trial (finished, failed or not run yet) and the class names."""
+def collect(out: str | os.PathLike | Location, results: dict[str, dict[str, Any]] | None = None
+            ) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per planned trial (finished, failed or not run yet) and the class names.
+    ``results``: per trial name, the sweep's Tune ResultGrid entry (``final``: what final.json
+    holds, or ``error``); trials without one (``--report``, a sweep from before Tune) are read
+    from their run directories."""
     out = locate(out, "output.path")
     sweep = read_json(out / "sweep.json")
     iterations = sweep["train"]["iterations"]
@@ -42,14 +48,16 @@ def collect(out: str | os.PathLike | Location) -> tuple[list[dict[str, Any]], li
         run = out / TRIALS / t["name"]
         row: dict[str, Any] = {"volume": t["volume"], "p_aug": t["p_aug"], "gap": t.get("gap"), "seed": t["seed"],
                                "name": t["name"], "line": line_key(t["p_aug"], t.get("gap"))}
-        final = read_json(run / "final.json")
+        result = (results or {}).get(t["name"]) or {}
+        final = result.get("final") if result else read_json(run / "final.json")
+        error = result.get("error") if result else read_text(run / "error.txt")
         if final and final.get("final_step") == iterations:
             classes = final["classes"]
             row |= {"status": "ok", "miou": final["miou"], "pixel_acc": final["pixel_acc"],
                     "iterations": final["final_step"], "wall_s": final["wall_s"],
                     "synthetic_fraction": final.get("synthetic_fraction"),
                     **{f"iou_{c}": final["per_class_iou"].get(c) for c in classes}}  # {class: IoU}
-        elif (error := read_text(run / "error.txt")) is not None:
+        elif error is not None:
             row |= {"status": "failed", "error": error.strip()[:500]}
         else:
             row |= {"status": "not_run"}
@@ -103,9 +111,9 @@ def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]
         base, top = by_volume.get(0), by_volume[max(by_volume)] if by_volume else None
         if base and top is not base:  # is the fitted rise bigger than the noise of the two ends?
             line["standard_error_ends"] = math.hypot(base["std"] / math.sqrt(base["n"]), top["std"] / math.sqrt(top["n"]))
-        if line["fit"]:
+        if line["fit"]:  # resolved: no parameter at a bound, and a rise of 2 standard errors (~95%)
             line["fit"]["rise_resolved"] = (not line["fit"]["at_bounds"]
-                                            and line["fit"]["gain_in_range"] > line.get("standard_error_ends", 0.0))
+                                            and line["fit"]["gain_in_range"] > 2 * line.get("standard_error_ends", 0.0))
         lines[key] = line
     best = {}
     for v in sorted({r["volume"] for r in ok if r["volume"] > 0}):
@@ -119,6 +127,22 @@ def analyse(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> dict[str, Any]
             "best_p_aug_per_volume": best, "fit_formula": "miou(N) = a - b * (N + n0) ** (-c)"}
 
 
+def fitted_curves(analysis: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(volume, mIoU) of each line's fitted law, for the lines whose fit resolved a rise
+    (:func:`analyse`'s ``rise_resolved``), over the volumes the line has points at."""
+    curves = {}
+    for key, line in analysis["lines"].items():
+        fit = line.get("fit")
+        vols = sorted(int(v) for v in line["by_volume"])
+        if not (fit and fit.get("rise_resolved")) or len(vols) < 2:
+            continue
+        first = min(v for v in vols if v > 0)
+        grid = np.concatenate([np.linspace(0, first, 20, endpoint=False) if vols[0] == 0 else [],
+                               np.geomspace(first, vols[-1], 200)])
+        curves[key] = (grid, fit["a"] - fit["b"] * np.power(grid + fit["n0"], -fit["c"]))
+    return curves
+
+
 def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: str | os.PathLike | Location) -> None:
     import matplotlib
 
@@ -130,6 +154,7 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: str | os.Pa
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     top = max(nonzero or [1])
+    curves = fitted_curves(analysis)
     for i, (key, line) in enumerate(analysis["lines"].items()):
         color = colors[i % len(colors)]
         vols = np.array([int(v) for v in line["by_volume"]])
@@ -138,16 +163,14 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: str | os.Pa
         pts = [r for r in ok if r["p_aug"] is None or r["line"] == key]
         dodge = 1 + 0.04 * (i - (len(analysis["lines"]) - 1) / 2)  # side by side, not on top of each other
         ax.scatter([r["volume"] * dodge for r in pts], [r["miou"] for r in pts], s=10, color=color, alpha=0.35)
-        ax.errorbar(vols * dodge, mean, yerr=std, fmt="o", color=color, capsize=4, label=f"p_aug={key}: mean ± std")
         fit = line.get("fit")
-        if fit:
-            grid = np.concatenate([[0.0], np.geomspace(max(nonzero[0] / 4, 1), top * 2, 200)])
-            curve = fit["a"] - fit["b"] * np.power(grid + fit["n0"], -fit["c"])
-            good = fit["rise_resolved"]
-            ax.plot(grid, curve, color=color, lw=1.5, ls="-" if good else "--",
-                    label=f"fit: a={fit['a']:.3f}, c={fit['c']:.2f}, N95(gain)={fit['n95_gain']:.0f}" if good
-                    else "fit: no saturating rise resolved, no N95")
-            if good and 0 < fit["n95_gain"] < top * 2:
+        # no curve where the fit did not resolve: one the data do not support would read as a finding
+        note = "" if key in curves else " (no fit resolved)" if fit else " (too few volumes to fit)"
+        ax.errorbar(vols * dodge, mean, yerr=std, fmt="o", color=color, capsize=4, label=f"p_aug={key}: mean ± std{note}")
+        if key in curves:
+            ax.plot(*curves[key], color=color, lw=1.5,
+                    label=f"fit: a={fit['a']:.3f}, c={fit['c']:.2f}, N95(gain)={fit['n95_gain']:.0f}")
+            if 0 < fit["n95_gain"] < top * 2:
                 ax.axvline(fit["n95_gain"], color=color, ls=":", lw=1)
     if nonzero:
         ax.set_xscale("symlog", linthresh=nonzero[0])
@@ -165,16 +188,17 @@ def plot(analysis: dict[str, Any], rows: list[dict[str, Any]], path: str | os.Pa
     storage.write_bytes(locate(path), buf.getvalue())
 
 
-def render_report(out: str | os.PathLike | Location) -> dict[str, Any]:
+def render_report(out: str | os.PathLike | Location, results: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write results.csv, fit.json and scaling.png for the sweep in ``out`` (a directory or a
-    URI); returns fit.json's content."""
+    URI), from ``results`` (the sweep's ResultGrid, see :func:`collect`) or the trial directories;
+    returns fit.json's content."""
     out = locate(out, "--report")
     sweep = read_json(out / "sweep.json")
     if sweep is None:
         from core.config import ConfigError
 
         raise ConfigError(f"--report: {out} is not a sweep directory (no sweep.json)")
-    rows, classes = collect(out)
+    rows, classes = collect(out, results)
     write_results(rows, classes, out / "results.csv")
     analysis = analyse(rows, sweep)
     storage.write_text(out / "fit.json", json.dumps(_finite(analysis), indent=1))
@@ -206,7 +230,7 @@ def format_report(analysis: dict[str, Any]) -> str:
             lines.append(f"  largest volume vs real only: {top['mean'] - base['mean']:+.4f} (standard error {noise:.4f})")
         fit = line.get("fit")
         if fit and not fit["rise_resolved"]:
-            why = f"{', '.join(fit['at_bounds'])} at a bound" if fit["at_bounds"] else "no rise above the noise"
+            why = f"{', '.join(fit['at_bounds'])} at a bound" if fit["at_bounds"] else "no rise of 2 standard errors"
             lines.append(f"  the law does not describe these points ({why}): no N95 "
                          f"(fitted gain over the range {fit['gain_in_range']:+.4f})")
         elif fit:

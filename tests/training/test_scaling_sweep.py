@@ -25,7 +25,7 @@ from training.scaling import (
     trial_resources,
 )
 from training.scaling_fit import saturating_power_law
-from training.scaling_report import format_report, render_report
+from training.scaling_report import fitted_curves, format_report, render_report
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_SWEEP = ROOT / "training" / "configs" / "scaling-toy.yaml"
@@ -123,8 +123,9 @@ def test_too_few_synthetic_samples_stops_with_the_missing_count(tmp_path):
 TRUE = {0.3: (0.62, 20.0, 1.0, 200.0), 0.6: (0.70, 40.0, 1.0, 200.0)}  # a, b, c, n0 per p_aug
 
 
-def fake_sweep(out: Path, noise: float = 0.004) -> ScalingConfig:
-    """A finished sweep whose mIoUs follow the law per p_aug (real-only from the 0.6 law)."""
+def fake_sweep(out: Path, noise: float = 0.004, flat: bool = False) -> ScalingConfig:
+    """A finished sweep whose mIoUs follow the law per p_aug (real-only from the 0.6 law);
+    ``flat``: 0.6 at every volume, the noise alone."""
     cfg = sweep_config("volumes=[0,250,500,1000,2000,4000,8000]", "p_aug=[0.3,0.6]", "seeds=[0,1,2]", f"output={out}")
     trials = plan_trials(cfg)
     base = base_train_config(cfg)
@@ -139,7 +140,7 @@ def fake_sweep(out: Path, noise: float = 0.004) -> ScalingConfig:
         if t.name == "v8000-p0.3-s2":
             (run / "error.txt").write_text("RuntimeError: worker died\n")
             continue
-        miou = float(saturating_power_law(t.volume, *TRUE[t.p_aug or 0.6]) + rng.normal(0, noise))
+        miou = float((0.6 if flat else saturating_power_law(t.volume, *TRUE[t.p_aug or 0.6])) + rng.normal(0, noise))
         (run / "final.json").write_text(json.dumps({
             "final_step": base.iterations, "miou": miou, "pixel_acc": 0.9, "classes": CLASSES,
             # as run_train writes it: {class: IoU}, None for a class absent from val
@@ -191,6 +192,7 @@ def test_report_command_rerenders_and_rejects_a_non_sweep_dir(tmp_path, capsys):
     assert main(["scaling", "--report", str(out)]) == 1  # a failed trial: exit 1, everything still written
     printed = capsys.readouterr()
     assert "p_aug=0.6" in printed.out and "95% of the gain at N=" in printed.out and "v8000-p0.3-s2" in printed.out
+    assert "1 trial(s) failed: v8000-p0.3-s2" in printed.err  # the exit names the failed trial
     assert (out / "scaling.png").is_file()
     assert main(["scaling", "--report", str(tmp_path)]) == 2
     assert "no sweep.json" in capsys.readouterr().err
@@ -225,3 +227,20 @@ def test_report_has_one_curve_per_p_aug_and_gap(tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted({r["gap"] for r in rows}) == ["", "0", "0.3"]
     assert "0.5 gap=0.3" in format_report(report)
+
+
+@pytest.mark.subprocess
+def test_the_plot_draws_a_fit_only_where_it_resolved_and_only_over_the_points(tmp_path):
+    law = render_report(fake_sweep(tmp_path / "law").output.path)
+    curves = fitted_curves(law)
+    assert set(curves) == {"0.3", "0.6"}
+    x, y = curves["0.6"]
+    assert (x.min(), x.max()) == (0, pytest.approx(8000))  # from the baseline to the largest volume, no further
+    for v in (0, 1000, 8000):  # the curve passes through the seed means
+        i = int(np.argmin(np.abs(x - v)))
+        assert y[i] == pytest.approx(law["lines"]["0.6"]["by_volume"][str(v)]["mean"], abs=0.01)
+
+    flat = render_report(fake_sweep(tmp_path / "flat", flat=True).output.path)
+    assert all(not line["fit"] or not line["fit"]["rise_resolved"] for line in flat["lines"].values())
+    assert fitted_curves(flat) == {}  # points and error bars only
+    assert Image.open(tmp_path / "flat" / "scaling.png").size == (960, 600)

@@ -117,7 +117,8 @@ def test_a_checkpoint_uri_without_a_run_is_a_clear_error(s3_bucket):
 @pytest.mark.timeout(600, method="thread")
 def test_a_scaling_sweep_with_its_directory_on_s3(train_ray, s3_bucket, quick, monkeypatch, tmp_path_factory):
     """The sweep directory is a URI: the toy source is made there, the trial's run directory,
-    sweep.json and the report land in the bucket, and a rerun skips the finished trial."""
+    sweep.json, Tune's experiment state and logs and the report land in the bucket, and a rerun
+    (Tuner.restore from the bucket) skips the finished trial."""
     from training.scaling import ScalingConfig, run_sweep
 
     out = f"{s3_bucket}/sweep"
@@ -131,8 +132,12 @@ def test_a_scaling_sweep_with_its_directory_on_s3(train_ray, s3_bucket, quick, m
     files = _files(out)
     assert sum(k.startswith("toy-source/JPEGImages/") for k in files) == 12 and "toy-source/classes.txt" in files
     for name in ("sweep.json", "results.csv", "fit.json", "trials/v0-real-s0/final.json",
-                 "trials/v0-real-s0/checkpoint_0000003/train_state.pt", "trials/v0-real-s0/config.yaml"):
+                 "trials/v0-real-s0/checkpoint_0000003/train_state.pt", "trials/v0-real-s0/config.yaml",
+                 "tune/tuner.pkl", "tune/v0-real-s0/progress.csv"):
         assert files.get(name), name
+    # Ray Tune's experiment state and the trial's TensorBoard log are in the bucket too
+    assert any(k.startswith("tune/experiment_state-") for k in files)
+    assert any(k.startswith("tune/v0-real-s0/events.out.tfevents") for k in files)
     final_loc = storage.resolve(f"{out}/trials/v0-real-s0/final.json")
     final = json.loads(storage.read_text(final_loc))
     assert final["final_step"] == 3 and final["checkpoint"] == f"{out}/trials/v0-real-s0/checkpoint_0000003"
@@ -142,9 +147,12 @@ def test_a_scaling_sweep_with_its_directory_on_s3(train_ray, s3_bucket, quick, m
     assert [(r["name"], r["status"], float(r["miou"])) for r in results] == [("v0-real-s0", "ok", pytest.approx(final["miou"], rel=1e-5))]
     assert storage.read_bytes(storage.resolve(f"{out}/scaling.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = final_loc.fs.get_file_info(final_loc.path).mtime_ns
+    trial_logs = {k: v for k, v in files.items() if k.startswith("tune/v0-real-s0/")}
     again = run_sweep(load_config(ScalingConfig, ROOT / "training" / "configs" / "scaling-toy.yaml", overrides))
     assert again["finished"] == 1  # the trial was not trained again: final.json is the same object
     assert final_loc.fs.get_file_info(final_loc.path).mtime_ns == stamp and json.loads(storage.read_text(final_loc)) == final
+    # restored from the bucket (Tuner.restore), not started over: the finished trial's Tune logs are as they were
+    assert {k: v for k, v in _files(out).items() if k.startswith("tune/v0-real-s0/")} == trial_logs
     results_loc = storage.resolve(f"{out}/results.csv")
     storage.remove(results_loc)
     from segfactory.cli import main
