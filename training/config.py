@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from core.config import RayConfig, Strict
 
-STRATEGIES = ("mix", "pretrain_finetune", "synthetic_only", "real_only")
+STRATEGIES = ("mix", "pretrain_finetune", "synthetic_only", "real_only", "co_training")
 
 
 class RealData(Strict):
@@ -51,6 +51,28 @@ class MixConfig(Strict):
                                                      "synthetic stream with probability p_aug (SegGen); variant = a real image is "
                                                      "replaced by one of its own synthetic variants (same source_id) with "
                                                      "probability p_aug (Diffusion Synthesis, Eq. 3)")
+
+
+class CoTrainingConfig(Strict):
+    """strategy=co_training: BECO (Rong et al., CVPR 2023, "Boundary-enhanced Co-training for Weakly
+    Supervised Semantic Segmentation"), as attn2mask trains on its pseudo-masks (255 = unreliable).
+    Defaults are BECO's official code: github.com/ShenghaiRong/BECO main.py ``beco_config`` (the same
+    values as configs/beco.json); training.cotrain says what is implemented."""
+
+    mix_prob: float = Field(0.5, ge=0, le=1, description="probability an image gets the classes of its batch partner "
+                            "pasted in (BECO mix_prob 0.5)")
+    boundary_size: int = Field(1, ge=0, description="boundary of a pasted region = dilation - erosion with a "
+                               "(2 x this + 1)^2 kernel (BECO bdry_size 1: 3x3)")
+    boundary_weight_label: tuple[float, float] = Field((0.2, 0.2), description="networks A, B: extra weight of the "
+                                                       "pseudo-label loss on boundary pixels, 1 + w (BECO bdry_whb, bdry_whi 0.2)")
+    boundary_weight_cross: tuple[float, float] = Field((0.0, 0.0), description="networks A, B: the same for the "
+                                                       "cross-supervision loss (BECO bdry_wlb, bdry_wli 0)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="after warm-up, a pixel of the two networks' mean "
+                              "prediction is a reliable label when its top probability passes this (BECO highres_t 0.95)")
+    warmup_fraction: float = Field(0.0125, ge=0, le=1, description="share of the iterations before the online labels "
+                                   "are used: mixing pastes pseudo-mask regions, no boundary weights "
+                                   "(BECO warm_up 1 epoch of max_epoch 80)")
+    ignore_background: bool = Field(True, description="never paste class 0 (BECO ignore_bg true)")
 
 
 class TinyModel(Strict):
@@ -235,7 +257,9 @@ class DebugConfig(Strict):
 class TrainConfig(Strict):
     """One training run. ``strategy`` says how synthetic data is used."""
 
-    strategy: Literal["mix", "pretrain_finetune", "synthetic_only", "real_only"] = Field("mix", description="mix | pretrain_finetune | synthetic_only | real_only")
+    strategy: Literal["mix", "pretrain_finetune", "synthetic_only", "real_only", "co_training"] = Field(
+        "mix", description="mix | pretrain_finetune | synthetic_only | real_only | co_training (synthetic only, "
+        "two networks co-trained on noisy pseudo-masks as BECO: `co_training`)")
     p_aug: float = Field(0.6, ge=0, le=1, description="mix: probability a real sample is replaced by a synthetic one (SegGen 0.6; Diffusion Synthesis alpha 0.4)")
     seed: int = Field(0, description="seed of model init, mixing draws and augmentation")
     iterations: int = Field(160000, ge=1, description="optimizer steps (iteration budget)")
@@ -249,6 +273,7 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(8, ge=1, description="eval samples per worker per batch")
     resume: bool = Field(False, description="continue from the latest checkpoint in output.path")
     mix: MixConfig = Field(default_factory=MixConfig, description="strategy=mix: independent stream or per-image variants")
+    co_training: CoTrainingConfig = Field(default_factory=CoTrainingConfig, description="strategy=co_training: BECO's knobs")
     real: RealData = Field(default_factory=RealData, description="the real dataset")
     synthetic: SyntheticData = Field(default_factory=SyntheticData, description="synthetic data")
     model: ModelConfig = Field(default_factory=ModelConfig, description="model")
@@ -273,6 +298,9 @@ class TrainConfig(Strict):
             if "batch_size" in self.model_fields_set and self.batch_size != self.total_batch_size // per:
                 raise ValueError(f"batch_size: {self.batch_size} contradicts total_batch_size {self.total_batch_size} / {per}; give one")
             object.__setattr__(self, "batch_size", self.total_batch_size // per)
+        if self.strategy == "co_training" and self.model.arch == "mask2former":
+            raise ValueError("model.arch: strategy=co_training needs a per-pixel classifier (segformer, deeplabv3, "
+                             "deeplabv3plus); Mask2Former has no per-pixel cross-entropy to co-train")
         # the test scale is the training scale unless the config says otherwise (mmseg: one `scale` for both)
         given = self.eval.model_fields_set
         if "short_side" not in given:
@@ -286,7 +314,7 @@ class TrainConfig(Strict):
         """Probability that a training slot holds a synthetic sample."""
         if self.strategy == "mix" and self.mix.mode == "variant":
             return 0.0  # variants replace real rows inside the real stream (training.variants)
-        return {"mix": self.p_aug, "synthetic_only": 1.0}.get(self.strategy, 0.0)
+        return {"mix": self.p_aug, "synthetic_only": 1.0, "co_training": 1.0}.get(self.strategy, 0.0)
 
     def samples_needed(self, p: float) -> int:
         """Rows a stream with share ``p`` must supply over the whole budget (all workers)."""

@@ -71,14 +71,16 @@ def poly_lambda(cfg: TrainConfig, iterations: int):
 
 def make_optimizer(cfg: TrainConfig, model, lr: float):
     """AdamW or SGD over parameter groups: a pretrained backbone at ``lr x backbone_lr_mult``,
-    norms and embeddings without weight decay when ``optim.no_decay_norm_embed``."""
+    norms and embeddings without weight decay when ``optim.no_decay_norm_embed``. ``model`` may
+    be a list of models (co-training: one optimizer over both networks, as BECO's)."""
     import torch
 
     from training.accel import param_groups
 
     o = cfg.optim
     mult = o.backbone_lr_mult or (0.1 if cfg.model.preset in ("pretrained", "backbone") else 1.0)
-    groups = param_groups(model, cfg.model.arch, lr, mult, o.weight_decay, o.no_decay_norm_embed)
+    models = model if isinstance(model, list | tuple) else [model]
+    groups = [g for m in models for g in param_groups(m, cfg.model.arch, lr, mult, o.weight_decay, o.no_decay_norm_embed)]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
@@ -189,17 +191,19 @@ class SegmentationRecipe:
                     it = rank_stream(spec, self.cfg, self.rank, self.world, self.after.get(name, -1)).streaming_split(1)[0]
                 self.streams[name] = primed(iter(it.iter_torch_batches(**batches)))
 
-    def build_model(self):
-        """The model (restored, ``model.init_from``, or new), BatchNorm synced, wrapped for DDP."""
+    def build_model(self, subdir: str = MODEL_DIR):
+        """The model (restored from the checkpoint's ``subdir``, ``model.init_from``, or new),
+        BatchNorm synced, wrapped for DDP."""
         import ray.train.torch
 
         cfg = self.cfg
         if self.resume:
-            model = load_model(self.arch, Path(self.resume) / MODEL_DIR)
+            model = load_model(self.arch, Path(self.resume) / subdir)
         elif cfg.model.init_from:
             from training.rundir import fetch_dir
 
-            model = load_model(self.arch, fetch_dir(cfg.model.init_from) / MODEL_DIR)
+            source = fetch_dir(cfg.model.init_from)
+            model = load_model(self.arch, source / (subdir if (source / subdir).is_dir() else MODEL_DIR))
         else:
             model = build_model(cfg.model, self.classes)
         model = maybe_sync_batchnorm(model, self.world, self.device)
@@ -207,8 +211,13 @@ class SegmentationRecipe:
             model, parallel_strategy_kwargs={"find_unused_parameters": self.arch == "mask2former"})
         return maybe_compile(model, cfg.workers.compile)
 
+    def networks(self) -> list:
+        """The networks the optimizer steps (co-training: two)."""
+        return [self.model]
+
     def fit(self) -> None:
-        self.model.train()
+        for net in self.networks():
+            net.train()
         for ph in self.meta["phases"]:
             if self.step < ph["start"] + ph["iterations"]:
                 self.run_phase(ph)
@@ -218,7 +227,7 @@ class SegmentationRecipe:
         fine-tune; restored when the checkpoint is inside it), its synthetic share, its steps."""
         import torch
 
-        self.opt = make_optimizer(self.cfg, self.model, ph["lr"])
+        self.opt = make_optimizer(self.cfg, self.networks(), ph["lr"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, poly_lambda(self.cfg, ph["iterations"]))
         if self.state is not None and ph["start"] < self.step:
             self.opt.load_state_dict(self.state["optimizer"])
@@ -241,7 +250,7 @@ class SegmentationRecipe:
         seconds spent waiting for data). Sets ``self.lr`` to the step's lr."""
         import torch
 
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         wait, value_sum = 0.0, torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             tw = time.perf_counter()
@@ -252,21 +261,33 @@ class SegmentationRecipe:
             # uint8 on the wire, normalised on the device
             x = to_model_input(batch[PIXELS].to(self.device, non_blocking=True), cfg.aug.mean, cfg.aug.std)
             y = batch[LABELS].to(self.device, non_blocking=True).long()
-            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.device, cfg.workers.precision):
-                value = loss(model, self.arch, x, y, len(self.classes)) / cfg.grad_accum
+            sync = micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else self.no_sync()), autocast(self.device, cfg.workers.precision):
+                value = self.micro_loss(x, y, micro) / cfg.grad_accum
             self.scaler.scale(value).backward()
             value_sum += value.detach()  # stays on the device: no sync per step
             self.window["flagged"] += batch[SYNTHETIC].sum()  # synthetic rows, variants included (on the device)
         if cfg.optim.grad_clip:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for net in self.networks() for p in net.parameters()], cfg.optim.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
         return value_sum, wait
+
+    def micro_loss(self, x, y, micro: int):
+        """The loss of one micro-batch (``x`` normalised pixels, ``y`` labels, 255 = ignore)."""
+        return loss(self.model, self.arch, x, y, len(self.classes))
+
+    def no_sync(self):
+        """A context deferring DDP's gradient all-reduce (every micro-batch but the last)."""
+        stack = contextlib.ExitStack()
+        for net in self.networks():
+            if hasattr(net, "no_sync"):
+                stack.enter_context(net.no_sync())
+        return stack
 
     def end_of_step(self, ph: dict[str, Any], end: int) -> None:
         """Report the window's metrics (all-reduced) when due, with an evaluation and a

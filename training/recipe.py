@@ -232,13 +232,16 @@ def run_train(cfg: TrainConfig, callbacks=()) -> dict[str, Any]:
     if final is not None and final.get("final_step") == total:
         log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
         return final
+    resume_from = existing[-1] if cfg.resume and existing else None
+    if resume_from and cfg.strategy == "co_training" and not storage.is_dir(resume_from / "model_b"):
+        raise ConfigError(f"strategy: {resume_from} has no model_b/ (network B), so it was not written by "
+                          "strategy=co_training; resume it with its own strategy, or start co-training in a new output.path")
     src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
     from training.models import check_weights
 
     check_weights(cfg.model, src.classes)  # a backbone checkpoint that does not fit: one line naming the key
     init_ray(cfg.ray)
     rundir.write_config(run_dir, cfg.model_dump(mode="json"))
-    resume_from = existing[-1] if cfg.resume and existing else None
     step = _resume_step(run_dir, resume_from) if resume_from else 0
     truncate_metrics(run_dir / "metrics.csv", step)
     # the streams cover the whole budget; each rank resumes inside its own (training.epochs)
@@ -249,6 +252,8 @@ def run_train(cfg: TrainConfig, callbacks=()) -> dict[str, Any]:
             "checkpoint_meta": {"arch": cfg.model.arch, "classes": src.classes, "strategy": cfg.strategy,
                                 "eval": cfg.eval.model_dump(), "mean": cfg.aug.mean, "std": cfg.aug.std}}
     w = cfg.workers
+    if cfg.strategy == "co_training":  # two networks per worker (training.cotrain)
+        from training.cotrain import co_train_loop_per_worker as train_loop_per_worker
     trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "meta": meta}, datasets, run_dir,
                            num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
                            max_failures=cfg.max_failures, keep=cfg.output.keep_checkpoints,

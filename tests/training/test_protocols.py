@@ -45,7 +45,11 @@ EXPECTED = {
         "optim.weight_decay": (1e-5, "attn2mask 0.00001"), "total_batch_size": (12, "attn2mask 6 per GPU x 2 GPUs"),
         "batch_size": (6, "12 over 2 workers"), "iterations": (25000, "attn2mask 25,000"), "aug.crop_size": (512, "mmseg 512x512"),
         "aug.cat_max_ratio": (0.75, "mmseg cat_max_ratio=0.75"), "eval.short_side": (512, "mmseg (2048, 512)"),
-        "strategy": ("synthetic_only", "attn2mask trains on pseudo-masks"), **MMSEG_PIPELINE},
+        "strategy": ("co_training", "attn2mask trains on pseudo-masks with BECO's co-training"),
+        "co_training.mix_prob": (0.5, "BECO mix_prob"), "co_training.confidence": (0.95, "BECO highres_t"),
+        "co_training.boundary_size": (1, "BECO bdry_size"), "co_training.warmup_fraction": (0.0125, "BECO 1 of 80 epochs"),
+        "co_training.boundary_weight_label": ((0.2, 0.2), "BECO bdry_whb, bdry_whi"),
+        "co_training.boundary_weight_cross": ((0.0, 0.0), "BECO bdry_wlb, bdry_wli"), **MMSEG_PIPELINE},
     "diffsynth-voc-deeplabv3-r50": {
         "model.arch": ("deeplabv3", "DS Table 6 DeepLabV3"), "model.backbone.resnet": ("resnet50", "DS ResNet50"),
         "strategy": ("mix", "DS Eq. 3"), "mix.mode": ("variant", "DS Eq. 3: its own augmented version"),
