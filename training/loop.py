@@ -30,7 +30,7 @@ from training.data import Mixer, rank_stream
 from training.inference import evaluate_shard
 from training.metrics import all_reduce_, summarize
 from training.models import build_model, load_model, loss, preload, save_image_processor, save_model
-from training.steps import due, fail_if_asked, report, restore_dir
+from training.steps import due, fail_if_asked, release_restore, report, restore_dir
 from training.transforms import AUG_KEY, LABELS, PIXELS, SYNTHETIC
 
 log = logging.getLogger("segfactory.train")
@@ -149,6 +149,7 @@ class SegmentationRecipe:
         self.start_streams(_phase_p(self.meta, self.meta["phases"][0]))
         importing.join()
         self.model = self.build_model()
+        release_restore(self.resume)  # model and state are loaded
         self.scaler = grad_scaler(self.device, cfg.workers.precision)
         self.mixer = Mixer(self.streams, 0.0, cfg.batch_size, seed=(cfg.seed, self.rank), start=self.step * cfg.grad_accum)
         self.record = RowLog(self.meta["run_dir"], self.rank) if cfg.debug.record_rows else None

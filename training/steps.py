@@ -5,14 +5,15 @@
 - :class:`Window`: loss, data wait and step time over one reporting window;
 - :func:`fail_if_asked`: ``debug.fail_at_steps`` fault injection (rank 0 raises once per step,
   a marker file in the run directory — local or a URI — remembers it across restarts);
-- :func:`restore_dir`: the checkpoint a worker starts from (Ray Train's after a failure, else
-  the driver's ``resume_from``, copied down from a URI once);
+- :func:`restore_dir` / :func:`release_restore`: the checkpoint a worker starts from (Ray Train's after a failure, else
+  the driver's ``resume_from``, copied down from a URI once), and the removal of its copy once loaded;
 - :func:`report`: ``ray.train.report`` with a checkpoint rank 0 writes into a temporary
   directory named like every checkpoint of the run directory.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,6 +63,17 @@ def fail_if_asked(run_dir: str, step: int, fail_at_steps: list[int], rank: int) 
         raise RuntimeError(f"debug.fail_at_steps: simulated worker failure at step {step}")
 
 
+RESTORE_PREFIX = "segfactory-restore-"
+
+
+def release_restore(path: str | None) -> None:
+    """Delete a copy :func:`restore_dir` made of Ray's checkpoint once the worker has loaded it
+    (every failure restart makes one per rank); a fetched ``resume_from`` is the node's model
+    cache and stays."""
+    if path and Path(path).name.startswith(RESTORE_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def restore_dir(resume_from: str | None) -> str | None:
     """The local checkpoint directory a worker resumes from, or None: Ray Train's latest (a
     restart after a failure in this fit), else the driver's ``resume_from`` (``resume=true``;
@@ -70,7 +82,7 @@ def restore_dir(resume_from: str | None) -> str | None:
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a directory of this process's own: ranks on one node share Ray's default one
-        return ckpt.to_directory(tempfile.mkdtemp(prefix="segfactory-restore-"))
+        return ckpt.to_directory(tempfile.mkdtemp(prefix=RESTORE_PREFIX))
     if not resume_from:
         return None
     from training.rundir import fetch_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from core import storage
@@ -35,3 +37,19 @@ def test_fail_if_asked_raises_once_per_step_on_rank_0(where, tmp_path, request):
         fail_if_asked(run, 3, [3], rank=0)
     fail_if_asked(run, 3, [3], rank=0)  # the restarted worker group goes past it
     assert storage.exists(storage.resolve(run) / ".failed_at_3")
+
+
+def test_release_restore_removes_only_the_copy_restore_dir_made(tmp_path):
+    import tempfile
+
+    from training.steps import RESTORE_PREFIX, release_restore
+
+    copy = Path(tempfile.mkdtemp(prefix=RESTORE_PREFIX, dir=tmp_path))
+    (copy / "model").mkdir()
+    (copy / "model" / "model.safetensors").write_bytes(b"x")
+    fetched = tmp_path / "model-cache" / "checkpoint_0000010"  # a fetched resume_from: the node's cache
+    fetched.mkdir(parents=True)
+    release_restore(str(copy))
+    release_restore(str(fetched))
+    release_restore(None)
+    assert not copy.exists() and fetched.is_dir()

@@ -36,7 +36,7 @@ from core.storage import Location
 from training import rundir
 from training.finetune.config import FinetuneConfig
 from training.finetune.worker import META_FILE, WorkerSetup, setup_worker
-from training.steps import Window, due, fail_if_asked, report, restore_dir
+from training.steps import Window, due, fail_if_asked, release_restore, report, restore_dir
 
 log = logging.getLogger("segfactory.finetune")
 
@@ -98,7 +98,9 @@ class Recipe(ABC):
         import ray.train
 
         w, cfg = self.w, self.w.cfg
-        state = self.setup_model(restore_dir(w.meta.get("resume_from")))
+        resume = restore_dir(w.meta.get("resume_from"))
+        state = self.setup_model(resume)
+        release_restore(resume)  # loaded
         step, elapsed = (int(state["step"]), float(state.get("elapsed_s", 0.0))) if state else (0, 0.0)
         self.setup_optimizer(state)
         self.setup_data(step)
