@@ -3,13 +3,14 @@ with the output on an S3 server (moto), then a final rerun; checks against a cle
 
     .venv/bin/python benchmarks/soak_generate.py [--kills 30] [--rows 40] [--seed 0]
 
-Runs `segfactory generate` (each run starts its own local Ray) into ``s3://soak/out``. Once the
+Runs `segfactory generate` (each run starts its own local Ray) into ``s3://<bucket>/out-0``. Once the
 run's actors are up, after a random delay, a victim is picked from the Ray processes of that run — the driver, a model-pool
 actor (``ray::MapWorker(...Pool)``) or a writer actor (``ray::ShardWriterActor``), found by
 Ray's process titles among the run's own descendants only — and SIGKILLed. A killed driver takes
 its process group (its Ray instance) with it and the command is rerun, as a job runner would; a
-killed pool or writer process must be survived by the running generate. After the last kill a
-final rerun finishes the output. Prints one JSON line: kills per kind, runs that failed without
+killed pool or writer process must be survived by the running generate. A run that completes
+its output with kills still to make moves the next kills to a fresh output (``out-<k>``). After
+the last kill a final rerun finishes each output. Prints one JSON line: kills per kind, runs that failed without
 their driver being killed, lost rows, duplicated rows, and shards byte-identical to a clean run.
 """
 
@@ -99,25 +100,32 @@ def kill_one(proc: subprocess.Popen, rng: random.Random) -> str | None:
     return kind
 
 
-def soak(source: Path, out: str, rows: int, kills: int, rng: random.Random) -> dict:
+def soak(source: Path, bucket: str, rows: int, kills: int, rng: random.Random) -> dict:
+    """Kill until ``kills`` victims are down. A run that finishes with kills still to make has
+    completed its output (later runs there would have nothing to kill): the next kills go to a
+    fresh output, ``s3://BUCKET/out-<k>``. Each output gets a final rerun."""
     counts = {"driver": 0, "pool": 0, "writer": 0}
-    failed_without_driver_kill = 0
-    proc = generate(source, out, rows)
+    failed_without_driver_kill, outputs = 0, []
     while sum(counts.values()) < kills:
-        wait_for_actors(proc)
-        time.sleep(rng.uniform(0, 6))  # then at a random point of the run
-        kind = kill_one(proc, rng)
-        if kind:
-            counts[kind] += 1
-        if proc.poll() is not None:  # killed, or finished (its exit code must be 0 if not killed)
-            if kind != "driver" and proc.returncode != 0:
-                failed_without_driver_kill += 1
-            proc = generate(source, out, rows)
-    code = proc.wait(timeout=900)
-    if code != 0:
-        failed_without_driver_kill += 1
-    final = run(generate_cmd(source, out, rows)).returncode
-    return {"kills": counts, "runs_failed_without_driver_kill": failed_without_driver_kill, "final_exit": final}
+        outputs.append(f"s3://{bucket}/out-{len(outputs)}")
+        proc = generate(source, outputs[-1], rows)
+        while sum(counts.values()) < kills:
+            wait_for_actors(proc)
+            time.sleep(rng.uniform(0, 6))  # then at a random point of the run
+            kind = kill_one(proc, rng)
+            if kind:
+                counts[kind] += 1
+            if proc.poll() is None:
+                continue
+            if kind != "driver":  # it finished: exit code 0 expected, its output is complete
+                failed_without_driver_kill += proc.returncode != 0
+                break
+            proc = generate(source, outputs[-1], rows)  # the driver was killed: rerun, as a job runner would
+        if proc.wait(timeout=900) != 0:
+            failed_without_driver_kill += 1
+    finals = [run(generate_cmd(source, out, rows)).returncode for out in outputs]
+    return {"kills": counts, "runs_failed_without_driver_kill": failed_without_driver_kill, "outputs": outputs,
+            "final_exit": max(finals)}
 
 
 def compare(reference: str, out: str) -> dict:
@@ -170,8 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.time()
         clean = run(generate_cmd(source, f"s3://{bucket}/clean", args.rows))
         assert clean.returncode == 0, clean.stderr[-2000:]
-        result = soak(source, f"s3://{bucket}/out", args.rows, args.kills, random.Random(args.seed))
-        result.update(compare(f"s3://{bucket}/clean", f"s3://{bucket}/out"))
+        result = soak(source, bucket, args.rows, args.kills, random.Random(args.seed))
+        for out in result["outputs"]:  # summed over the outputs the kills went to
+            for key, value in compare(f"s3://{bucket}/clean", out).items():
+                result[key] = result.get(key, 0 if isinstance(value, int) else []) + value
+        result["outputs"] = len(result["outputs"])
         result["wall_s"] = round(time.time() - started, 1)
         print(json.dumps(result))
         return result
