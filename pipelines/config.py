@@ -85,6 +85,9 @@ class FaultConfig(Strict):
     device_error_after_batches: int | None = Field(None, ge=0, description="the model raises a CUDA error (a broken "
                                                    "device) on the batch after N batches (once per run)")
     hang_after_shards: int | None = Field(None, ge=1, description="the driver stops consuming for good once N shards are written (a test kills it there)")
+    hold_after_shards: int | None = Field(None, ge=1, description="each writer, once it has written N shards, waits "
+                                          "until <output>/.faults/release exists (local output; a test loses a node "
+                                          "while shards are certainly unwritten)")
 
 
 class ToyConfig(Strict):

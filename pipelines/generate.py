@@ -257,7 +257,7 @@ def _stream(cfg: GenerateConfig, ctx: RunContext, out: Location, config_hash: st
     cfg = check_cluster(cfg, names)  # the resources profile; exit 2 now rather than wait for GPUs
     plan = stage_plan(cfg, ctx, cfg.source.format)
     prefetch_models(cfg, stage_names=names)
-    writers = make_writers(out, config_hash, summary.n_rows, cfg.shard_rows(), cfg.output, cfg.faults.hang_after_shards)
+    writers = make_writers(out, config_hash, summary.n_rows, cfg.shard_rows(), cfg.output, cfg.faults)
     ds = build_dataset(todo, plan).map_batches(route_to_writers, **write_stage_kwargs(writers))
     # the index's rejected rows count in the progress line as they do in the summary
     progress = Progress(*counts, cfg.output.progress_interval_s, rejected_before=summary.problems).start()

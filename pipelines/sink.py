@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,14 +44,14 @@ class ShardWriterActor:
     """Owns the shards with ``shard % count == index``: buffers and writes them (Ray actor)."""
 
     def __init__(self, out: str, config_hash: str, n_rows: int, rows_per_shard: int, index: int, count: int,
-                 row_groups: tuple[int, int], hang_after_shards: int | None = None):
+                 row_groups: tuple[int, int], faults: dict[str, Any] | None = None):
         import ray
 
         self.index = index
         self.node = ray.get_runtime_context().get_node_id()
         self.writer = ShardWriter(out, config_hash, ShardRanges(n_rows, rows_per_shard),
                                   owns=lambda shard: shard % count == index, row_group_rows=row_groups[0],
-                                  row_group_bytes=row_groups[1], after_write=_hang_fault(hang_after_shards))
+                                  row_group_bytes=row_groups[1], after_write=_writer_fault(out, faults or {}))
 
     def add(self, table: pa.Table) -> list[dict[str, Any]]:
         records = self.writer.add(table)
@@ -60,17 +61,18 @@ class ShardWriterActor:
         return self.writer.buffered_rows()
 
 
-def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, output, hang_after_shards: int | None = None
-                 ) -> list:
+def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, output, faults=None) -> list:
     """Start ``output.writers`` restartable writer actors, spread over the nodes that run work.
 
-    With the test-only ``hang_after_shards`` fault there is one writer, so "after N shards" is a
-    global count and nothing else writes once it froze.
+    ``faults`` (a FaultConfig) are the test-only writer faults: with ``hang_after_shards`` there is
+    one writer, so "after N shards" is a global count and nothing else writes once it froze.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    count = 1 if hang_after_shards is not None else output.writers
+    faults = {"hang_after_shards": faults.hang_after_shards, "hold_after_shards": faults.hold_after_shards} \
+        if faults is not None else {}
+    count = 1 if faults.get("hang_after_shards") is not None else output.writers
     target = out.path if out.is_local else out.uri  # a worker's cwd is not the driver's
     # Round-robin over the nodes alive now that run work (CPU > 0; a KubeRay head often has none),
     # soft: Ray's "SPREAD" left zero-CPU actors on one node under load in tests, and a strict
@@ -82,7 +84,7 @@ def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, output
     return [cls.options(num_cpus=output.writer_num_cpus, max_restarts=-1, max_task_retries=-1,
                         scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)).remote(
         target, config_hash, n_rows, rows_per_shard, i, count, (output.row_group_rows, output.row_group_bytes),
-        hang_after_shards) for i in range(count)]
+        faults) for i in range(count)]
 
 
 def route_to_writers(batch: pa.Table, writers: list) -> pa.Table:
@@ -101,16 +103,24 @@ def write_stage_kwargs(writers: list) -> dict[str, Any]:
             "fn_kwargs": {"writers": writers}}
 
 
-def _hang_fault(after: int | None):
-    """Test-only: the writer freezes for good once ``after`` shards are written, with later shards
-    in flight in the pools, so a SIGKILL lands at a known point (racing a fast run does not)."""
-    if after is None:
+def _writer_fault(out: str, faults: dict[str, Any]):
+    """Test-only: once ``hang_after_shards`` shards are written the writer freezes for good;
+    once ``hold_after_shards`` are, it waits until ``<output>/.faults/release`` exists (local
+    outputs). Later shards stay in flight in the pools, so a SIGKILL or a node loss lands at a
+    known point (racing a fast run does not)."""
+    hang, hold = faults.get("hang_after_shards"), faults.get("hold_after_shards")
+    if hang is None and hold is None:
         return None
+    release = Path(out) / ".faults" / "release"
 
-    def hang(written: int) -> None:
-        if written >= after:
+    def fault(written: int) -> None:
+        if hang is not None and written >= hang:
             log.error("injected fault: the writer stops after %d shards (pid %d)", written, os.getpid())
             while True:
                 time.sleep(3600)
+        if hold is not None and written >= hold and not release.exists():
+            log.warning("injected fault: the writer holds after %d shards until %s exists", written, release)
+            while not release.exists():
+                time.sleep(0.2)
 
-    return hang
+    return fault

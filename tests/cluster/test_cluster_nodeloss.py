@@ -28,6 +28,7 @@ def test_losing_a_worker_node_mid_run_changes_nothing_in_the_output(toy_source, 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reference_exit"] == 0 and report["exit"] == 0, report
     assert 1 <= report["committed_at_kill"] and report["committed_when_removed"] < 16, report  # mid-run
+    assert report["processes_killed"] >= 1, report  # at least the victim's writer
     assert sum(report["restarts"].values()) >= 1, report  # the lost node's actors were restarted
     assert len(list((tmp_path / "lost" / "_commits").glob("*.json"))) == 16
     ref, lost = pd.read_parquet(tmp_path / "reference" / "shards"), pd.read_parquet(tmp_path / "lost" / "shards")
