@@ -1,6 +1,6 @@
 """BECO co-training (training.cotrain) against one plainly trained network on toy images with
-attention-like pseudo-masks: an in-process torch loop (no Ray) over the same functions
-``strategy: co_training`` runs (mix_batch, co_training_loss) and the loss plain training runs
+attention-like pseudo-masks: an in-process torch loop (no Ray) over the same function
+``strategy: co_training`` runs (beco_loss) and the loss plain training runs
 (training.models.loss), the toy config's tiny SegFormer, AdamW with a linear decay, batch 8 of
 48 px. Prints val mIoU (clean masks of other layouts) of the plain network, of network A (what
 ``co_training`` exports) and of A and B averaged (what BECO scores).
@@ -27,8 +27,8 @@ from actors.toy_domain import CLASSES, render_image, sample_layout
 from core.config import load_config
 from core.schema import IGNORE_INDEX
 from training.config import CoTrainingConfig, TrainConfig
-from training.cotrain import co_training_loss, mix_batch
-from training.models import _logits, build_model, loss
+from training.cotrain import beco_loss
+from training.models import build_model, loss, predict
 
 SIZE = 48
 
@@ -57,36 +57,15 @@ def data(seed: int, n: int, noisy: dict | None):
     return x, torch.tensor(np.stack(ys)).long()
 
 
-def up(net, x, size):
-    return F.interpolate(_logits(net(pixel_values=x)), size=size, mode="bilinear", align_corners=False)
-
-
 def miou(nets, xv, yv) -> float:
     for net in nets:
         net.eval()
     with torch.no_grad():
-        p = (sum(up(net, xv, yv.shape[-2:]) for net in nets) / len(nets)).argmax(1)
+        p = (sum(predict(net, "segformer", xv, yv.shape[-2:]) for net in nets) / len(nets)).argmax(1)
     for net in nets:
         net.train()
     ious = [((p == c) & (yv == c)).sum().item() / u for c in range(len(CLASSES)) if (u := ((p == c) | (yv == c)).sum().item())]
     return float(np.mean(ious))
-
-
-def co_loss(nets, x, y, step, its, ko, gen):
-    """CoTrainingRecipe.micro_loss, without Ray."""
-    rel = (y != IGNORE_INDEX).float()
-    online = step >= ko.warmup_fraction * its
-    src = (y, rel)
-    if online:
-        with torch.no_grad():
-            for n in nets:
-                n.eval()
-            top, arg = (sum(up(n, x, y.shape[-2:]) for n in nets) / 2).softmax(1).max(1)
-            for n in nets:
-                n.train()
-        src = (arg, (top > ko.confidence).float())
-    x2, y2, r2, band = mix_batch(x, y, rel, src, gen, ko, online)
-    return co_training_loss(up(nets[0], x2, y.shape[-2:]), up(nets[1], x2, y.shape[-2:]), y2, r2, band, ko)
 
 
 def run(train, val, seed: int, co: bool, its: int, lr: float, ko) -> list[float]:
@@ -102,7 +81,8 @@ def run(train, val, seed: int, co: bool, its: int, lr: float, ko) -> list[float]
     for step in range(its):
         idx = torch.randint(0, len(train[0]), (8,), generator=gen)
         x, y = train[0][idx], train[1][idx]
-        value = co_loss(nets, x, y, step, its, ko, gen) if co else loss(nets[0], "segformer", x, y, len(CLASSES))
+        value = beco_loss(nets, "segformer", x, y, step >= ko.warmup_fraction * its, gen, ko) if co else \
+            loss(nets[0], "segformer", x, y, len(CLASSES))
         opt.zero_grad()
         value.backward()
         opt.step()

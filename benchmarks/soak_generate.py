@@ -117,11 +117,10 @@ def soak(source: Path, bucket: str, rows: int, kills: int, rng: random.Random) -
                 counts[kind] += 1
             if proc.poll() is None:
                 continue
-            if kind != "driver":  # it finished: exit code 0 expected, its output is complete
-                failed_without_driver_kill += proc.returncode != 0
+            if kind != "driver":  # it finished (exit code 0 expected, counted below): its output is complete
                 break
             proc = generate(source, outputs[-1], rows)  # the driver was killed: rerun, as a job runner would
-        if proc.wait(timeout=900) != 0:
+        if proc.wait(timeout=900) != 0:  # the run that finished, or the last one started
             failed_without_driver_kill += 1
     finals = [run(generate_cmd(source, out, rows)).returncode for out in outputs]
     return {"kills": counts, "runs_failed_without_driver_kill": failed_without_driver_kill, "outputs": outputs,

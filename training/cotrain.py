@@ -117,6 +117,37 @@ def co_training_loss(logits_a, logits_b, labels, reliable, band, ko):
     return total
 
 
+def online_labels(nets, arch: str, x, size, confidence: float):
+    """The networks' mean prediction in eval mode, no gradient: (argmax, top probability >
+    ``confidence`` as 0/1 float); the networks are left in train mode."""
+    import torch
+
+    from training.models import predict
+
+    with torch.no_grad():
+        for net in nets:
+            net.eval()
+        probs = (sum(predict(net, arch, x, size) for net in nets) / len(nets)).softmax(1)
+        for net in nets:
+            net.train()
+    top, arg = probs.max(1)
+    return arg, (top > confidence).float()
+
+
+def beco_loss(nets, arch: str, x, y, online: bool, gen, ko):
+    """One micro-batch's BECO loss of networks ``nets`` = (A, B) on pixels ``x`` and pseudo-mask
+    ``y`` (255 = unreliable): the pasted labels are the online ones once ``online`` (past the
+    warm-up), the pseudo-mask before; mixing draws from ``gen``."""
+    from training.models import predict
+
+    reliable = (y != IGNORE_INDEX).float()
+    size = y.shape[-2:]
+    source = online_labels(nets, arch, x, size, ko.confidence) if online else (y, reliable)
+    x, y, reliable, band = mix_batch(x, y, reliable, source, gen, ko, online)
+    logits_a, logits_b = (predict(net, arch, x, size) for net in nets)
+    return co_training_loss(logits_a, logits_b, y, reliable, band, ko)
+
+
 class CoTrainingRecipe(SegmentationRecipe):
     """:class:`SegmentationRecipe` with a second network and BECO's loss (module docstring)."""
 
@@ -139,34 +170,10 @@ class CoTrainingRecipe(SegmentationRecipe):
         gen.manual_seed(hash((self.cfg.seed, self.rank, self.step, micro)) % 2**63)
         return gen
 
-    def _logits(self, net, x, size):
-        import torch.nn.functional as F
-
-        from training.models import _logits
-
-        return F.interpolate(_logits(net(pixel_values=x)).float(), size=size, mode="bilinear", align_corners=False)
-
-    def online_labels(self, x, size):
-        """The two networks' mean prediction in eval mode: (argmax, top probability > confidence)."""
-        import torch
-
-        with torch.no_grad():
-            for net in self.networks():
-                net.eval()
-            probs = ((self._logits(self.model, x, size) + self._logits(self.model_b, x, size)) / 2).softmax(1)
-            for net in self.networks():
-                net.train()
-        top, arg = probs.max(1)
-        return arg, (top > self.cfg.co_training.confidence).float()
-
     def micro_loss(self, x, y, micro: int):
         ko = self.cfg.co_training
-        reliable = (y != IGNORE_INDEX).float()
         online = self.step >= ko.warmup_fraction * self.total
-        source = self.online_labels(x, y.shape[-2:]) if online else (y, reliable)
-        x, y, reliable, band = mix_batch(x, y, reliable, source, self._generator(micro), ko, online)
-        size = y.shape[-2:]
-        return co_training_loss(self._logits(self.model, x, size), self._logits(self.model_b, x, size), y, reliable, band, ko)
+        return beco_loss(self.networks(), self.cfg.model.arch, x, y, online, self._generator(micro), ko)
 
     def checkpoint_writer(self, ph: dict[str, Any]):
         from training.models import save_model

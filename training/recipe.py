@@ -212,6 +212,15 @@ def _final_record(cfg: TrainConfig, run_dir: Location, plan: list[dict[str, Any]
     return final
 
 
+def _check_has_network_b(checkpoint) -> None:
+    # imported here, as META_FILE is: the worker-side recipe modules stay out of the driver
+    from training.cotrain import MODEL_B_DIR
+
+    if not storage.is_dir(checkpoint / MODEL_B_DIR):
+        raise ConfigError(f"strategy: {checkpoint} has no {MODEL_B_DIR}/ (network B), so it was not written by "
+                          "strategy=co_training; resume it with its own strategy, or start co-training in a new output.path")
+
+
 def run_train(cfg: TrainConfig, callbacks=()) -> dict[str, Any]:
     """Train per ``cfg`` in one TorchTrainer run; returns (and writes) ``final.json``'s content.
     ``callbacks``: more Ray Train callbacks (a scaling sweep's Tune reporting)."""
@@ -233,9 +242,8 @@ def run_train(cfg: TrainConfig, callbacks=()) -> dict[str, Any]:
         log.info("%s already finished (%d steps); nothing to resume", run_dir, total)
         return final
     resume_from = existing[-1] if cfg.resume and existing else None
-    if resume_from and cfg.strategy == "co_training" and not storage.is_dir(resume_from / "model_b"):
-        raise ConfigError(f"strategy: {resume_from} has no model_b/ (network B), so it was not written by "
-                          "strategy=co_training; resume it with its own strategy, or start co-training in a new output.path")
+    if resume_from and cfg.strategy == "co_training":
+        _check_has_network_b(resume_from)
     src = index_inputs(cfg)  # a bad real.path / synthetic.paths is one line before Ray starts
     from training.models import check_weights
 
