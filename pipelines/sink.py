@@ -70,8 +70,7 @@ def make_writers(out, config_hash: str, n_rows: int, rows_per_shard: int, output
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    faults = {"hang_after_shards": faults.hang_after_shards, "hold_after_shards": faults.hold_after_shards} \
-        if faults is not None else {}
+    faults = faults.model_dump(include={"hang_after_shards", "hold_after_shards"}) if faults is not None else {}
     count = 1 if faults.get("hang_after_shards") is not None else output.writers
     target = out.path if out.is_local else out.uri  # a worker's cwd is not the driver's
     # Round-robin over the nodes alive now that run work (CPU > 0; a KubeRay head often has none),

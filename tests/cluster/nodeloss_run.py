@@ -2,10 +2,11 @@
 
 Run by ``test_cluster_nodeloss.py`` in its own process (it owns a ``ray.cluster_utils.Cluster``):
 a zero-CPU head and two 2-CPU worker nodes. A clean run first (the reference), then the same
-config into another output, its writers holding after their first shard (``faults.hold_after_shards``:
-without it a loaded machine's run could end before the loss landed); once a shard is committed, one worker node (hosting a writer
-and pool actors) is lost — its raylet and every worker process under it SIGKILLed at once, as a
-preempted machine loses them — a fresh node added, and the writers released. Each generate is
+config into another output, its writers holding after their first shard
+(``faults.hold_after_shards``: without it a loaded machine's run could end before the loss
+landed); once a shard is committed, one worker node (hosting a writer and pool actors) is lost —
+its raylet and every worker process under it SIGKILLed at once, as a preempted machine loses
+them — a fresh node added, and the writers released. Each generate is
 a `segfactory generate` process joining the cluster (the Cluster needs this main thread).
 Output: a JSON report in ``TMP/report.json``.
 """
@@ -49,9 +50,9 @@ def _writer_nodes() -> list[str]:
 
 def _lose_node(cluster: Cluster, node) -> int:
     """Kill the node as a preemption does, raylet and workers at once: ``Cluster.remove_node``
-    alone SIGKILLs the raylet but leaves its worker processes orphaned, and under load they went on serving actor calls (direct
-    worker-to-worker gRPC) long enough to finish the run with no restart; CI saw exactly that.
-    Returns how many worker processes were killed."""
+    alone SIGKILLs the raylet but leaves its worker processes orphaned, and under load they went
+    on serving actor calls (direct worker-to-worker gRPC) long enough to finish the run with no
+    restart; CI saw exactly that. Returns how many worker processes were killed."""
     import psutil
     from ray._private import ray_constants
 
